@@ -1,0 +1,383 @@
+"""Cross-request dynamic batching: tiles from any number of requests share forward passes.
+
+The rest of the service sees one call, ``await batcher.submit(task, tiles, deadline)``, which
+returns the restored tiles. Inside:
+
+* Tiles wait in one FIFO per (task, tile shape), since only equal shapes stack into a batch.
+  Each request's tiles stay together as one job; a batch takes tiles from the head job and, if
+  there is room, from the jobs behind it, so one forward pass mixes requests.
+* One worker serves every queue, always the one whose head job is oldest, so tasks sharing a
+  device take turns by arrival instead of fighting over it. It takes up to ``max_batch_size``
+  tiles, waiting at most ``max_wait_s`` after the head job arrived for the batch to fill.
+* The forward pass runs in a dedicated thread; the event loop only moves arrays around.
+* The queue is bounded in tiles. A submit that would pass the bound fails at once with
+  :class:`QueueFull` (the caller answers 503), so memory cannot grow with the backlog.
+* A job whose caller was cancelled (client gone) or whose deadline passed leaves the queue at
+  once; if some of its tiles are already in a running batch, their results are discarded.
+* An exception from a forward pass fails the jobs in that batch only; the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["Batcher", "BatchResult", "BatchObserver", "QueueFull", "QueueClosed", "TooManyTiles",
+           "DeadlineExceeded"]
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[np.ndarray], np.ndarray]
+
+
+class QueueFull(RuntimeError):
+    """The queue cannot take these tiles now; ``retry_after_s`` estimates when it could."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueClosed(RuntimeError):
+    """The batcher is shutting down and takes no new work."""
+
+
+class TooManyTiles(ValueError):
+    """More tiles than the whole queue holds: no amount of waiting would let them in."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The deadline passed before every tile was computed; the rest were dropped."""
+
+
+class BatchObserver(Protocol):
+    def batch_finished(self, task: str, size: int, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A job's restored tiles and where its time went (``queue + inference`` is its time inside)."""
+
+    outputs: np.ndarray
+    queue_seconds: float
+    inference_seconds: float
+
+
+@dataclass(eq=False)
+class _Job:
+    task: str
+    tiles: np.ndarray | None
+    outputs: np.ndarray | None
+    future: asyncio.Future
+    deadline: float | None  # time.monotonic()
+    enqueued_at: float
+    taken: int = 0  # tiles [0, taken) have gone into batches
+    finished: int = 0
+    inference_seconds: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.outputs) if self.outputs is not None else 0
+
+    @property
+    def untaken(self) -> int:
+        return self.count - self.taken if not self.future.done() else 0
+
+    @property
+    def key(self) -> tuple[str, tuple[int, ...]]:
+        return self.task, tuple(self.outputs.shape[1:])
+
+
+@dataclass
+class _Batch:
+    task: str
+    tiles: np.ndarray
+    parts: list[tuple[_Job, int, int]] = field(default_factory=list)  # (job, first tile, count)
+
+
+class Batcher:
+    """The batching queue and its inference worker.
+
+    Args:
+        forward_by_task: per task, a blocking function from an (N, C, H, W) float32 batch to the
+            restored batch of the same shape (``Engine.forward``).
+        max_batch_size: most tiles per forward pass.
+        max_wait_s: longest a batch waits to fill after its oldest tile arrived.
+        max_queued_tiles: bound on tiles waiting (not yet in a running batch), over all tasks.
+        observer: told of every finished batch (the service's metrics).
+    """
+
+    def __init__(self, forward_by_task: Mapping[str, Forward], *, max_batch_size: int, max_wait_s: float,
+                 max_queued_tiles: int, observer: BatchObserver | None = None):
+        if not forward_by_task:
+            raise ValueError("forward_by_task must name at least one task")
+        for task, forward in forward_by_task.items():
+            if not callable(forward):
+                raise TypeError(f"forward for task {task!r} must be callable, got {type(forward).__name__}")
+        for name, value in (("max_batch_size", max_batch_size), ("max_queued_tiles", max_queued_tiles)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
+            raise ValueError(f"max_wait_s must be a finite number >= 0, got {max_wait_s!r}")
+        self._forward_by_task = dict(forward_by_task)
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = float(max_wait_s)
+        self._max_queued_tiles = max_queued_tiles
+        self._observer = observer
+        self._queues: dict[tuple[str, tuple[int, ...]], deque[_Job]] = {}
+        self._queued_by_task = dict.fromkeys(self._forward_by_task, 0)
+        self._work_arrived = asyncio.Event()
+        self._running_batch: _Batch | None = None
+        self._pending: set[_Job] = set()
+        self._seconds_per_tile = 0.0  # moving average, for Retry-After
+        self._closed = False
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- public surface -----------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self._forward_by_task)
+
+    @property
+    def queued_tiles(self) -> int:
+        return sum(self._queued_by_task.values())
+
+    def depth_by_task(self) -> dict[str, int]:
+        return dict(self._queued_by_task)
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker is alive; false before :meth:`start` and after :meth:`close`."""
+        return self._worker is not None and not self._worker.done()
+
+    def start(self) -> None:
+        """Start the worker; call from the event loop that will submit."""
+        if self._worker is not None:
+            raise RuntimeError("the batcher was already started")
+        # One thread: the device runs one batch at a time, and a single caller thread keeps
+        # PyTorch's per-thread state (CUDA streams, autocast) in one place.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mprnet-inference")
+        self._spawn_worker()
+
+    async def submit(self, task: str, tiles: np.ndarray, deadline: float | None = None) -> BatchResult:
+        """Queue ``tiles`` (N, C, H, W) float32 for ``task``; return the restored tiles in order.
+
+        ``deadline`` is a ``time.monotonic()`` value. Raises :class:`QueueFull`,
+        :class:`TooManyTiles`, :class:`QueueClosed`, :class:`DeadlineExceeded`, or whatever the
+        forward pass raised for the batch holding these tiles. Cancelling the caller drops the
+        tiles that have not yet gone into a batch.
+        """
+        if task not in self._forward_by_task:
+            raise KeyError(f"no model for task {task!r}; this batcher serves {', '.join(self._forward_by_task)}")
+        if not isinstance(tiles, np.ndarray) or tiles.ndim != 4 or len(tiles) == 0:
+            raise ValueError(f"tiles must be a non-empty (N, C, H, W) array, got {getattr(tiles, 'shape', tiles)!r}")
+        # Not `self.running`: a worker that just died is restarted on the next loop turn, and
+        # its queue is still there for the new one.
+        if self._closed or self._worker is None:
+            raise QueueClosed("the inference queue is not accepting work (starting or shutting down)")
+        count = len(tiles)
+        if count > self._max_queued_tiles:
+            raise TooManyTiles(f"the image needs {count} tiles, more than the queue holds "
+                               f"({self._max_queued_tiles})")
+        if self.queued_tiles + count > self._max_queued_tiles:
+            raise QueueFull(f"the inference queue is full ({self.queued_tiles} of {self._max_queued_tiles} tiles "
+                            f"waiting)", self._retry_after_s())
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded("the request's deadline passed before its tiles were queued")
+        job = _Job(task=task, tiles=tiles, outputs=np.empty_like(tiles, dtype=np.float32),
+                   future=asyncio.get_running_loop().create_future(), deadline=deadline, enqueued_at=now)
+        self._queues.setdefault(job.key, deque()).append(job)
+        self._queued_by_task[task] += count
+        self._pending.add(job)
+        self._work_arrived.set()
+        time_limit = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
+        try:
+            async with time_limit:
+                return await job.future
+        except TimeoutError:
+            if not time_limit.expired():
+                raise  # the forward pass's own error, or the worker's DeadlineExceeded
+            raise DeadlineExceeded(f"the deadline passed with {job.count - job.finished} of {job.count} tiles "
+                                   f"not computed") from None
+        finally:
+            self._forget(job)
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Take no new work, give queued work ``grace_s`` to finish, then stop the worker."""
+        self._closed = True
+        waiting = [job.future for job in self._pending if not job.future.done()]
+        if waiting and grace_s > 0:
+            await asyncio.wait(waiting, timeout=grace_s)
+        for job in list(self._pending):
+            self._fail(job, QueueClosed("the service shut down before these tiles were computed"))
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _spawn_worker(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._serve_forever(), name="mprnet-batcher")
+        self._worker.add_done_callback(self._worker_stopped)
+
+    def _worker_stopped(self, worker: asyncio.Task) -> None:
+        if worker.cancelled() or self._closed:
+            return
+        # A bug in the loop itself, not in a forward pass (those are caught per batch). Fail the
+        # batch it was holding, whose callers would otherwise wait forever, and carry on.
+        error = worker.exception()
+        log.error("batching worker died; restarting it", exc_info=error)
+        if self._running_batch is not None:
+            for job, _, _ in self._running_batch.parts:
+                self._fail(job, error)
+            self._running_batch = None
+        self._spawn_worker()
+
+    async def _serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            key = self._oldest_queue()
+            if key is None:
+                self._work_arrived.clear()
+                await self._work_arrived.wait()
+                continue
+            await self._let_batch_fill(key)
+            batch = self._take_batch(key)
+            if batch is None:
+                continue  # everything in that queue was dropped while it filled
+            self._running_batch = batch
+            started = time.monotonic()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._forward_by_task[batch.task], batch.tiles)
+                if getattr(outputs, "shape", None) != batch.tiles.shape:
+                    raise ValueError(f"forward returned shape {getattr(outputs, 'shape', None)} for a batch of "
+                                     f"shape {batch.tiles.shape}")
+            except Exception as error:  # noqa: BLE001 - delivered to the batch's callers instead
+                log.warning("forward pass failed for a %s batch of %d tiles: %r", batch.task, len(batch.tiles), error)
+                for job, _, _ in batch.parts:
+                    self._fail(job, error)
+                continue
+            finally:
+                self._running_batch = None
+            seconds = time.monotonic() - started
+            self._deliver(batch, outputs, seconds)
+            self._record_speed(len(batch.tiles), seconds)
+            if self._observer is not None:
+                self._observer.batch_finished(batch.task, len(batch.tiles), seconds)
+
+    def _oldest_queue(self) -> tuple[str, tuple[int, ...]] | None:
+        oldest_key, oldest_time = None, math.inf
+        for key in list(self._queues):
+            head = self._live_head(key)
+            if head is not None and head.enqueued_at < oldest_time:
+                oldest_key, oldest_time = key, head.enqueued_at
+        return oldest_key
+
+    def _live_head(self, key: tuple[str, tuple[int, ...]]) -> _Job | None:
+        """The first job of a queue that still wants tiles computed; drops the others."""
+        queue = self._queues.get(key)
+        now = time.monotonic()
+        while queue:
+            head = queue[0]
+            if head.deadline is not None and head.deadline <= now and not head.future.done():
+                self._fail(head, DeadlineExceeded("the deadline passed while the tiles were queued"))
+            if head.untaken > 0:
+                return head
+            queue.popleft()
+        self._queues.pop(key, None)
+        return None
+
+    def _untaken_in(self, key: tuple[str, tuple[int, ...]]) -> int:
+        return sum(job.untaken for job in self._queues.get(key, ()))
+
+    async def _let_batch_fill(self, key: tuple[str, tuple[int, ...]]) -> None:
+        head = self._live_head(key)
+        if head is None:
+            return
+        fill_by = head.enqueued_at + self._max_wait_s
+        while self._untaken_in(key) < self._max_batch_size:
+            remaining = fill_by - time.monotonic()
+            if remaining <= 0:
+                return
+            self._work_arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._work_arrived.wait()
+            except TimeoutError:
+                return
+
+    def _take_batch(self, key: tuple[str, tuple[int, ...]]) -> _Batch | None:
+        parts: list[tuple[_Job, int, int]] = []
+        room = self._max_batch_size
+        while room:
+            job = self._live_head(key)
+            if job is None:
+                break
+            count = min(room, job.untaken)
+            parts.append((job, job.taken, count))
+            job.taken += count
+            self._queued_by_task[job.task] -= count
+            room -= count
+            if job.untaken == 0:
+                self._queues[key].popleft()
+        if not parts:
+            return None
+        slices = [job.tiles[first:first + count] for job, first, count in parts]
+        # A batch from a single job is a view of its tiles, not a copy.
+        tiles = slices[0] if len(slices) == 1 else np.concatenate(slices)
+        return _Batch(task=key[0], tiles=tiles, parts=parts)
+
+    def _deliver(self, batch: _Batch, outputs: np.ndarray, seconds: float) -> None:
+        offset = 0
+        for job, first, count in batch.parts:
+            if not job.future.done():
+                job.outputs[first:first + count] = outputs[offset:offset + count]
+                job.finished += count
+                job.inference_seconds += seconds
+                if job.finished == job.count:
+                    total = time.monotonic() - job.enqueued_at
+                    job.future.set_result(BatchResult(outputs=job.outputs, inference_seconds=job.inference_seconds,
+                                                      queue_seconds=max(0.0, total - job.inference_seconds)))
+            offset += count
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def _fail(self, job: _Job, error: BaseException) -> None:
+        if not job.future.done():
+            job.future.set_exception(error)
+        self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        """Release a job that needs nothing more: its queued tiles stop counting and its arrays go."""
+        if job not in self._pending:
+            return
+        self._pending.discard(job)
+        if not job.future.done():
+            job.future.cancel()
+        self._queued_by_task[job.task] -= job.count - job.taken
+        job.taken = job.count
+        job.tiles = None  # the queue keeps the job object until it reaches the head; not its pixels
+
+    def _record_speed(self, tiles: int, seconds: float) -> None:
+        per_tile = seconds / tiles
+        self._seconds_per_tile = per_tile if not self._seconds_per_tile else 0.8 * self._seconds_per_tile + 0.2 * per_tile
+
+    def _retry_after_s(self) -> int:
+        return max(1, math.ceil(self.queued_tiles * self._seconds_per_tile))
