@@ -1,0 +1,449 @@
+"""Train MPRNet for one restoration task on a folder of clean photos.
+
+Degraded inputs are synthesised on the fly (:mod:`models.degradations`), so any folder of clean
+photos (CBSD432, DIV2K, your own) is a training set::
+
+    python -m models.train --task denoising --data ../shared/datasets/train/CBSD432 --out runs/denoising \\
+        --minutes 30 --patch 96 --batch 8
+
+The loss is the paper's: Charbonnier (eps 1e-3) plus 0.05 x Charbonnier between Laplacian edge
+maps, summed over the three stage outputs. Adam with a short linear warm-up then cosine decay;
+the schedule runs over ``--iters`` iterations or, with ``--minutes``, over wall-clock time, so a
+time-budgeted run still ends at the bottom of its schedule.
+
+``RUNDIR/last.pt`` (model, optimiser, schedule, iteration, RNG states; plain tensors and
+primitives, readable with ``torch.load(weights_only=True)``) is rewritten atomically every few
+minutes and on SIGINT/SIGTERM; ``--resume`` continues from it. ``--init FILE`` starts from
+existing weights (e.g. the bundled ``models/weights/<task>.safetensors``) with a fresh optimiser.
+``--export FILE`` writes a run's weights as safetensors and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import MPRNetConfig, infer_config, load_state_dict, save_safetensors
+from .degradations import DEGRADATIONS, MAX_KERNEL
+from .mprnet import MPRNet
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# Blur kernels and rain streaks reach this far; degrading a larger crop and cutting the border
+# off means the patch's edges see real neighbours, not reflected ones.
+MARGIN = MAX_KERNEL // 2 + 1
+VAL_SEED = 1_000_003  # degradation seeds of the validation crops; distinct from any training seed
+VAL_HOLDOUT = 8       # images kept out of training when no --val folder is given
+VAL_CROP = 192
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+def charbonnier(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    return torch.sqrt((x - y) ** 2 + eps * eps).mean()
+
+
+class EdgeLoss(torch.nn.Module):
+    """Charbonnier distance between Laplacian edge maps, as in the paper.
+
+    The Laplacian is a difference of Gaussians: the image minus its Gaussian-filtered,
+    down- and up-sampled self (one level of a Laplacian pyramid), which keeps edges and drops
+    flat regions.
+    """
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        taps = torch.tensor([0.05, 0.25, 0.4, 0.25, 0.05])
+        self.register_buffer("kernel", torch.outer(taps, taps).expand(channels, 1, 5, 5).contiguous())
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), self.kernel, groups=x.shape[1])
+
+    def laplacian(self, x: torch.Tensor) -> torch.Tensor:
+        low = self._blur(x)[..., ::2, ::2]
+        up = torch.zeros_like(x)
+        up[..., ::2, ::2] = low * 4  # zero insertion loses 3/4 of the energy
+        return x - self._blur(up)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return charbonnier(self.laplacian(x), self.laplacian(y))
+
+
+class MPRNetLoss(torch.nn.Module):
+    def __init__(self, edge_weight: float = 0.05):
+        super().__init__()
+        self.edge = EdgeLoss()
+        self.edge_weight = edge_weight
+
+    def forward(self, outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        return sum(charbonnier(o, target) + self.edge_weight * self.edge(o, target) for o in outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return paths
+
+
+def load_images(paths: list[Path]) -> list[np.ndarray]:
+    """Decode once; cropping decoded arrays is far cheaper than decoding a JPEG per patch."""
+    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+
+class PatchSampler:
+    """Random degraded/clean patch pairs with flips and 90-degree rotations.
+
+    Everything random comes from one numpy Generator, whose state goes into the checkpoint, so
+    a resumed run sees the same stream of patches it would have seen without the interruption.
+    """
+
+    def __init__(self, images: list[np.ndarray], task: str, patch: int, rng: np.random.Generator):
+        self.images = [im for im in images if min(im.shape[:2]) >= patch]
+        if not self.images:
+            raise SystemExit(f"no training image is at least {patch}x{patch}")
+        self.task, self.patch, self.rng = task, patch, rng
+        self.degrade = DEGRADATIONS[task]
+
+    def _pair(self) -> tuple[np.ndarray, np.ndarray]:
+        rng, p = self.rng, self.patch
+        image = self.images[rng.integers(len(self.images))]
+        h, w = image.shape[:2]
+        top, left = rng.integers(0, h - p + 1), rng.integers(0, w - p + 1)
+        # Context around the patch where the image has it; the patch itself is always inside.
+        t0, l0 = max(top - MARGIN, 0), max(left - MARGIN, 0)
+        context = image[t0:min(top + p + MARGIN, h), l0:min(left + p + MARGIN, w)]
+        degraded = self.degrade(context, rng)
+        clean = context[top - t0:top - t0 + p, left - l0:left - l0 + p]
+        degraded = degraded[top - t0:top - t0 + p, left - l0:left - l0 + p]
+        k = int(rng.integers(4))
+        flip = bool(rng.integers(2))
+        pair = []
+        for array in (clean, degraded):
+            array = np.rot90(array, k)
+            pair.append(array[:, ::-1] if flip else array)
+        return pair[0], pair[1]
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self._pair() for _ in range(size)]
+        clean = np.stack([c for c, _ in pairs])
+        degraded = np.stack([d for _, d in pairs])
+        to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float().div_(255)
+        return to_tensor(clean), to_tensor(degraded)
+
+
+def validation_set(images: list[np.ndarray], task: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Centre crops with fixed degradation seeds, so every validation of every run compares alike."""
+    pairs = []
+    for index, image in enumerate(images):
+        h, w = image.shape[:2]
+        size = min(VAL_CROP, h // 8 * 8, w // 8 * 8)
+        top, left = (h - size) // 2, (w - size) // 2
+        clean = image[top:top + size, left:left + size]
+        degraded = DEGRADATIONS[task](clean, np.random.default_rng(VAL_SEED + index))
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float() / 255
+        pairs.append((as_tensor(clean), as_tensor(degraded)))
+    return pairs
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    mse = F.mse_loss(x.clamp(0, 1), y.clamp(0, 1)).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@torch.inference_mode()
+def validate(model: MPRNet, pairs, device: torch.device) -> tuple[float, float]:
+    """Mean PSNR of the restored and of the degraded validation crops."""
+    was_training = model.training
+    model.eval()
+    restored, degraded = [], []
+    for clean, noisy in pairs:
+        clean, noisy = clean.to(device), noisy.to(device)
+        restored.append(psnr(model(noisy)[0], clean))
+        degraded.append(psnr(noisy, clean))
+    model.train(was_training)
+    return float(np.mean(restored)), float(np.mean(degraded))
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Schedule:
+    """Linear warm-up then cosine decay to ``floor`` x the peak.
+
+    Progress is the fraction of iterations done, or of seconds trained when the run has a time
+    budget; whichever budget is given ends the run when progress reaches 1.
+    """
+
+    peak_lr: float
+    warmup: int = 100
+    iters: int = 0
+    seconds: float = 0.0
+    floor: float = 0.01
+    iteration: int = 0
+    elapsed: float = 0.0
+
+    def progress(self) -> float:
+        done = []
+        if self.iters:
+            done.append(self.iteration / self.iters)
+        if self.seconds:
+            done.append(self.elapsed / self.seconds)
+        return min(max(done), 1.0) if done else 0.0
+
+    def lr(self) -> float:
+        if self.iteration < self.warmup:
+            return self.peak_lr * (self.iteration + 1) / self.warmup
+        cosine = 0.5 * (1 + math.cos(math.pi * self.progress()))
+        return self.peak_lr * (self.floor + (1 - self.floor) * cosine)
+
+    def finished(self) -> bool:
+        return self.progress() >= 1.0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for field in fields(self):
+            setattr(self, field.name, state[field.name])
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    # numpy's state holds 128-bit integers; strings survive weights_only loading unchanged.
+    return {"numpy": json.dumps(rng.bit_generator.state), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = json.loads(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(path: Path, model: MPRNet, optimizer, schedule: Schedule, rng, meta: dict) -> None:
+    """Write to a temporary file and rename, so a kill mid-write never leaves a torn ``last.pt``."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "schedule": schedule.state_dict(), "iteration": schedule.iteration,
+             "rng": _rng_state(rng), "config": model.config.as_kwargs(), "meta": meta}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def export(checkpoint: str | os.PathLike, path: str | os.PathLike, half: bool = False) -> str:
+    """Write a training checkpoint's weights as safetensors; returns the file's sha256."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = MPRNetConfig(**state["config"])
+    model = config.build()
+    model.load_state_dict(state["model"])
+    meta = state.get("meta", {})
+    metadata = {"config": json.dumps(config.as_kwargs()), "iteration": str(state["iteration"]),
+                "task": str(meta.get("task", "")), "trained_seconds": f"{state['schedule']['elapsed']:.0f}"}
+    return save_safetensors(model, path, half=half, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _log(handle, message: str) -> None:
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+    print(line, flush=True)
+    handle.write(line + "\n")
+    handle.flush()
+
+
+def build_model(args) -> MPRNet:
+    if args.init:
+        state = load_state_dict(args.init)
+        config = infer_config(state)
+        model = config.build()
+        model.load_state_dict(state)
+    else:
+        config = MPRNetConfig(n_feat=args.n_feat, scale_unetfeats=args.scale_unetfeats,
+                              scale_orsnetfeats=args.scale_orsnetfeats, num_cab=args.num_cab,
+                              reduction=args.reduction)
+        model = config.build()
+    model.config = config
+    return model
+
+
+def train(args) -> Path:
+    """Run (or continue) one training run; returns the path of ``last.pt``."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    last = out / "last.pt"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    paths = list_images(args.data)
+    if args.val:
+        val_paths = list_images(args.val)[:VAL_HOLDOUT]
+    else:
+        val_paths, paths = paths[:VAL_HOLDOUT], paths[VAL_HOLDOUT:]
+    sampler = PatchSampler(load_images(paths), args.task, args.patch, rng)
+    val_pairs = validation_set(load_images(val_paths), args.task)
+
+    resume_state = None
+    if args.resume and last.exists():
+        resume_state = torch.load(last, map_location="cpu", weights_only=True)
+        model = MPRNetConfig(**resume_state["config"]).build()
+        model.config = MPRNetConfig(**resume_state["config"])
+        model.load_state_dict(resume_state["model"])
+    else:
+        model = build_model(args)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    schedule = Schedule(peak_lr=args.lr, warmup=args.warmup, iters=args.iters or 0,
+                        seconds=(args.minutes or 0) * 60.0)
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        schedule.load_state_dict(resume_state["schedule"])
+        # A resumed run may be given a longer or shorter budget than the first part had.
+        schedule.iters = args.iters or 0
+        schedule.seconds = (args.minutes or 0) * 60.0
+        _set_rng_state(rng, resume_state["rng"])
+    if not schedule.iters and not schedule.seconds:
+        raise SystemExit("give --iters or --minutes (or both)")
+    criterion = MPRNetLoss().to(device)
+    meta = {"task": args.task, "patch": args.patch, "batch": args.batch, "seed": args.seed,
+            "data": str(args.data), "device": str(device), "threads": torch.get_num_threads()}
+    stop = _StopFlag()
+
+    with open(out / "train.log", "a") as log:
+        params = sum(p.numel() for p in model.parameters())
+        _log(log, f"{'resume' if resume_state else 'start'} task={args.task} config={model.config.as_kwargs()} "
+                  f"params={params} train_images={len(sampler.images)} val_images={len(val_pairs)} "
+                  f"patch={args.patch} batch={args.batch} lr={args.lr} device={device} "
+                  f"threads={torch.get_num_threads()} iteration={schedule.iteration} "
+                  f"elapsed={schedule.elapsed:.0f}s")
+        last_save = last_val = time.monotonic()
+        running, grad_norm, count = 0.0, 0.0, 0
+        tick = time.monotonic()
+        while not schedule.finished() and not stop.raised:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr()
+            clean, degraded = sampler.batch(args.batch)
+            clean, degraded = clean.to(device), degraded.to(device)
+            loss = criterion(model(degraded), clean)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # Tiny networks at a high learning rate occasionally spike; clipping keeps one bad
+            # batch from undoing minutes of CPU training.
+            grad_norm += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
+            optimizer.step()
+            now = time.monotonic()
+            schedule.elapsed += now - tick
+            tick = now
+            schedule.iteration += 1
+            running += loss.item()
+            count += 1
+            if schedule.iteration % args.log_every == 0:
+                _log(log, f"iter {schedule.iteration} loss {running / count:.5f} grad_norm {grad_norm / count:.3f} "
+                          f"lr {schedule.lr():.2e} elapsed {schedule.elapsed:.0f}s progress {schedule.progress():.3f}")
+                running, grad_norm, count = 0.0, 0.0, 0
+            if now - last_val >= args.val_minutes * 60:
+                restored, base = validate(model, val_pairs, device)
+                _log(log, f"iter {schedule.iteration} val_psnr {restored:.2f} degraded_psnr {base:.2f}")
+                last_val = tick = time.monotonic()  # validation time is not training time
+            if now - last_save >= args.save_minutes * 60:
+                save_checkpoint(last, model, optimizer, schedule, rng, meta)
+                last_save = tick = time.monotonic()
+        save_checkpoint(last, model, optimizer, schedule, rng, meta)
+        restored, base = validate(model, val_pairs, device)
+        reason = "stopped by signal" if stop.raised else "finished"
+        _log(log, f"{reason} iter {schedule.iteration} elapsed {schedule.elapsed:.0f}s "
+                  f"val_psnr {restored:.2f} degraded_psnr {base:.2f}")
+    return last
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", choices=sorted(DEGRADATIONS), help="what to learn to undo")
+    parser.add_argument("--data", help="folder of clean training photos")
+    parser.add_argument("--val", help=f"folder of clean validation photos (first {VAL_HOLDOUT} used); "
+                                      f"default: hold out the first {VAL_HOLDOUT} of --data")
+    parser.add_argument("--out", required=True, help="run folder: train.log and last.pt go here")
+    parser.add_argument("--iters", type=int, help="iterations to train for (total, across resumes)")
+    parser.add_argument("--minutes", type=float, help="training time budget (total, across resumes)")
+    parser.add_argument("--patch", type=int, default=64, help="patch side; a multiple of 8")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=100, help="warm-up iterations")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    parser.add_argument("--init", help="start from these weights (.safetensors or .pth); sets the architecture")
+    parser.add_argument("--export", metavar="FILE", help="write OUT/last.pt's weights to FILE (safetensors) and exit")
+    parser.add_argument("--half", action="store_true", help="with --export: store fp16")
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--val-minutes", type=float, default=5.0)
+    parser.add_argument("--save-minutes", type=float, default=3.0)
+    arch = parser.add_argument_group("architecture (ignored with --init or --resume)")
+    default = MPRNetConfig(n_feat=16, scale_unetfeats=12, scale_orsnetfeats=4, num_cab=2)
+    arch.add_argument("--n-feat", type=int, default=default.n_feat)
+    arch.add_argument("--scale-unetfeats", type=int, default=default.scale_unetfeats)
+    arch.add_argument("--scale-orsnetfeats", type=int, default=default.scale_orsnetfeats)
+    arch.add_argument("--num-cab", type=int, default=default.num_cab)
+    arch.add_argument("--reduction", type=int, default=default.reduction)
+    args = parser.parse_args(argv)
+    if not args.export and not (args.task and args.data):
+        parser.error("--task and --data are required to train")
+    if args.patch % 8:
+        parser.error("--patch must be a multiple of 8 (MPRNet's stage 1 splits the patch in four)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.export:
+        digest = export(Path(args.out) / "last.pt", args.export, half=args.half)
+        print(f"{args.export} sha256 {digest}")
+        return 0
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
