@@ -75,8 +75,12 @@ class EdgeLoss(torch.nn.Module):
     def laplacian(self, x: torch.Tensor) -> torch.Tensor:
         low = self._blur(x)[..., ::2, ::2]
         up = torch.zeros_like(x)
-        up[..., ::2, ::2] = low * 4  # zero insertion loses 3/4 of the energy
-        return x - self._blur(up)
+        up[..., ::2, ::2] = low
+        mask = torch.zeros_like(x[:1])
+        mask[..., ::2, ::2] = 1
+        # Dividing by the blurred sampling mask interpolates the zero-inserted samples; unlike a
+        # fixed gain of 4 it stays exact at the borders, so flat patches have no edges there.
+        return x - self._blur(up) / self._blur(mask)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return charbonnier(self.laplacian(x), self.laplacian(y))
@@ -318,7 +322,10 @@ def train(args) -> Path:
     if args.val:
         val_paths = list_images(args.val)[:VAL_HOLDOUT]
     else:
-        val_paths, paths = paths[:VAL_HOLDOUT], paths[VAL_HOLDOUT:]
+        if len(paths) < 2:
+            raise SystemExit("need at least two photos to hold one out for validation, or give --val")
+        held_out = min(VAL_HOLDOUT, max(1, len(paths) // 4))
+        val_paths, paths = paths[:held_out], paths[held_out:]
     sampler = PatchSampler(load_images(paths), args.task, args.patch, rng)
     val_pairs = validation_set(load_images(val_paths), args.task)
 
@@ -401,7 +408,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", choices=sorted(DEGRADATIONS), help="what to learn to undo")
     parser.add_argument("--data", help="folder of clean training photos")
     parser.add_argument("--val", help=f"folder of clean validation photos (first {VAL_HOLDOUT} used); "
-                                      f"default: hold out the first {VAL_HOLDOUT} of --data")
+                                      f"default: hold out the first {VAL_HOLDOUT} (at most a quarter) of --data")
     parser.add_argument("--out", required=True, help="run folder: train.log and last.pt go here")
     parser.add_argument("--iters", type=int, help="iterations to train for (total, across resumes)")
     parser.add_argument("--minutes", type=float, help="training time budget (total, across resumes)")

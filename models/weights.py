@@ -1,0 +1,378 @@
+"""Which weights each task uses, and installing the paper's released ones.
+
+Two places hold weights. The project's own small models ship inside the package
+(``models/weights/<task>.safetensors``, listed with their sha256 in ``manifest.json``). The
+paper's released checkpoints, which are larger and better, are installed by the user into
+:func:`installed_dir`; when present they are preferred.
+
+Installing verifies before it stores: the file is downloaded (or copied) to a temporary file next
+to its destination, checked against the sha256 when one is given, loaded as an MPRNet and
+compared with the task's released configuration, and only then renamed into place, so a failed
+or interrupted install never leaves a file that :func:`resolve` would pick up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urljoin, urlparse
+
+from .checkpoint import RELEASED_CONFIGS, CheckpointError, infer_config, load_model, load_state_dict, sha256_file
+
+__all__ = ["TASKS", "RELEASED_DRIVE_IDS", "WeightsNotFound", "WeightsInstallError", "bundled_path",
+           "installed_dir", "resolve", "install", "describe", "manifest"]
+
+TASKS = ("deblurring", "denoising", "deraining")
+
+RELEASED_DRIVE_IDS = {
+    "deblurring": "1QwQUVbk6YVOJViCsOKYNykCsdJSVGRtb",
+    "denoising": "1LODPt9kYmxwU98g96UrRA0_Eh5HYcsRw",
+    "deraining": "1O3WEJbcat7eTY6doXWeorAbQ1l_WmMnM",
+}
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = BUNDLED_DIR / "manifest.json"
+SUFFIXES = (".pth", ".safetensors")
+
+# Drive's public download endpoint. Files over about 100 MB come back as an HTML page ("can't
+# scan this file for viruses") whose form leads to the file; see _drive_download.
+DRIVE_URL = "https://drive.google.com/uc"
+DRIVE_USERCONTENT_URL = "https://drive.usercontent.google.com/download"
+_DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{25,}$")
+
+
+class WeightsNotFound(LookupError):
+    """No weights for a task, neither installed nor bundled; the message says how to get them."""
+
+
+class WeightsInstallError(ValueError):
+    """An install that was refused or failed; nothing was installed."""
+
+
+def _check_task(task: str, error: type[Exception] = ValueError) -> None:
+    if task not in TASKS:
+        raise error(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def bundled_path(task: str) -> Path:
+    """The project's own weights for ``task``, shipped in the package."""
+    _check_task(task)
+    return BUNDLED_DIR / f"{task}.safetensors"
+
+
+def installed_dir() -> Path:
+    """Where installed weights live: ``$MPRNET_WEIGHTS_DIR``, else
+    ``$XDG_DATA_HOME/mprnet/weights``, else ``~/.local/share/mprnet/weights``."""
+    configured = os.environ.get("MPRNET_WEIGHTS_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "mprnet" / "weights"
+
+
+def _installed(task: str) -> Path | None:
+    for suffix in SUFFIXES:
+        candidate = installed_dir() / f"{task}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _install_hint(task: str) -> str:
+    return (f"python -m service weights install {task} --from "
+            f"https://drive.google.com/file/d/{RELEASED_DRIVE_IDS[task]}/view")
+
+
+def resolve(task: str) -> Path:
+    """The weights ``task`` uses: installed released weights if any, else the bundled ones."""
+    _check_task(task)
+    installed = _installed(task)
+    if installed is not None:
+        return installed
+    bundled = bundled_path(task)
+    if bundled.is_file():
+        return bundled
+    looked = [str(installed_dir() / f"{task}{suffix}") for suffix in SUFFIXES] + [str(bundled)]
+    raise WeightsNotFound(f"no {task} weights: none of {', '.join(looked)} exists. Install the released "
+                          f"weights with: {_install_hint(task)}")
+
+
+def manifest() -> dict:
+    """The bundled weights' manifest: per task its file, sha256, configuration and fp16 flag."""
+    if not MANIFEST.is_file():
+        return {}
+    return json.loads(MANIFEST.read_text())
+
+
+def describe() -> list[dict]:
+    """One row per task for ``weights list``: task, path, source (installed, bundled or missing),
+    sha256, config (the constructor keywords) and error (why a file is unusable, else None)."""
+    rows = []
+    listed = manifest()
+    for task in TASKS:
+        row = {"task": task, "path": None, "source": "missing", "sha256": None, "config": None, "error": None}
+        installed = _installed(task)
+        if installed is not None:
+            row.update(path=str(installed), source="installed", sha256=sha256_file(installed))
+            try:
+                row["config"] = infer_config(load_state_dict(installed)).as_kwargs()
+            except CheckpointError as exc:
+                row["error"] = str(exc)
+        elif bundled_path(task).is_file():
+            path = bundled_path(task)
+            entry = listed.get(task, {})
+            row.update(path=str(path), source="bundled", sha256=sha256_file(path), config=entry.get("config"))
+            if entry.get("sha256") not in (None, row["sha256"]):
+                row["error"] = f"sha256 differs from the manifest ({entry['sha256']})"
+        else:
+            row["error"] = f"not installed; run: {_install_hint(task)}"
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Installing
+# ---------------------------------------------------------------------------------------------
+
+class _FormReader(HTMLParser):
+    """Collects the download form of Drive's confirmation page: its action and hidden inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+        self._in_form = False
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "form" and self.action is None:
+            self.action, self._in_form = attrs.get("action") or "", True
+        elif tag == "input" and self._in_form and attrs.get("name"):
+            self.fields[attrs["name"]] = attrs.get("value") or ""
+        elif tag == "a" and attrs.get("href"):
+            self.links.append(attrs["href"])
+
+    def handle_endtag(self, tag):
+        if tag == "form":
+            self._in_form = False
+
+
+def _drive_id(source: str) -> str | None:
+    """The Drive file id in a bare id or a Drive share/download URL, else None."""
+    if _DRIVE_ID.match(source) and not Path(source).exists():
+        return source
+    parsed = urlparse(source)
+    if parsed.scheme not in ("http", "https") or "google.com" not in parsed.netloc:
+        return None
+    match = re.search(r"/d/([A-Za-z0-9_-]+)", parsed.path)
+    if match:
+        return match.group(1)
+    ids = parse_qs(parsed.query).get("id")
+    return ids[0] if ids else None
+
+
+def _is_html(response) -> bool:
+    return response.headers.get("content-type", "").split(";")[0].strip().lower() == "text/html"
+
+
+def _stream_to(response, handle, progress: bool, label: str) -> str:
+    from tqdm import tqdm
+    digest = hashlib.sha256()
+    total = int(response.headers.get("content-length") or 0) or None
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress) as bar:
+        for chunk in response.iter_bytes(1 << 20):
+            handle.write(chunk)
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _download(client, url: str, handle, progress: bool, label: str,
+              params: dict | None = None) -> tuple[str | None, tuple[str, str] | None]:
+    """Stream ``url`` into ``handle``: returns (sha256, None), or (None, (page URL, page text))
+    with nothing written when the server answered with an HTML page, which is how Drive asks
+    for confirmation."""
+    import httpx
+    with client.stream("GET", url, params=params) as response:
+        if response.status_code >= 400:
+            raise WeightsInstallError(f"download failed: {response.request.url} answered HTTP {response.status_code}")
+        if _is_html(response):
+            response.read()
+            return None, (str(response.url), response.text)
+        try:
+            return _stream_to(response, handle, progress, label), None
+        except httpx.HTTPError as exc:
+            raise WeightsInstallError(f"download of {url} broke off: {exc}") from None
+
+
+def _drive_download(client, file_id: str, handle, progress: bool, label: str) -> str:
+    """Drive serves small files directly; for large ones it answers with a page whose form (or,
+    on older pages, a link with ``confirm=``) leads to the file. Follow whichever the page has,
+    then try the direct endpoint with ``confirm=t`` before giving up."""
+    digest, page = _download(client, DRIVE_URL, handle, progress, label, params={"export": "download", "id": file_id})
+    if digest is not None:
+        return digest
+    page_url, text = page
+    reader = _FormReader()
+    reader.feed(text)
+    attempts = []
+    if reader.action is not None and reader.fields:
+        attempts.append((urljoin(page_url, reader.action), reader.fields))
+    for link in reader.links:
+        if "confirm=" in link:
+            attempts.append((urljoin(page_url, link), None))
+    attempts.append((DRIVE_USERCONTENT_URL, {"id": file_id, "export": "download", "confirm": "t"}))
+    for url, params in attempts:
+        digest, _ = _download(client, url, handle, progress, label, params=params)
+        if digest is not None:
+            return digest
+    raise WeightsInstallError(
+        f"Google Drive returned a web page instead of file {file_id} (the file may not be shared publicly, "
+        f"or its daily download quota is used up); download it in a browser and install the local file "
+        f"with --from PATH")
+
+
+def _fetch(source: str, handle, progress: bool, label: str) -> str:
+    """Copy or download ``source`` into ``handle``; returns the sha256 of what was written."""
+    local = Path(source).expanduser()
+    if local.is_file():
+        digest = hashlib.sha256()
+        with open(local, "rb") as src:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                handle.write(block)
+                digest.update(block)
+        return digest.hexdigest()
+    file_id = _drive_id(source)
+    scheme = urlparse(source).scheme
+    if file_id is None and scheme not in ("http", "https"):
+        raise WeightsInstallError(f"{source}: no such file, and not an http(s) URL or a Google Drive id")
+    import httpx
+    try:
+        with httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0)) as client:
+            if file_id is not None:
+                return _drive_download(client, file_id, handle, progress, label)
+            digest, _ = _download(client, source, handle, progress, label)
+            if digest is None:
+                raise WeightsInstallError(f"{source} returned a web page, not a checkpoint file")
+            return digest
+    except httpx.HTTPError as exc:
+        raise WeightsInstallError(f"download of {source} failed: {exc}") from None
+
+
+def _suffix_of(path: Path) -> str:
+    """safetensors files start with an 8-byte header length and then a JSON object; anything
+    else is treated as a PyTorch file, which the loader checks."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return ".safetensors" if len(head) == 9 and head[8:9] == b"{" else ".pth"
+
+
+def _matching_task(config) -> str | None:
+    return next((task for task, released in RELEASED_CONFIGS.items() if released == config), None)
+
+
+def install(task: str, source: str, sha256: str | None = None, progress: bool = True) -> Path:
+    """Install ``source`` as the weights of ``task`` and return where it was stored.
+
+    ``source`` is an http(s) URL, a Google Drive file id or share URL, or a local path. The file
+    must match ``sha256`` when given, and must load as an MPRNet with the released configuration
+    of ``task``. Raises :class:`WeightsInstallError` otherwise, leaving any previously installed
+    file as it was.
+    """
+    _check_task(task, WeightsInstallError)
+    expected = sha256.strip().lower() if sha256 else None
+    if expected is not None and not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise WeightsInstallError(f"--sha256 must be 64 hex digits, got {sha256!r}")
+    target_dir = installed_dir()
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsInstallError(f"cannot create {target_dir}: {exc}") from None
+    # The temporary file sits in the target folder so the final rename is atomic.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{task}-", suffix=".partial", dir=target_dir)
+    tmp = Path(tmp_name)
+    staged = None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            digest = _fetch(source, handle, progress, f"{task} weights")
+        if expected is not None and digest != expected:
+            raise WeightsInstallError(f"{source}: sha256 mismatch: expected {expected}, got {digest}")
+        # The loader picks the format by suffix; Drive gives no file name, so look at the bytes.
+        staged = tmp.with_suffix(_suffix_of(tmp))
+        os.replace(tmp, staged)
+        try:
+            model = load_model(staged)
+        except CheckpointError as exc:
+            raise WeightsInstallError(f"{source}: not an MPRNet checkpoint: "
+                                      f"{str(exc).removeprefix(str(staged) + ': ')}") from None
+        released = RELEASED_CONFIGS[task]
+        if model.config != released:
+            other = _matching_task(model.config)
+            hint = f" (that is the released {other} configuration)" if other else ""
+            raise WeightsInstallError(
+                f"{source}: wrong configuration for {task}: the file is an MPRNet with "
+                f"{model.config.as_kwargs()}{hint}, but the released {task} model has {released.as_kwargs()}")
+        del model
+        final = target_dir / f"{task}{staged.suffix}"
+        os.replace(staged, final)
+        staged = None
+        for suffix in SUFFIXES:
+            # One installed file per task, so resolve() never has to choose between two.
+            stale = target_dir / f"{task}{suffix}"
+            if stale != final and stale.exists():
+                stale.unlink()
+        return final
+    finally:
+        for leftover in (tmp, staged):
+            if leftover is not None and leftover.exists():
+                leftover.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundling the project's own weights
+# ---------------------------------------------------------------------------------------------
+
+def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False) -> dict:
+    """Export a training run's ``last.pt`` as the bundled weights of ``task`` and record it in
+    the manifest (with the run's iterations and training time); returns the manifest entry."""
+    import torch
+
+    from .train import export
+    _check_task(task)
+    BUNDLED_DIR.mkdir(exist_ok=True)
+    path = bundled_path(task)
+    tmp = path.with_name(path.name + ".tmp")
+    digest = export(checkpoint, tmp, half=half)
+    config = infer_config(load_state_dict(tmp)).as_kwargs()
+    os.replace(tmp, path)
+    run = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    entry = {"file": path.name, "sha256": digest, "config": config, "fp16": half,
+             "iterations": int(run["iteration"]), "trained_minutes": round(run["schedule"]["elapsed"] / 60, 1),
+             "patch": run["meta"]["patch"], "batch": run["meta"]["batch"]}
+    listed = manifest()
+    listed[task] = entry
+    MANIFEST.write_text(json.dumps(dict(sorted(listed.items())), indent=2) + "\n")
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m models.weights",
+                                     description="Bundle a training run's weights into models/weights/.")
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("checkpoint", help="the run's last.pt")
+    parser.add_argument("--half", action="store_true", help="store fp16")
+    args = parser.parse_args(argv)
+    entry = bundle(args.task, args.checkpoint, half=args.half)
+    print(json.dumps({args.task: entry}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
