@@ -1,0 +1,144 @@
+"""The service's settings: one object, read from ``MPRNET_*`` environment variables, overridden
+by command-line flags, validated once at start-up and printed there.
+
+Every field is also a ``serve`` flag (``tile_size`` -> ``--tile-size``), generated from the field
+list below so that a new setting cannot be forgotten on one side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "add_serve_arguments", "settings_from_args"]
+
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _known_tasks() -> tuple[str, ...]:
+    from models.weights import TASKS
+    return TASKS
+
+
+class Settings(BaseSettings):
+    """What to serve and how; see each field's description (also shown by ``serve --help``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MPRNET_", extra="ignore", frozen=True)
+
+    tasks: Annotated[tuple[str, ...], NoDecode] = Field(
+        default_factory=lambda: _known_tasks(),
+        description="comma-separated tasks to load and serve (deblurring, denoising, deraining)")
+    weights_deblurring: Path | None = Field(
+        default=None, description="checkpoint for deblurring (default: the bundled or downloaded weights)")
+    weights_denoising: Path | None = Field(
+        default=None, description="checkpoint for denoising (default: the bundled or downloaded weights)")
+    weights_deraining: Path | None = Field(
+        default=None, description="checkpoint for deraining (default: the bundled or downloaded weights)")
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        default="fp32", description="fp32, or fp16/bf16 autocast (CUDA only)")
+    tile_size: int = Field(default=256, ge=0, description="tile side in pixels, a multiple of 8; 0 runs whole images")
+    tile_overlap: int = Field(default=32, ge=0, description="pixels neighbouring tiles share, under half a tile")
+    max_batch_size: int = Field(default=4, ge=1, le=1024, description="most tiles in one forward pass")
+    max_batch_wait_ms: float = Field(
+        default=10.0, ge=0, le=10_000,
+        description="longest a batch waits for more tiles after its first one arrived")
+    max_queued_tiles: int = Field(
+        default=512, ge=1, description="queue bound, in tiles; past it requests get 503 with Retry-After")
+    max_upload_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="largest accepted request body")
+    max_pixels: int = Field(default=4096 * 4096, ge=1, description="largest accepted image, width times height")
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="a request not answered by then gets 504 and its queued tiles are dropped")
+    graceful_shutdown_s: float = Field(
+        default=30.0, ge=0, description="after SIGTERM, how long in-flight requests get to finish")
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="critical, error, warning, info or debug")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _check_tasks(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        known = _known_tasks()
+        unknown = [task for task in tasks if task not in known]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        if not tasks:
+            raise ValueError(f"at least one task is needed; choose from {', '.join(known)}")
+        return tuple(dict.fromkeys(tasks))  # drops repeats, keeps the order given
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not _DEVICE_PATTERN.fullmatch(device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        return device
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Settings":
+        if self.tile_size:
+            if self.tile_size % 8:
+                raise ValueError(f"tile_size must be a multiple of 8, got {self.tile_size}")
+            if self.tile_overlap * 2 >= self.tile_size:
+                raise ValueError(f"tile_overlap ({self.tile_overlap}) must be under half of tile_size "
+                                 f"({self.tile_size})")
+            # A square image at the pixel limit must fit in the queue, or the largest images the
+            # service says it accepts could never be queued.
+            side = math.isqrt(self.max_pixels)
+            per_side = 1 if side <= self.tile_size else math.ceil(
+                (side - self.tile_overlap) / (self.tile_size - self.tile_overlap))
+            if per_side ** 2 > self.max_queued_tiles:
+                raise ValueError(f"max_queued_tiles ({self.max_queued_tiles}) is below the {per_side ** 2} tiles "
+                                 f"of a {side}x{side} image (max_pixels {self.max_pixels}); raise it or lower "
+                                 f"max_pixels")
+        return self
+
+    def weights_path(self, task: str) -> Path:
+        """The checkpoint configured for ``task``, else the default one (which may raise
+        ``models.weights.WeightsNotFound`` saying how to get it)."""
+        configured = getattr(self, f"weights_{task}", None)
+        if configured is not None:
+            return configured
+        from models.weights import resolve
+        return resolve(task)
+
+    def summary(self) -> str:
+        """One line per setting, for the start-up log."""
+        values = self.model_dump(mode="json")
+        values["tasks"] = ",".join(self.tasks)
+        width = max(map(len, values))
+        return "\n".join(f"  {name:<{width}} = {value}" for name, value in values.items())
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; a flag left out keeps the environment's value or the default."""
+    group = parser.add_argument_group("service settings (each also read from MPRNET_<NAME>)")
+    for name, field in Settings.model_fields.items():
+        # Values stay strings here; Settings parses and validates them exactly as it does the
+        # environment's, so both paths give the same errors.
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(),
+                           help=f"{field.description} [env MPRNET_{name.upper()}, default {field.get_default(call_default_factory=True)!r}]")
+
+
+def settings_from_args(namespace: argparse.Namespace) -> Settings:
+    overrides = {name: value for name, value in vars(namespace).items()
+                 if name in Settings.model_fields and value is not None}
+    return Settings(**overrides)
