@@ -1,0 +1,78 @@
+"""Running the app under uvicorn, with the shutdown an orchestrator expects.
+
+SIGTERM (or Ctrl-C): readiness turns false, the listening socket closes, requests in flight get
+``graceful_shutdown_s`` to finish, the batching queue drains, and the process exits 0. Models
+that fail to load make the process exit 1 instead of idling unready.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import uvicorn
+
+from .app import create_app
+from .config import Settings
+
+__all__ = ["serve"]
+
+log = logging.getLogger(__name__)
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_exit_signal):
+        super().__init__(config)
+        self._on_exit_signal = on_exit_signal
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit_signal()
+        super().handle_exit(sig, frame)
+
+
+def configure_logging(level: str) -> None:
+    # Everything, uvicorn's own lines included, through one root handler and one format; the
+    # per-request lines carry their fields as JSON in the message.
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _check_weights(settings: Settings) -> None:
+    """Fail before binding the port when a task has no weights file at all."""
+    for task in settings.tasks:
+        try:
+            path = settings.weights_path(task)
+        except LookupError as exc:
+            log.error("cannot serve %s: %s", task, exc)
+            raise SystemExit(2) from None
+        if not path.is_file():
+            log.error("cannot serve %s: weights file %s does not exist", task, path)
+            raise SystemExit(2)
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and return; ``SystemExit`` (1 or 2) if models cannot load."""
+    configure_logging(settings.log_level)
+    _check_weights(settings)
+    app = create_app(settings)
+    service = app.state.service
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=settings.graceful_shutdown_s)
+
+    def begin_draining() -> None:
+        if not service.draining:
+            log.info("shutting down: readiness off, draining requests in flight (up to %g s)",
+                     settings.graceful_shutdown_s)
+        service.draining = True
+
+    server = _DrainingServer(config, on_exit_signal=begin_draining)
+    service.on_load_failure = lambda: setattr(server, "should_exit", True)
+    if threading.current_thread() is threading.main_thread():
+        # After its graceful shutdown uvicorn re-raises the signal it caught. With no handler
+        # that would kill the process with status 143; a drained SIGTERM is a clean stop.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    if service.load_error is not None:
+        raise SystemExit(1)
+    log.info("stopped")

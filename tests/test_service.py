@@ -1,0 +1,414 @@
+"""The HTTP service end to end: a real uvicorn server on loopback with tiny real MPRNet checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from models import MPRNet, sha256_file
+from service.config import Settings
+from service.engine import Engine
+
+from service_helpers import (TINY_ARCHITECTURE, decode_png, encode, metric_samples, metric_value, multipart_body,
+                             random_image, running_server, tiny_checkpoint)
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[1]
+TILE, OVERLAP = 32, 8
+MAX_UPLOAD_BYTES = 100_000
+MAX_PIXELS = 96 * 96
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("weights")
+    return {"denoising": tiny_checkpoint(folder / "denoising.safetensors", seed=1),
+            "deraining": tiny_checkpoint(folder / "deraining.safetensors", seed=2)}
+
+
+def service_settings(checkpoints: dict[str, Path], **overrides) -> Settings:
+    values = dict(tasks="denoising,deraining", weights_denoising=checkpoints["denoising"],
+                  weights_deraining=checkpoints["deraining"], device="cpu", precision="fp32",
+                  tile_size=TILE, tile_overlap=OVERLAP, max_batch_size=8, max_batch_wait_ms=200,
+                  max_queued_tiles=64, max_upload_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS,
+                  request_timeout_s=60, graceful_shutdown_s=10, log_level="info")
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints):
+    with running_server(service_settings(checkpoints)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def offline_engines(checkpoints) -> dict[str, Engine]:
+    return {task: Engine.from_checkpoint(path, device="cpu", tile_size=TILE, tile_overlap=OVERLAP)
+            for task, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def slow_server(checkpoints):
+    """Batches that never fill (64 > the 16-tile queue) and wait 6 s: tiles sit in the queue, and
+    requests time out after 3 s, long before any batch would run."""
+    settings = service_settings(checkpoints, tasks="denoising", max_batch_size=64, max_batch_wait_ms=6000,
+                                max_queued_tiles=16, request_timeout_s=3)
+    with running_server(settings) as running:
+        yield running
+
+
+def restore(url: str, task: str, data: bytes, filename: str = "upload.png", **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/v1/restore/{task}", files={"image": (filename, data, "application/octet-stream")},
+                      timeout=60, **kwargs)
+
+
+def as_array(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(decode_png(response.content))
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"] and "Traceback" not in response.text
+    return body
+
+
+def close_to(restored: np.ndarray, expected: np.ndarray) -> bool:
+    # A forward pass over a batch of 8 and one over a batch of 1 may round differently in the
+    # last float bit, which can move a pixel by one level after quantisation.
+    return restored.shape == expected.shape and int(np.abs(restored.astype(int) - expected).max()) <= 1
+
+
+# -- results ------------------------------------------------------------------------------------
+
+def test_each_task_returns_a_png_of_the_input_size_restored_by_its_own_model(server, offline_engines):
+    image = random_image(40, 56, seed=10)
+    results = {task: as_array(restore(server.url, task, encode(image))) for task in ("denoising", "deraining")}
+    for task, restored in results.items():
+        assert restored.shape == (40, 56, 3)
+        assert close_to(restored, offline_engines[task].restore(image))
+    assert not close_to(results["denoising"], results["deraining"])
+
+
+def test_grayscale_stays_grayscale_and_alpha_is_kept(server):
+    grey = random_image(24, 40, seed=11, channels=1)
+    grey_result = decode_png(restore(server.url, "denoising", encode(grey, mode="L")).content)
+    assert grey_result.mode == "L" and grey_result.size == (40, 24)
+
+    rgba = random_image(24, 16, seed=12, channels=4)
+    rgba_result = decode_png(restore(server.url, "denoising", encode(rgba, mode="RGBA")).content)
+    assert rgba_result.mode == "RGBA" and rgba_result.size == (16, 24)
+    np.testing.assert_array_equal(np.asarray(rgba_result)[:, :, 3], rgba[:, :, 3])
+
+
+def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_result(server, offline_engines):
+    images = [random_image(24, 24, seed=100 + i) for i in range(6)] + [random_image(40, 56, seed=99)]
+    before = server.metrics()
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            return await asyncio.gather(*(
+                client.post("/v1/restore/denoising", files={"image": ("i.png", encode(image), "image/png")})
+                for image in images))
+
+    responses = asyncio.run(send_all())
+    after = server.metrics()
+    for image, response in zip(images, responses):
+        assert close_to(as_array(response), offline_engines["denoising"].restore(image))
+
+    def batches(text: str, at_most: str | None = None) -> float:
+        if at_most is None:
+            return metric_value(text, "mprnet_batch_size_count", task="denoising")
+        return metric_value(text, "mprnet_batch_size_bucket", task="denoising", le=at_most)
+
+    batches_run = batches(after) - batches(before)
+    single_tile_batches = batches(after, "1.0") - batches(before, "1.0")
+    tiles_computed = (metric_value(after, "mprnet_batch_size_sum", task="denoising")
+                      - metric_value(before, "mprnet_batch_size_sum", task="denoising"))
+    assert tiles_computed == 6 + 4  # six one-tile images and one of 2x2 tiles
+    assert batches_run - single_tile_batches >= 1, "no forward pass held more than one tile"
+    assert batches_run < 10
+
+
+def test_request_id_is_echoed_or_created_and_server_timing_is_reported(server):
+    image = encode(random_image(16, 16, seed=13))
+    echoed = restore(server.url, "denoising", image, headers={"X-Request-ID": "client-42.a"})
+    assert echoed.headers["x-request-id"] == "client-42.a"
+    timing = dict(re.findall(r"(\w+);dur=([\d.]+)", echoed.headers["server-timing"]))
+    assert {"queue", "inference", "total"} <= set(timing)
+    assert float(timing["total"]) >= float(timing["inference"]) > 0
+
+    created = restore(server.url, "denoising", image, headers={"X-Request-ID": "spaces; and=signs"})
+    assert re.fullmatch(r"[0-9a-f]{32}", created.headers["x-request-id"])
+    assert restore(server.url, "nope", image).headers["x-request-id"]
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def _chunked_upload(url: str, size: int) -> httpx.Response:
+    body, content_type = multipart_body("image", "big.png", os.urandom(size))
+    chunks = (body[start:start + 8192] for start in range(0, len(body), 8192))
+    return httpx.post(f"{url}/v1/restore/denoising", content=chunks, headers={"Content-Type": content_type},
+                      timeout=60)
+
+
+ERROR_CASES = {
+    "unknown task": (lambda url: restore(url, "sharpening", encode(random_image(16, 16, 1))), 404, "unknown_task"),
+    "task not loaded here": (lambda url: restore(url, "deblurring", encode(random_image(16, 16, 1))),
+                             404, "unknown_task"),
+    "missing image field": (lambda url: httpx.post(f"{url}/v1/restore/denoising",
+                                                   files={"file": ("a.png", encode(random_image(16, 16, 1)))}),
+                            422, "validation_error"),
+    "image sent as text field": (lambda url: httpx.post(f"{url}/v1/restore/denoising", data={"image": "pixels"}),
+                                 422, "validation_error"),
+    "bytes that are no image": (lambda url: restore(url, "denoising", b"definitely not an image"),
+                                400, "invalid_image"),
+    "truncated png": (lambda url: restore(url, "denoising", encode(random_image(32, 32, 2))[:300]),
+                      400, "invalid_image"),
+    "gif": (lambda url: restore(url, "denoising", encode(random_image(16, 16, 3), "GIF"), "a.gif"),
+            415, "unsupported_media_type"),
+    "too many pixels": (lambda url: restore(url, "denoising", encode(np.zeros((100, 100, 3), np.uint8))),
+                        413, "image_too_large"),
+    "strip needing more tiles than the queue": (
+        lambda url: restore(url, "denoising", encode(np.zeros((4, 2304, 3), np.uint8))), 413, "image_too_large"),
+    "upload over the byte limit": (lambda url: restore(url, "denoising", os.urandom(MAX_UPLOAD_BYTES + 1)),
+                                   413, "payload_too_large"),
+    "chunked upload over the byte limit": (lambda url: _chunked_upload(url, MAX_UPLOAD_BYTES + 1),
+                                           413, "payload_too_large"),
+    "wrong method": (lambda url: httpx.get(f"{url}/v1/restore/denoising"), 405, "method_not_allowed"),
+    "unknown path": (lambda url: httpx.get(f"{url}/v2/anything"), 404, "not_found"),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_every_error_has_its_status_and_the_one_json_shape(server, case):
+    send, status, code = ERROR_CASES[case]
+    assert_error(send(server.url), status, code)
+    assert restore(server.url, "denoising", encode(random_image(16, 16, seed=4))).status_code == 200
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_a_stuck_request_504(slow_server):
+    async def scenario():
+        async with httpx.AsyncClient(base_url=slow_server.url, timeout=30) as client:
+            filling = asyncio.create_task(client.post(
+                "/v1/restore/denoising", files={"image": ("full.png", encode(random_image(96, 96, 5)))}))
+            deadline = time.monotonic() + 20
+            while metric_value((await client.get("/metrics")).text, "mprnet_queue_depth_tiles") < 16:
+                assert time.monotonic() < deadline and not filling.done()
+                await asyncio.sleep(0.02)
+            refused = await client.post("/v1/restore/denoising",
+                                        files={"image": ("more.png", encode(random_image(16, 16, 6)))})
+            return refused, await filling, (await client.get("/metrics")).text
+
+    refused, stuck, metrics = asyncio.run(scenario())
+    assert_error(refused, 503, "queue_full")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert_error(stuck, 504, "timeout")
+    assert metric_value(metrics, "mprnet_queue_depth_tiles") == 0
+    assert metric_value(metrics, "mprnet_batch_size_count") == 0, "a timed-out request's tiles were computed"
+    assert metric_value(metrics, "mprnet_requests_total", task="denoising", code="503") >= 1
+    assert metric_value(metrics, "mprnet_requests_total", task="denoising", code="504") >= 1
+
+
+def test_a_client_that_disconnects_has_its_queued_tiles_dropped(slow_server):
+    url = httpx.URL(slow_server.url)
+    body, content_type = multipart_body("image", "gone.png", encode(random_image(40, 40, 7)))
+    before = slow_server.metrics()
+    with socket.create_connection((url.host, url.port)) as connection:
+        connection.sendall(f"POST /v1/restore/denoising HTTP/1.1\r\nHost: {url.host}\r\n"
+                           f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 20
+        while metric_value(slow_server.metrics(), "mprnet_queue_depth_tiles") != 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    closed_at = time.monotonic()
+    while metric_value(metrics := slow_server.metrics(), "mprnet_queue_depth_tiles") != 0:
+        time.sleep(0.02)
+    # The request's own 3 s deadline would also drop the tiles; this must happen well before.
+    assert time.monotonic() - closed_at < 1.5
+    deadline = time.monotonic() + 5
+    while metric_value(metrics, "mprnet_requests_total", code="499") == metric_value(
+            before, "mprnet_requests_total", code="499"):
+        assert time.monotonic() < deadline, "the abandoned request was never accounted"
+        time.sleep(0.02)
+        metrics = slow_server.metrics()
+    assert metric_value(metrics, "mprnet_batch_size_count") == 0
+
+
+# -- operations ---------------------------------------------------------------------------------
+
+def test_metrics_parse_and_carry_the_documented_names(server):
+    restore(server.url, "denoising", encode(random_image(16, 16, seed=20)))
+    restore(server.url, "no-such-task", encode(random_image(16, 16, seed=20)))
+    response = httpx.get(f"{server.url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = metric_samples(response.text)
+    for name in ("mprnet_requests_total", "mprnet_request_duration_seconds_bucket", "mprnet_queue_wait_seconds_count",
+                 "mprnet_batch_size_bucket", "mprnet_batch_inference_seconds_count", "mprnet_request_tiles_count",
+                 "mprnet_image_megapixels_count", "mprnet_queue_depth_tiles", "mprnet_requests_in_flight",
+                 "mprnet_model_info"):
+        assert name in samples, name
+    assert metric_value(response.text, "mprnet_requests_total", task="denoising", code="200") >= 1
+    assert metric_value(response.text, "mprnet_requests_total", task="unknown", code="404") >= 1
+    tasks_with_info = {s.labels["task"] for s in samples["mprnet_model_info"]}
+    assert tasks_with_info == {"denoising", "deraining"}
+    assert all(s.labels["device"] == "cpu" and s.labels["n_feat"] == "8" for s in samples["mprnet_model_info"])
+    bucket_bounds = {s.labels["le"] for s in samples["mprnet_request_duration_seconds_bucket"]}
+    assert {"0.005", "60.0", "300.0"} <= bucket_bounds
+
+
+def test_models_endpoint_describes_each_task(server, checkpoints):
+    body = httpx.get(f"{server.url}/v1/models").json()
+    assert body["ready"] is True and set(body["models"]) == {"denoising", "deraining"}
+    expected_parameters = sum(p.numel() for p in MPRNet(**TINY_ARCHITECTURE).parameters())
+    for task, card in body["models"].items():
+        assert card["weights_sha256"] == sha256_file(checkpoints[task])
+        assert card["weights_file"] == checkpoints[task].name
+        assert {key: card["architecture"][key] for key in TINY_ARCHITECTURE} == TINY_ARCHITECTURE
+        assert card["parameters"] == expected_parameters
+        assert (card["device"], card["precision"], card["tile_size"], card["tile_overlap"]) == ("cpu", "fp32", 32, 8)
+
+
+def test_openapi_describes_the_upload(server):
+    document = httpx.get(f"{server.url}/openapi.json").json()
+    operation = document["paths"]["/v1/restore/{task}"]["post"]
+    schema_ref = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    form = document["components"]["schemas"][schema_ref.rsplit("/", 1)[-1]]
+    assert form["required"] == ["image"]
+    assert form["properties"]["image"].get("format") == "binary" or \
+        form["properties"]["image"].get("contentMediaType") == "application/octet-stream"
+    assert "image/png" in operation["responses"]["200"]["content"]
+    assert {"400", "404", "413", "415", "422", "503", "504"} <= set(operation["responses"])
+    task_parameter = next(p for p in operation["parameters"] if p["name"] == "task")
+    assert task_parameter["schema"]["enum"] == ["denoising", "deraining"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def test_each_request_logs_one_structured_line(server, caplog):
+    caplog.set_level(logging.INFO, logger="service.requests")
+    restore(server.url, "denoising", encode(random_image(40, 56, seed=21)), headers={"X-Request-ID": "log-line-1"})
+    lines = [json.loads(record.getMessage()) for record in caplog.records
+             if record.name == "service.requests" and "log-line-1" in record.getMessage()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["status"] == 200 and line["task"] == "denoising"
+    assert (line["width"], line["height"], line["tiles"]) == (56, 40, 4)
+    assert line["queue_ms"] >= 0 and line["inference_ms"] > 0 and line["duration_ms"] > 0
+
+
+def test_readiness_turns_true_only_after_the_models_are_warm(checkpoints):
+    # Tiles of 128 make the warm-up pass long enough to be seen from outside.
+    settings = service_settings(checkpoints, tile_size=128, tile_overlap=16, max_pixels=256 * 256)
+    with running_server(settings, wait_ready=False) as running:
+        early_restore = restore(running.url, "denoising", encode(random_image(16, 16, seed=30)))
+        early_ready = httpx.get(f"{running.url}/readyz")
+        assert httpx.get(f"{running.url}/healthz").status_code == 200
+        assert_error(early_restore, 503, "not_ready")
+        assert early_restore.headers["retry-after"]
+        assert_error(early_ready, 503, "not_ready")
+        running.wait_ready()
+        assert httpx.get(f"{running.url}/readyz").json() == {"status": "ready"}
+        assert restore(running.url, "denoising", encode(random_image(16, 16, seed=30))).status_code == 200
+
+
+def test_models_that_fail_to_load_leave_the_service_alive_but_unready(checkpoints, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"this is not a checkpoint")
+    settings = service_settings(checkpoints, tasks="denoising", weights_denoising=broken)
+    with running_server(settings, wait_ready=False) as running:
+        deadline = time.monotonic() + 30
+        while running.service.load_error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        body = assert_error(httpx.get(f"{running.url}/readyz"), 503, "not_ready")
+        assert "broken.safetensors" in body["error"]["message"]
+        assert_error(restore(running.url, "denoising", encode(random_image(16, 16, 1))), 503, "not_ready")
+        assert httpx.get(f"{running.url}/healthz").status_code == 200
+
+
+# -- the process: serve() under signals ---------------------------------------------------------
+
+def _start_serving(env_settings: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MPRNET_")}
+    env.update(env_settings, MPRNET_HOST="127.0.0.1", MPRNET_PORT="0", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from service.config import Settings; from service.server import serve; serve(Settings())"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
+    return process, lines
+
+
+def _wait_for_url(process: subprocess.Popen, lines: list[str], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        for line in list(lines):
+            if match := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
+                return match.group(1)
+        time.sleep(0.05)
+    raise AssertionError("the server did not start:\n" + "".join(lines))
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_zero(checkpoints):
+    # A one-tile request waits 1.5 s for its batch to fill: long enough to be caught in flight.
+    process, lines = _start_serving({
+        "MPRNET_TASKS": "denoising", "MPRNET_WEIGHTS_DENOISING": str(checkpoints["denoising"]),
+        "MPRNET_DEVICE": "cpu", "MPRNET_TILE_SIZE": "32", "MPRNET_TILE_OVERLAP": "8",
+        "MPRNET_MAX_BATCH_SIZE": "8", "MPRNET_MAX_BATCH_WAIT_MS": "1500", "MPRNET_MAX_PIXELS": str(MAX_PIXELS)})
+    try:
+        url = _wait_for_url(process, lines)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
+            time.sleep(0.05)
+        image = random_image(16, 16, seed=40)
+        outcome: dict[str, httpx.Response] = {}
+        sender = threading.Thread(target=lambda: outcome.update(response=restore(url, "denoising", encode(image))))
+        sender.start()
+        while metric_value(httpx.get(f"{url}/metrics").text, "mprnet_queue_depth_tiles") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        sender.join(timeout=30)
+        assert process.wait(timeout=30) == 0, "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert as_array(outcome["response"]).shape == (16, 16, 3)
+    log = "".join(lines)
+    assert "shutting down" in log and "Traceback" not in log
+
+
+def test_serve_exits_nonzero_when_the_weights_do_not_load(tmp_path):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    process, lines = _start_serving({"MPRNET_TASKS": "denoising", "MPRNET_WEIGHTS_DENOISING": str(broken),
+                                     "MPRNET_DEVICE": "cpu"})
+    try:
+        assert process.wait(timeout=60) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+    time.sleep(0.1)
+    assert "broken.pth" in "".join(lines)
