@@ -1,0 +1,142 @@
+"""Cutting an image into equal, overlapping tiles and blending the restored tiles back.
+
+All tiles of one image have the same shape, so they batch together (and with tiles of other
+images of that shape). Memory follows the tile size, not the image size.
+
+Blending: each tile's output is weighted by a window that is 1 in its interior and falls off
+with a raised cosine across the ``overlap`` pixels next to each edge that touches a neighbour
+(edges on the image border keep weight 1). The stitched image is the weighted mean, so where two
+tiles meet their contributions cross-fade instead of meeting at a seam.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+__all__ = ["MULTIPLE", "TilePlan", "plan_tiles", "pad_to_multiple", "cut", "merge"]
+
+# MPRNet splits the image into quadrants and down-samples those twice: sides must divide by 8.
+MULTIPLE = 8
+
+
+def _pad_amount(size: int, multiple: int = MULTIPLE) -> int:
+    return (-size) % multiple
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:
+    """Pad an (..., H, W) array on the bottom and right up to multiples of ``multiple``.
+
+    Reflection, as the reference demo does. Where a side is too short to reflect that far
+    (reflection needs ``pad < size``), it reflects repeatedly, and a side of 1 pixel repeats its
+    edge: reflection of a single pixel is undefined.
+    """
+    height, width = image.shape[-2:]
+    pad_h, pad_w = _pad_amount(height, multiple), _pad_amount(width, multiple)
+    lead = [(0, 0)] * (image.ndim - 2)
+    while pad_h or pad_w:
+        height, width = image.shape[-2:]
+        step_h = min(pad_h, height - 1) if height > 1 else 0
+        step_w = min(pad_w, width - 1) if width > 1 else 0
+        if step_h == 0 and step_w == 0:
+            return np.pad(image, lead + [(0, pad_h), (0, pad_w)], mode="edge")
+        image = np.pad(image, lead + [(0, step_h), (0, step_w)], mode="reflect")
+        pad_h, pad_w = pad_h - step_h, pad_w - step_w
+    return image
+
+
+def _starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
+    if tile >= length:
+        return (0,)
+    # The fewest tiles that overlap by at least `overlap`, spread evenly so every seam gets the
+    # same cross-fade.
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return tuple(round(i * (length - tile) / (count - 1)) for i in range(count))
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles of one image lie. Coordinates are in the padded image."""
+
+    height: int
+    width: int
+    padded_height: int
+    padded_width: int
+    tile_height: int
+    tile_width: int
+    overlap: int
+    origins: tuple[tuple[int, int], ...]
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        return self.tile_height, self.tile_width
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    @cached_property
+    def _axis_starts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (tuple(sorted({y for y, _ in self.origins})), tuple(sorted({x for _, x in self.origins})))
+
+
+def plan_tiles(height: int, width: int, tile_size: int, overlap: int) -> TilePlan:
+    """Tiles of at most ``tile_size`` (0: no tiling) overlapping by at least ``overlap`` pixels."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image must be at least 1x1, got {width}x{height}")
+    padded_h = height + _pad_amount(height)
+    padded_w = width + _pad_amount(width)
+    if tile_size <= 0:
+        tile_h, tile_w = padded_h, padded_w
+    else:
+        if tile_size % MULTIPLE:
+            raise ValueError(f"tile_size must be a multiple of {MULTIPLE}, got {tile_size}")
+        if not 0 <= overlap < tile_size // 2:
+            raise ValueError(f"overlap must be at least 0 and under half the tile size, got {overlap}")
+        tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
+    ys = _starts(padded_h, tile_h, overlap)
+    xs = _starts(padded_w, tile_w, overlap)
+    return TilePlan(height, width, padded_h, padded_w, tile_h, tile_w, overlap,
+                    tuple((y, x) for y in ys for x in xs))
+
+
+def cut(padded: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """(C, Hp, Wp) padded image -> (N, C, th, tw) tiles, in ``plan.origins`` order."""
+    th, tw = plan.tile_shape
+    return np.stack([padded[:, y:y + th, x:x + tw] for y, x in plan.origins])
+
+
+def _ramp(tile: int, overlap: int, fade_in: bool, fade_out: bool) -> np.ndarray:
+    window = np.ones(tile, dtype=np.float32)
+    if overlap == 0:
+        return window
+    # Strictly positive, so every pixel keeps some weight even where only one tile reaches it.
+    rise = np.sin(0.5 * np.pi * (np.arange(overlap, dtype=np.float32) + 0.5) / overlap) ** 2
+    if fade_in:
+        window[:overlap] *= rise
+    if fade_out:
+        window[-overlap:] *= rise[::-1]
+    return window
+
+
+def merge(tiles: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """(N, C, th, tw) restored tiles -> (C, H, W) image at the original size, blended."""
+    if len(tiles) != len(plan):
+        raise ValueError(f"expected {len(plan)} tiles, got {len(tiles)}")
+    th, tw = plan.tile_shape
+    channels = tiles.shape[1]
+    if len(plan) == 1:
+        return np.ascontiguousarray(tiles[0, :, :plan.height, :plan.width], dtype=np.float32)
+    ys, xs = plan._axis_starts
+    total = np.zeros((channels, plan.padded_height, plan.padded_width), dtype=np.float32)
+    weight = np.zeros((plan.padded_height, plan.padded_width), dtype=np.float32)
+    for tile, (y, x) in zip(tiles, plan.origins):
+        wy = _ramp(th, plan.overlap, y != ys[0], y != ys[-1])
+        wx = _ramp(tw, plan.overlap, x != xs[0], x != xs[-1])
+        window = wy[:, None] * wx[None, :]
+        total[:, y:y + th, x:x + tw] += tile * window
+        weight[y:y + th, x:x + tw] += window
+    total /= weight
+    return np.ascontiguousarray(total[:, :plan.height, :plan.width])
