@@ -1,0 +1,336 @@
+"""Drive the service with N concurrent clients; compare with the engine's own throughput.
+
+One run measures, on the same images and settings:
+
+1. the engine alone, in this process: ``Engine.restore`` image after image (what a script
+   without the service gets), and the forward pass alone over full batches of tiles (the
+   ceiling any batching can reach);
+2. the service, started here with ``serve()`` in a child process (or one already running, via
+   ``--url``), driven by ``--clients`` closed-loop HTTP clients for ``--duration`` seconds after
+   ``--warmup`` seconds;
+3. the engine alone again, so that a change in machine load during the run shows up as a
+   difference between the two engine figures rather than as a service overhead.
+
+Throughput counts only 200 responses completed inside the measured window. Batch statistics
+come from the service's own ``/metrics``.
+
+    python bench/loadgen.py --clients 8 --duration 60 --size 128x128 --tile-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import MPRNet, save_safetensors  # noqa: E402
+from service.engine import Engine  # noqa: E402
+
+KODAK = ROOT.parent / "shared" / "datasets" / "eval" / "Kodak24"
+# Widths for a randomly initialised network when no trained weights are at hand; the speed of a
+# forward pass depends on the architecture, not on the values of the weights.
+RANDOM_CONFIGS = {
+    "tiny": dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, reduction=2),
+    "small": dict(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=2),
+    "deraining": dict(n_feat=40, scale_unetfeats=20, scale_orsnetfeats=16),
+}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def load_images(count: int, size: tuple[int, int], source: Path | None, seed: int) -> list[np.ndarray]:
+    """``count`` RGB crops of ``size`` from the images in ``source``, or random pixels without one."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    files = sorted(source.glob("*.png")) if source and source.is_dir() else []
+    images = []
+    for index in range(count):
+        if not files:
+            images.append(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            continue
+        pixels = np.asarray(Image.open(files[index % len(files)]).convert("RGB"))
+        top = int(rng.integers(0, max(1, pixels.shape[0] - height + 1)))
+        left = int(rng.integers(0, max(1, pixels.shape[1] - width + 1)))
+        crop = pixels[top:top + height, left:left + width]
+        if crop.shape[:2] != (height, width):
+            raise SystemExit(f"{files[index % len(files)]} is smaller than {width}x{height}")
+        images.append(np.ascontiguousarray(crop))
+    return images
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)) * 1000, 1) if values else float("nan")
+
+
+# -- the engine alone ---------------------------------------------------------------------------
+
+def engine_per_image(engine: Engine, images: list[np.ndarray], batch_size: int, seconds: float) -> dict:
+    done, latencies = 0, []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or done == 0:
+        mark = time.perf_counter()
+        engine.restore(images[done % len(images)], batch_size=batch_size)
+        latencies.append(time.perf_counter() - mark)
+        done += 1
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": done / elapsed, "images": done, "p50_ms": percentile_ms(latencies, 50)}
+
+
+def engine_full_batches(engine: Engine, images: list[np.ndarray], batch_size: int, seconds: float) -> dict:
+    tiles = np.concatenate([engine.cut(image)[1] for image in images])
+    tiles_per_image = len(tiles) / len(images)
+    done_tiles = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or done_tiles == 0:
+        start = done_tiles % len(tiles)
+        batch = tiles[start:start + batch_size]
+        engine.forward(batch)
+        done_tiles += len(batch)
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": done_tiles / tiles_per_image / elapsed, "tiles_per_s": done_tiles / elapsed,
+            "tiles_per_image": tiles_per_image}
+
+
+# -- the service --------------------------------------------------------------------------------
+
+def start_service(settings_env: dict[str, str]) -> tuple[subprocess.Popen, str, list[str]]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MPRNET_")}
+    env.update(settings_env, MPRNET_HOST="127.0.0.1", MPRNET_PORT="0", MPRNET_LOG_LEVEL="info",
+               PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-c", "from service.config import Settings; from service.server import serve; "
+                                     "serve(Settings())"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit("the service exited during start-up:\n" + "".join(lines))
+        for line in list(lines):
+            if match := re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line):
+                return process, match.group(1), lines
+        time.sleep(0.05)
+    process.kill()
+    raise SystemExit("the service did not start within 600 s")
+
+
+def wait_ready(url: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} did not become ready within {timeout:g} s")
+
+
+def batch_counters(url: str, task: str) -> tuple[float, float]:
+    """(batches run, tiles computed) so far for ``task``."""
+    count = total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.labels.get("task") == task and sample.name == "mprnet_batch_size_count":
+                count = sample.value
+            elif sample.labels.get("task") == task and sample.name == "mprnet_batch_size_sum":
+                total = sample.value
+    return count, total
+
+
+@dataclass
+class LoadResult:
+    completed: list[tuple[float, float, int]] = field(default_factory=list)  # (start, end, status)
+    errors: int = 0
+
+
+async def drive(url: str, task: str, uploads: list[bytes], clients: int, warmup_s: float, duration_s: float,
+                timeout_s: float) -> tuple[LoadResult, float, float, tuple[float, float], tuple[float, float]]:
+    result = LoadResult()
+    begin = time.perf_counter()
+    window_start, window_end = begin + warmup_s, begin + warmup_s + duration_s
+    counters: dict[str, tuple[float, float]] = {}
+
+    async def client_loop(index: int, client: httpx.AsyncClient) -> None:
+        sent = index
+        while time.perf_counter() < window_end:
+            data = uploads[sent % len(uploads)]
+            sent += clients
+            mark = time.perf_counter()
+            try:
+                response = await client.post(f"/v1/restore/{task}", files={"image": ("bench.png", data, "image/png")})
+                result.completed.append((mark, time.perf_counter(), response.status_code))
+            except httpx.HTTPError:
+                result.errors += 1
+
+    async def read_counters_at(when: float, key: str) -> None:
+        await asyncio.sleep(max(0.0, when - time.perf_counter()))
+        counters[key] = await asyncio.to_thread(batch_counters, url, task)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+        await asyncio.gather(*(client_loop(i, client) for i in range(clients)),
+                             read_counters_at(window_start, "start"), read_counters_at(window_end, "end"))
+    return result, window_start, window_end, counters["start"], counters["end"]
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="drive this running service instead of starting one "
+                                      "(its settings must match the ones given here)")
+    parser.add_argument("--task", default="denoising")
+    parser.add_argument("--weights", type=Path, help="checkpoint (default: the task's installed or bundled weights, "
+                                                     "else a randomly initialised --random-config network)")
+    parser.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS), default="small")
+    parser.add_argument("--images", type=int, default=8, help="distinct images, sent round-robin")
+    parser.add_argument("--size", type=parse_size, default=(256, 256), help="image size HEIGHTxWIDTH")
+    parser.add_argument("--source", type=Path, default=KODAK, help="folder of PNGs to crop (default Kodak24)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured")
+    parser.add_argument("--engine-seconds", type=float, default=None,
+                        help="seconds for each engine-only measurement (default: --duration / 2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--tile-overlap", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--max-batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--max-queued-tiles", type=int, default=512)
+    parser.add_argument("--request-timeout", type=float, default=600.0)
+    parser.add_argument("--torch-threads", type=int,
+                        help="intra-op threads for the engine here and (as OMP_NUM_THREADS) in the service; on a "
+                             "shared machine 1 avoids OpenMP spin-waiting against other processes")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    engine_seconds = args.engine_seconds or args.duration / 2
+
+    scratch = tempfile.TemporaryDirectory(prefix="mprnet-loadgen-")
+    weights = args.weights
+    if weights is None:
+        try:
+            from models.weights import resolve
+            weights = resolve(args.task)
+        except LookupError:
+            weights = Path(scratch.name) / f"random-{args.random_config}.safetensors"
+            torch.manual_seed(0)
+            save_safetensors(MPRNet(**RANDOM_CONFIGS[args.random_config]), weights)
+            print(f"no {args.task} weights installed: using a randomly initialised '{args.random_config}' network")
+
+    images = load_images(args.images, args.size, args.source, seed=0)
+    uploads = [png_bytes(image) for image in images]
+    engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision, tile_size=args.tile_size,
+                                    tile_overlap=args.tile_overlap)
+    engine.warmup(args.max_batch_size)
+    print(f"engine alone ({engine_seconds:g} s each) ...", flush=True)
+    before = {"per_image": engine_per_image(engine, images, args.max_batch_size, engine_seconds),
+              "full_batches": engine_full_batches(engine, images, args.max_batch_size, engine_seconds)}
+
+    settings_env = {
+        "MPRNET_TASKS": args.task, f"MPRNET_WEIGHTS_{args.task.upper()}": str(weights),
+        "MPRNET_DEVICE": args.device, "MPRNET_PRECISION": args.precision, "MPRNET_TILE_SIZE": str(args.tile_size),
+        "MPRNET_TILE_OVERLAP": str(args.tile_overlap), "MPRNET_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "MPRNET_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms),
+        "MPRNET_MAX_QUEUED_TILES": str(args.max_queued_tiles),
+        "MPRNET_REQUEST_TIMEOUT_S": str(args.request_timeout),
+        "MPRNET_MAX_PIXELS": str(max(args.size[0] * args.size[1], 1)),
+    }
+    if args.torch_threads:
+        settings_env["OMP_NUM_THREADS"] = str(args.torch_threads)
+    process = None
+    url = args.url
+    if url is None:
+        print("starting the service ...", flush=True)
+        process, url, service_log = start_service(settings_env)
+    wait_ready(url)
+    print(f"driving {url} with {args.clients} clients for {args.warmup:g} + {args.duration:g} s ...", flush=True)
+    load, window_start, window_end, (batches_0, tiles_0), (batches_1, tiles_1) = asyncio.run(
+        drive(url, args.task, uploads, args.clients, args.warmup, args.duration, args.request_timeout))
+    exit_code = None
+    if process is not None:
+        process.send_signal(signal.SIGTERM)
+        exit_code = process.wait(timeout=120)
+
+    after = {"per_image": engine_per_image(engine, images, args.max_batch_size, engine_seconds),
+             "full_batches": engine_full_batches(engine, images, args.max_batch_size, engine_seconds)}
+
+    in_window = [(start, end, status) for start, end, status in load.completed
+                 if window_start <= end <= window_end]
+    ok = [end - start for start, end, status in in_window if status == 200]
+    statuses: dict[str, int] = {}
+    for _, _, status in load.completed:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    service_rate = len(ok) / (window_end - window_start)
+    engine_rate = {kind: (before[kind]["images_per_s"] + after[kind]["images_per_s"]) / 2 for kind in before}
+    batches = batches_1 - batches_0
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "device": str(engine.device),
+                    "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
+                    "load_average": os.getloadavg()},
+        "settings": {"task": args.task, "weights": str(weights), "architecture": engine.config.as_kwargs(),
+                     "images": args.images, "size": f"{args.size[0]}x{args.size[1]}", "clients": args.clients,
+                     "warmup_s": args.warmup, "duration_s": args.duration, "tile_size": args.tile_size,
+                     "tile_overlap": args.tile_overlap, "max_batch_size": args.max_batch_size,
+                     "max_batch_wait_ms": args.max_batch_wait_ms},
+        "engine": {"before": before, "after": after},
+        "service": {"images_per_s": service_rate, "completed_in_window": len(ok),
+                    "p50_ms": percentile_ms(ok, 50), "p95_ms": percentile_ms(ok, 95), "p99_ms": percentile_ms(ok, 99),
+                    "statuses": statuses, "transport_errors": load.errors,
+                    "mean_batch_size": (tiles_1 - tiles_0) / batches if batches else None,
+                    "exit_code_after_sigterm": exit_code},
+        "service_vs_engine_per_image": service_rate / engine_rate["per_image"],
+        "service_vs_engine_full_batches": service_rate / engine_rate["full_batches"],
+    }
+    print(json.dumps(report, indent=2))
+    print(f"\nservice: {service_rate:.3f} images/s (p50 {report['service']['p50_ms']} ms, p95 "
+          f"{report['service']['p95_ms']} ms, p99 {report['service']['p99_ms']} ms, mean batch "
+          f"{report['service']['mean_batch_size'] or 0:.2f})")
+    for kind, label in (("per_image", "engine.restore per image"), ("full_batches", "engine forward, full batches")):
+        print(f"{label}: {before[kind]['images_per_s']:.3f} / {after[kind]['images_per_s']:.3f} images/s "
+              f"(before / after); service = {service_rate / engine_rate[kind]:.1%} of their mean")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    scratch.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
