@@ -80,7 +80,7 @@ class DecodedImage:
 
 def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     if not data:
-        raise InvalidImage("the upload is empty")
+        raise InvalidImage("the file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -88,7 +88,7 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image declares too many pixels ({exc})") from None
     except UnidentifiedImageError:
-        raise InvalidImage("the upload is not an image in a format this service reads "
+        raise InvalidImage("the data is not an image in a format this service reads "
                            "(PNG, JPEG, WebP, BMP, TIFF)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidImage(f"the image header cannot be read ({exc})") from None

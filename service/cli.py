@@ -1,0 +1,175 @@
+"""Command line: ``python -m service {serve,restore,weights}``.
+
+``restore`` runs the engine in this process on files and folders; ``serve`` starts the HTTP
+service; ``weights`` installs the paper's released checkpoints and shows what each task uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from models.weights import TASKS
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files as given, and the images inside folders (recursively, sorted); plus problems found."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for entry in map(Path, inputs):
+        if entry.is_dir():
+            found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"{entry}: no images in this folder")
+            files.extend(found)
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            problems.append(f"{entry}: no such file or folder")
+    return files, problems
+
+
+def _restore_command(args: argparse.Namespace) -> int:
+    # Imported here so that `weights list` and `--help` stay fast.
+    from tqdm import tqdm
+
+    from models import CheckpointError
+    from models.weights import WeightsNotFound, resolve
+
+    from . import imaging
+    from .engine import Engine
+
+    files, problems = _collect_inputs(args.inputs)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not files:
+        return EXIT_SOME_FAILED if problems else EXIT_USAGE
+    try:
+        weights = Path(args.weights) if args.weights else resolve(args.task)
+        engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision,
+                                        tile_size=args.tile, tile_overlap=args.overlap)
+    except WeightsNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures = len(problems)
+    claimed: dict[Path, Path] = {}
+    progress = tqdm(files, unit="image", disable=len(files) < 2 or args.quiet, file=sys.stderr)
+    for path in progress:
+        target = out_dir / f"{path.stem}.png"
+        if target in claimed:
+            tqdm.write(f"error: {path}: skipped, its result {target} is already taken by {claimed[target]}",
+                       file=sys.stderr)
+            failures += 1
+            continue
+        claimed[target] = path
+        progress.set_postfix_str(path.name)
+        try:
+            decoded = imaging.read_image(path)
+            restored = engine.restore(decoded.rgb, batch_size=args.batch_size)
+            imaging.save_png(restored, decoded, target)
+        except imaging.ImageError as exc:
+            tqdm.write(f"error: {path}: {exc}", file=sys.stderr)
+            failures += 1
+        except OSError as exc:
+            tqdm.write(f"error: {path}: {exc.strerror or exc}", file=sys.stderr)
+            failures += 1
+        else:
+            if len(files) < 2 and not args.quiet:
+                print(f"{path} -> {target}", file=sys.stderr)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .config import settings_from_args
+    from .server import serve
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"error: {field}: {error['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    return serve(settings) or EXIT_OK
+
+
+def _weights_list_command(args: argparse.Namespace) -> int:
+    from models.weights import describe
+
+    for row in describe():
+        sha = (row.get("sha256") or "")[:16]
+        print(f"{row['task']:<11} {row['source']:<9} {sha:<16} {row.get('path') or '-'}")
+    return EXIT_OK
+
+
+def _weights_install_command(args: argparse.Namespace) -> int:
+    from models.weights import WeightsInstallError, install
+
+    try:
+        path = install(args.task, args.source, sha256=args.sha256, progress=not args.quiet)
+    except WeightsInstallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    print(f"installed {args.task} weights: {path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the HTTP service")
+    from .config import add_serve_arguments
+    add_serve_arguments(serve)
+    serve.set_defaults(run=_serve_command)
+
+    restore = commands.add_parser("restore", help="restore image files with a local model",
+                                  description="Restore images (files or folders) and write <stem>.png into OUTPUT.")
+    restore.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    restore.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the restored PNGs")
+    restore.add_argument("--task", required=True, choices=TASKS)
+    restore.add_argument("--weights", metavar="PATH", help="checkpoint to use instead of the task's default")
+    restore.add_argument("--tile", type=int, default=512, metavar="N",
+                         help="tile side in pixels, a multiple of 8; 0 = whole image (default 512)")
+    restore.add_argument("--overlap", type=int, default=32, metavar="N", help="tile overlap in pixels (default 32)")
+    restore.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    restore.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                         help="fp16/bf16 need CUDA (default fp32)")
+    restore.add_argument("--batch-size", type=int, default=None, metavar="N",
+                         help="tiles per forward pass (default 4 on CUDA, 1 on CPU)")
+    restore.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    restore.set_defaults(run=_restore_command)
+
+    weights = commands.add_parser("weights", help="install released weights or list what each task uses")
+    weight_commands = weights.add_subparsers(dest="weights_command", required=True)
+    listing = weight_commands.add_parser("list", help="show which weights file each task will use")
+    listing.set_defaults(run=_weights_list_command)
+    install = weight_commands.add_parser("install", help="download or copy a checkpoint and verify it")
+    install.add_argument("task", choices=TASKS)
+    install.add_argument("--from", dest="source", required=True, metavar="URL_OR_PATH",
+                         help="http(s) URL, Google Drive id or link, or a local file")
+    install.add_argument("--sha256", metavar="HEX", help="expected sha256 of the file")
+    install.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    install.set_defaults(run=_weights_install_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,177 @@
+"""MPRNet against the reference's golden data, and checkpoint loading in every format."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from models import RELEASED_CONFIGS, CheckpointError, MPRNet, MPRNetConfig, load_model, save_safetensors
+from models.mprnet import MPRNet as ContractMPRNet
+
+SMALL_CONFIGS = [
+    MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, reduction=2),
+    MPRNetConfig(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=2, reduction=4, bias=True),
+    MPRNetConfig(n_feat=12, scale_unetfeats=6, scale_orsnetfeats=0, num_cab=3, kernel_size=5, reduction=3),
+]
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(conformance_dir):
+    return conformance_dir / "deraining_random_official_format.pth"
+
+
+@pytest.fixture(scope="module")
+def golden(conformance_dir):
+    return np.load(conformance_dir / "deraining_random_golden.npz")
+
+
+def test_contract_names():
+    assert ContractMPRNet is MPRNet
+    from models import load_model as contract_load_model
+    assert callable(contract_load_model)
+
+
+@pytest.mark.parametrize("task", sorted(RELEASED_CONFIGS))
+def test_state_dict_matches_the_released_manifest(conformance_dir, task):
+    manifest = json.loads((conformance_dir / "official_state_dict_manifest.json").read_text())[task]
+    with torch.device("meta"):
+        model = RELEASED_CONFIGS[task].build()
+    assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == manifest["keys"]
+    unique = {id(p): p for p in model.parameters()}
+    assert sum(p.numel() for p in unique.values()) == manifest["unique_parameters"]
+
+
+def test_all_three_stages_match_the_reference(official_checkpoint, golden):
+    model = load_model(official_checkpoint)
+    with torch.inference_mode():
+        stages = model(torch.from_numpy(golden["input"]))
+    for output, name in zip(stages, ("stage3", "stage2", "stage1")):
+        np.testing.assert_allclose(output.numpy(), golden[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_forward_returns_three_images_of_the_input_size():
+    model = MPRNet(**SMALL_CONFIGS[0].as_kwargs()).eval()
+    with torch.inference_mode():
+        stages = model(torch.rand(2, 3, 24, 40))
+    assert [tuple(s.shape) for s in stages] == [(2, 3, 24, 40)] * 3
+
+
+def test_forward_refuses_sizes_not_divisible_by_8():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        MPRNet(**SMALL_CONFIGS[0].as_kwargs())(torch.rand(1, 3, 20, 24))
+
+
+@pytest.mark.parametrize("task", sorted(RELEASED_CONFIGS))
+def test_architecture_is_inferred_for_released_configs(tmp_path, task):
+    torch.manual_seed(0)
+    model = RELEASED_CONFIGS[task].build()
+    path = tmp_path / "model.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": {"state": {}, "param_groups": []}}, path)
+    loaded = load_model(path)
+    assert loaded.config == RELEASED_CONFIGS[task]
+    assert not loaded.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
+@pytest.mark.parametrize("layout", ["released", "bare", "safetensors", "safetensors-fp16"])
+def test_every_format_loads_and_gives_the_same_output(tmp_path, config, layout):
+    torch.manual_seed(1)
+    model = config.build().eval()
+    if layout == "released":
+        path = tmp_path / "m.pth"
+        torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                    "optimizer": {}}, path)
+    elif layout == "bare":
+        path = tmp_path / "m.pth"
+        torch.save(model.state_dict(), path)
+    else:
+        path = tmp_path / "m.safetensors"
+        save_safetensors(model, path, half=layout.endswith("fp16"))
+    loaded = load_model(path)
+    assert loaded.config == config
+    image = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        expected, got = model(image)[0], loaded(image)[0]
+    tolerance = 2e-2 if layout.endswith("fp16") else 1e-6
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
+def test_released_checkpoint_loads_with_its_module_prefix(official_checkpoint):
+    assert load_model(official_checkpoint).config == RELEASED_CONFIGS["deraining"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    _RunsCode.marker = marker
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": _RunsCode()}, handle)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(path)
+    assert not marker.exists()
+    # The same payload inside torch's zip format.
+    zipped = tmp_path / "evil_zip.pth"
+    torch.save({"state_dict": _RunsCode()}, zipped)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(zipped)
+    assert not marker.exists()
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    state = SMALL_CONFIGS[0].build().state_dict()
+    del state["stage3_orsnet.conv_dec3.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    message = str(error.value)
+    assert "missing keys: stage3_orsnet.conv_dec3.weight" in message
+    assert "unexpected keys: extra.weight" in message
+    assert "\n" not in message
+
+
+def test_a_shape_that_fits_no_mprnet_is_named(tmp_path):
+    state = SMALL_CONFIGS[0].build().state_dict()
+    state["tail.weight"] = torch.zeros(3, 10, 3, 3)
+    path = tmp_path / "bad_shape.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"wrong shapes: tail\.weight: \[3, 10, 3, 3\]"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04broken zip"])
+def test_garbage_files_give_one_clear_error(tmp_path, content):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="garbage.pth"):
+        load_model(path)
+    bad_safetensors = tmp_path / "garbage.safetensors"
+    bad_safetensors.write_bytes(content)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_model(bad_safetensors)
+
+
+def test_other_networks_are_not_taken_for_mprnet(tmp_path):
+    path = tmp_path / "resnet_like.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, path)
+    with pytest.raises(CheckpointError, match="missing key 'shallow_feat1.0.weight'"):
+        load_model(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_model(tmp_path / "absent.pth")
