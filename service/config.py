@@ -13,10 +13,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "add_serve_arguments", "settings_from_args"]
+from .tiling import plan_tiles
+
+__all__ = ["Settings", "SettingsError", "load_settings", "add_serve_arguments", "settings_from_args"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -29,7 +31,7 @@ def _known_tasks() -> tuple[str, ...]:
 class Settings(BaseSettings):
     """What to serve and how; see each field's description (also shown by ``serve --help``)."""
 
-    model_config = SettingsConfigDict(env_prefix="MPRNET_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="MPRNET_", extra="ignore")
 
     tasks: Annotated[tuple[str, ...], NoDecode] = Field(
         default_factory=lambda: _known_tasks(),
@@ -49,8 +51,9 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(
         default=10.0, ge=0, le=10_000,
         description="longest a batch waits for more tiles after its first one arrived")
-    max_queued_tiles: int = Field(
-        default=512, ge=1, description="queue bound, in tiles; past it requests get 503 with Retry-After")
+    max_queued_tiles: int | None = Field(
+        default=None, ge=1, description="queue bound, in tiles; past it requests get 503 with Retry-After "
+                                        "(default: room for two images of max_pixels)")
     max_upload_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="largest accepted request body")
     max_pixels: int = Field(default=4096 * 4096, ge=1, description="largest accepted image, width times height")
     request_timeout_s: float = Field(
@@ -93,22 +96,18 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "Settings":
+    def _check_tiles_and_fill_in_queue_bound(self) -> "Settings":
         if self.tile_size:
             if self.tile_size % 8:
                 raise ValueError(f"tile_size must be a multiple of 8, got {self.tile_size}")
             if self.tile_overlap * 2 >= self.tile_size:
                 raise ValueError(f"tile_overlap ({self.tile_overlap}) must be under half of tile_size "
                                  f"({self.tile_size})")
-            # A square image at the pixel limit must fit in the queue, or the largest images the
-            # service says it accepts could never be queued.
+        if self.max_queued_tiles is None:
+            # Room for two images at the pixel limit: the largest upload the service accepts must
+            # fit, and one such image should not shut out every other request.
             side = math.isqrt(self.max_pixels)
-            per_side = 1 if side <= self.tile_size else math.ceil(
-                (side - self.tile_overlap) / (self.tile_size - self.tile_overlap))
-            if per_side ** 2 > self.max_queued_tiles:
-                raise ValueError(f"max_queued_tiles ({self.max_queued_tiles}) is below the {per_side ** 2} tiles "
-                                 f"of a {side}x{side} image (max_pixels {self.max_pixels}); raise it or lower "
-                                 f"max_pixels")
+            self.max_queued_tiles = max(64, 2 * len(plan_tiles(side, side, self.tile_size, self.tile_overlap)))
         return self
 
     def weights_path(self, task: str) -> Path:
@@ -128,6 +127,24 @@ class Settings(BaseSettings):
         return "\n".join(f"  {name:<{width}} = {value}" for name, value in values.items())
 
 
+class SettingsError(ValueError):
+    """Invalid settings; the message has one line per problem, naming the flag and variable."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """``Settings`` from the environment and ``overrides``, with errors people can act on."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error.get("loc") else ""
+            message = error["msg"].removeprefix("Value error, ")
+            where = f"--{name.replace('_', '-')} / MPRNET_{name.upper()}: " if name else ""
+            problems.append(f"  {where}{message}")
+        raise SettingsError("invalid settings:\n" + "\n".join(problems)) from None
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; a flag left out keeps the environment's value or the default."""
     group = parser.add_argument_group("service settings (each also read from MPRNET_<NAME>)")
@@ -139,6 +156,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(namespace: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags given; raises :class:`SettingsError`."""
     overrides = {name: value for name, value in vars(namespace).items()
                  if name in Settings.model_fields and value is not None}
-    return Settings(**overrides)
+    return load_settings(**overrides)

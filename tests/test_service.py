@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from models import MPRNet, sha256_file
-from service.config import Settings
+from service.config import Settings, SettingsError, add_serve_arguments, settings_from_args
 from service.engine import Engine
 
 from service_helpers import (TINY_ARCHITECTURE, decode_png, encode, metric_samples, metric_value, multipart_body,
@@ -98,6 +98,43 @@ def close_to(restored: np.ndarray, expected: np.ndarray) -> bool:
     # A forward pass over a batch of 8 and one over a batch of 1 may round differently in the
     # last float bit, which can move a pixel by one level after quantisation.
     return restored.shape == expected.shape and int(np.abs(restored.astype(int) - expected).max()) <= 1
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+def test_settings_come_from_the_environment_and_flags_override_them(monkeypatch, tmp_path):
+    import argparse
+    monkeypatch.setenv("MPRNET_TASKS", "denoising, deraining")
+    monkeypatch.setenv("MPRNET_WEIGHTS_DENOISING", str(tmp_path / "dn.pth"))
+    monkeypatch.setenv("MPRNET_DEVICE", "cpu")
+    monkeypatch.setenv("MPRNET_TILE_SIZE", "128")
+    monkeypatch.setenv("MPRNET_MAX_BATCH_SIZE", "6")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--max-batch-size", "3", "--port", "9001"]))
+    assert settings.tasks == ("denoising", "deraining")
+    assert settings.weights_path("denoising") == tmp_path / "dn.pth"
+    assert (settings.device, settings.tile_size, settings.max_batch_size, settings.port) == ("cpu", 128, 3, 9001)
+    assert "max_batch_size      = 3" in settings.summary()
+    # Unset, the queue bound holds two images at the pixel limit: 43 x 43 tiles of 128 for 4096 x 4096.
+    assert settings.max_pixels == 4096 * 4096 and settings.max_queued_tiles == 2 * 43 * 43
+
+
+@pytest.mark.parametrize("flags, complaint", [
+    (["--tasks", "sharpening"], "--tasks / MPRNET_TASKS: unknown task"),
+    (["--device", "tpu"], "--device / MPRNET_DEVICE"),
+    (["--precision", "fp8"], "--precision / MPRNET_PRECISION"),
+    (["--tile-size", "100"], "multiple of 8"),
+    (["--tile-overlap", "16", "--tile-size", "32"], "under half"),
+    (["--max-batch-size", "0"], "--max-batch-size / MPRNET_MAX_BATCH_SIZE"),
+    (["--max-queued-tiles", "0"], "--max-queued-tiles / MPRNET_MAX_QUEUED_TILES"),
+])
+def test_invalid_settings_are_refused_with_a_message_naming_the_setting(flags, complaint):
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    with pytest.raises(SettingsError, match=re.escape(complaint)):
+        settings_from_args(parser.parse_args(flags))
 
 
 # -- results ------------------------------------------------------------------------------------
