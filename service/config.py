@@ -13,12 +13,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .tiling import plan_tiles
 
-__all__ = ["Settings", "SettingsError", "load_settings", "add_serve_arguments", "settings_from_args"]
+__all__ = ["Settings", "add_serve_arguments", "settings_from_args"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -127,24 +127,6 @@ class Settings(BaseSettings):
         return "\n".join(f"  {name:<{width}} = {value}" for name, value in values.items())
 
 
-class SettingsError(ValueError):
-    """Invalid settings; the message has one line per problem, naming the flag and variable."""
-
-
-def load_settings(**overrides: Any) -> Settings:
-    """``Settings`` from the environment and ``overrides``, with errors people can act on."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            name = str(error["loc"][0]) if error.get("loc") else ""
-            message = error["msg"].removeprefix("Value error, ")
-            where = f"--{name.replace('_', '-')} / MPRNET_{name.upper()}: " if name else ""
-            problems.append(f"  {where}{message}")
-        raise SettingsError("invalid settings:\n" + "\n".join(problems)) from None
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; a flag left out keeps the environment's value or the default."""
     group = parser.add_argument_group("service settings (each also read from MPRNET_<NAME>)")
@@ -156,7 +138,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(namespace: argparse.Namespace) -> Settings:
-    """Settings from the environment, overridden by the flags given; raises :class:`SettingsError`."""
+    """Settings from the environment, overridden by the flags given; raises pydantic's
+    ``ValidationError`` naming each bad field."""
     overrides = {name: value for name, value in vars(namespace).items()
                  if name in Settings.model_fields and value is not None}
-    return load_settings(**overrides)
+    return Settings(**overrides)
