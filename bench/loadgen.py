@@ -5,7 +5,7 @@ One run measures, on the same images and settings:
 1. the engine alone, in this process: ``Engine.restore`` image after image (what a script
    without the service gets), and the forward pass alone over full batches of tiles (the
    ceiling any batching can reach);
-2. the service, started here with ``serve()`` in a child process (or one already running, via
+2. the service, started here as ``python -m service serve`` in a child process (or one already running, via
    ``--url``), driven by ``--clients`` closed-loop HTTP clients for ``--duration`` seconds after
    ``--warmup`` seconds;
 3. the engine alone again, so that a change in machine load during the run shows up as a
@@ -127,10 +127,8 @@ def engine_full_batches(engine: Engine, images: list[np.ndarray], batch_size: in
 
 def start_service(settings_env: dict[str, str]) -> tuple[subprocess.Popen, str, list[str]]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MPRNET_")}
-    env.update(settings_env, MPRNET_HOST="127.0.0.1", MPRNET_PORT="0", MPRNET_LOG_LEVEL="info",
-               PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-c", "from service.config import Settings; from service.server import serve; "
-                                     "serve(Settings())"]
+    env.update(settings_env, MPRNET_LOG_LEVEL="info", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", "0"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     lines: list[str] = []

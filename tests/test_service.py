@@ -389,14 +389,13 @@ def test_models_that_fail_to_load_leave_the_service_alive_but_unready(checkpoint
         assert httpx.get(f"{running.url}/healthz").status_code == 200
 
 
-# -- the process: serve() under signals ---------------------------------------------------------
+# -- the process: `python -m service serve` under signals --------------------------------------
 
 def _start_serving(env_settings: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MPRNET_")}
-    env.update(env_settings, MPRNET_HOST="127.0.0.1", MPRNET_PORT="0", PYTHONUNBUFFERED="1")
+    env.update(env_settings, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-c", "from service.config import Settings; from service.server import serve; serve(Settings())"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
     return process, lines
