@@ -1,0 +1,82 @@
+"""The offline CLI, run as users run it: `python -m service restore ...` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import MPRNet, save_safetensors
+from service.engine import Engine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, reduction=2)
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "service", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_safetensors(MPRNet(**TINY), path)
+    return path
+
+
+def _write(path, height, width, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_restores_files_and_folders_and_skips_what_it_cannot_read(tmp_path, weights):
+    inputs = tmp_path / "in"
+    (inputs / "nested").mkdir(parents=True)
+    first = _write(inputs / "first.png", 40, 56, 0)
+    _write(inputs / "nested" / "second.jpg", 33, 17, 1)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    loose = tmp_path / "loose.bmp"
+    _write(loose, 9, 9, 2)
+    out = tmp_path / "out"
+    result = _run("restore", inputs, loose, "-o", out, "--task", "denoising", "--weights", weights,
+                  "--tile", "32", "--overlap", "8")
+    assert result.returncode == 1, result.stderr
+    assert "broken.png" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["first.png", "loose.png", "second.png"]
+    assert Image.open(out / "second.png").size == (17, 33)
+    expected = Engine.from_checkpoint(weights, device="cpu", tile_size=32, tile_overlap=8).restore(first)
+    assert np.array_equal(np.asarray(Image.open(out / "first.png")), expected)
+
+
+def test_all_good_files_exit_zero(tmp_path, weights):
+    _write(tmp_path / "only.png", 16, 24, 4)
+    result = _run("restore", tmp_path / "only.png", "-o", tmp_path / "out", "--task", "deraining",
+                  "--weights", weights, "--tile", "0")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "only.png").is_file()
+
+
+def test_missing_weights_say_which_file_and_how_to_install(tmp_path):
+    _write(tmp_path / "x.png", 8, 8, 5)
+    result = _run("restore", tmp_path / "x.png", "-o", tmp_path / "out", "--task", "deblurring",
+                  "--weights", tmp_path / "nowhere.pth")
+    assert result.returncode == 2 and "nowhere.pth" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_weights_installed_names_the_install_command(tmp_path, monkeypatch):
+    from models import weights as registry
+    if registry.bundled_path("deblurring").is_file():
+        pytest.skip("bundled deblurring weights exist, so nothing is missing")
+    _write(tmp_path / "x.png", 8, 8, 5)
+    result = _run("restore", tmp_path / "x.png", "-o", tmp_path / "out", "--task", "deblurring",
+                  env={"MPRNET_WEIGHTS_DIR": str(tmp_path / "empty")})
+    assert result.returncode == 2
+    assert "python -m service weights install deblurring" in result.stderr

@@ -1,0 +1,167 @@
+"""Every image mode and broken file gets its documented behaviour."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import imaging
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_16bit_rgb(pixels: np.ndarray) -> bytes:
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A valid header for a huge image and a tiny body: a decompression bomb's shape."""
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+
+
+RGB = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+
+
+def test_rgb_png_round_trips():
+    decoded = imaging.decode(_encode(Image.fromarray(RGB)))
+    assert np.array_equal(decoded.rgb, RGB) and decoded.alpha is None and not decoded.grayscale
+    out = Image.open(io.BytesIO(imaging.encode_png(decoded.rgb, decoded)))
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), RGB)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP", "TIFF"])
+def test_supported_formats_decode(fmt):
+    decoded = imaging.decode(_encode(Image.fromarray(RGB), fmt))
+    assert decoded.rgb.shape == RGB.shape and decoded.format == fmt
+
+
+def test_grayscale_is_restored_as_rgb_and_returned_as_grayscale():
+    grey = RGB[:, :, 0]
+    decoded = imaging.decode(_encode(Image.fromarray(grey, "L")))
+    assert decoded.grayscale and decoded.rgb.shape == (20, 30, 3)
+    assert (decoded.rgb == grey[:, :, None]).all()
+    out = Image.open(io.BytesIO(imaging.encode_png(decoded.rgb, decoded)))
+    assert out.mode == "L" and np.array_equal(np.asarray(out), grey)
+
+
+def test_alpha_is_kept_and_reattached():
+    alpha = np.random.default_rng(1).integers(0, 256, (20, 30), dtype=np.uint8)
+    rgba = np.dstack([RGB, alpha])
+    decoded = imaging.decode(_encode(Image.fromarray(rgba, "RGBA")))
+    assert np.array_equal(decoded.alpha, alpha) and np.array_equal(decoded.rgb, RGB)
+    restored = 255 - decoded.rgb
+    out = np.asarray(Image.open(io.BytesIO(imaging.encode_png(restored, decoded))))
+    assert out.shape == (20, 30, 4) and np.array_equal(out[:, :, 3], alpha) and np.array_equal(out[:, :, :3], restored)
+
+
+def test_grayscale_with_alpha():
+    la = Image.fromarray(np.dstack([RGB[:, :, 0], RGB[:, :, 1]]), "LA")
+    decoded = imaging.decode(_encode(la))
+    assert decoded.grayscale and np.array_equal(decoded.alpha, RGB[:, :, 1])
+    assert Image.open(io.BytesIO(imaging.encode_png(decoded.rgb, decoded))).mode == "LA"
+
+
+def test_palette_images_expand_to_truecolour():
+    palette = Image.fromarray(RGB).quantize(16)
+    decoded = imaging.decode(_encode(palette))
+    assert np.array_equal(decoded.rgb, np.asarray(palette.convert("RGB"))) and decoded.alpha is None
+    transparent = palette.copy()
+    transparent.info["transparency"] = 0
+    decoded = imaging.decode(_encode(transparent, transparency=0))
+    assert decoded.alpha is not None and (decoded.alpha == 0).any()
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits():
+    values = np.array([[0, 257, 65535, 32896]], dtype=np.uint16)
+    decoded = imaging.decode(_encode(Image.fromarray(values)))
+    assert decoded.grayscale
+    assert decoded.rgb[0, :, 0].tolist() == [0, 1, 255, 128]
+
+
+def test_sixteen_bit_rgb_is_reduced_to_eight_bits():
+    pixels = np.random.default_rng(2).integers(0, 65536, (5, 7, 3)).astype(np.uint16)
+    decoded = imaging.decode(_png_16bit_rgb(pixels))
+    assert decoded.rgb.dtype == np.uint8 and decoded.rgb.shape == (5, 7, 3)
+    assert np.abs(decoded.rgb.astype(int) - pixels / 257.0).max() <= 1
+
+
+def test_exif_orientation_is_applied():
+    image = Image.fromarray(RGB)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    decoded = imaging.decode(_encode(image, "JPEG", exif=exif.tobytes(), quality=95))
+    assert decoded.rgb.shape == (30, 20, 3)
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    decoded = imaging.decode(_encode(Image.fromarray(RGB).convert("CMYK"), "JPEG"))
+    assert decoded.rgb.shape == (20, 30, 3)
+
+
+def test_one_bit_images():
+    decoded = imaging.decode(_encode(Image.fromarray(RGB[:, :, 0] > 128)))
+    assert decoded.grayscale and set(np.unique(decoded.rgb)) <= {0, 255}
+
+
+def test_animations_and_multipage_files_are_refused():
+    frames = [Image.fromarray(RGB), Image.fromarray(255 - RGB)]
+    apng = _encode(frames[0], save_all=True, append_images=frames[1:])
+    tiff = _encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    for data in (apng, tiff):
+        with pytest.raises(imaging.UnsupportedImageFormat, match="2 frames"):
+            imaging.decode(data)
+
+
+def test_other_formats_are_unsupported():
+    with pytest.raises(imaging.UnsupportedImageFormat) as error:
+        imaging.decode(_encode(Image.fromarray(RGB), "GIF"))
+    assert error.value.status_code == 415
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    bomb = _png_declaring(100_000, 100_000)
+    assert len(bomb) < 200
+    with pytest.raises(imaging.ImageTooLarge) as error:
+        imaging.decode(bomb, max_pixels=50_000_000)
+    assert error.value.status_code == 413
+    with pytest.raises(imaging.ImageTooLarge):
+        imaging.decode(_encode(Image.fromarray(RGB)), max_pixels=599)
+    assert imaging.decode(_encode(Image.fromarray(RGB)), max_pixels=600).rgb.shape == RGB.shape
+
+
+@pytest.mark.parametrize("name,data", [
+    ("empty", b""),
+    ("random", np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes()),
+    ("text", b"hello, this is not an image\n" * 20),
+    ("truncated png", _encode(Image.fromarray(RGB))[:200]),
+    ("truncated jpeg", _encode(Image.fromarray(RGB), "JPEG")[:300]),
+])
+def test_broken_data_is_an_invalid_image(name, data):
+    with pytest.raises(imaging.InvalidImage) as error:
+        imaging.decode(data)
+    assert error.value.status_code == 400
+
+
+def test_corrupt_png_checksum_is_an_invalid_image():
+    data = bytearray(_encode(Image.fromarray(RGB)))
+    idat = data.index(b"IDAT")
+    data[idat + 10] ^= 0xFF
+    with pytest.raises(imaging.InvalidImage):
+        imaging.decode(bytes(data))
