@@ -119,6 +119,34 @@ def time_per_512(engine, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
+# The configurations compared when choosing the bundled one (see the model card).
+ARCHITECTURES = (
+    dict(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=4),
+    dict(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=3),
+    dict(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=2),
+    dict(n_feat=16, scale_unetfeats=12, scale_orsnetfeats=4, num_cab=2),
+    dict(n_feat=20, scale_unetfeats=10, scale_orsnetfeats=4, num_cab=2),
+    dict(n_feat=12, scale_unetfeats=12, scale_orsnetfeats=8, num_cab=4),
+)
+
+
+def architecture_table() -> str:
+    """Parameters and CPU time per 512x512 of each candidate configuration (random weights)."""
+    from service.engine import Engine
+
+    from .checkpoint import MPRNetConfig
+    lines = ["| n_feat | scale_unetfeats | scale_orsnetfeats | num_cab | parameters | CPU s / 512x512 |",
+             "|---|---|---|---|---|---|"]
+    for keywords in ARCHITECTURES:
+        torch.manual_seed(0)
+        engine = Engine(MPRNetConfig(**keywords).build(), device="cpu", tile_size=0)
+        seconds = time_per_512(engine)
+        lines.append(f"| {keywords['n_feat']} | {keywords['scale_unetfeats']} | {keywords['scale_orsnetfeats']} | "
+                     f"{keywords['num_cab']} | {engine.parameter_count:,} | {seconds:.2f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def evaluate_task(task: str, weights: Path, images, log) -> dict:
     from service.engine import Engine
     model = load_model(weights)
@@ -221,11 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N photos")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cbm3d-only", action="store_true", help="only fill the CBM3D cache")
+    parser.add_argument("--architectures", action="store_true",
+                        help="only time the candidate configurations (random weights) and print their table")
     parser.add_argument("--json", type=Path, help="also write all per-image numbers here")
     parser.add_argument("--write-card", action="store_true", help=f"replace the table in {CARD.name}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr, flush=True)
+    if args.architectures:
+        print(architecture_table())
+        return 0
     images = load_kodak(args.data, args.limit)
     if args.cbm3d_only:
         run_cbm3d(images, log)
