@@ -8,8 +8,10 @@ One run measures, on the same images and settings:
 2. the service, started here as ``python -m service serve`` in a child process (or one already running, via
    ``--url``), driven by ``--clients`` closed-loop HTTP clients for ``--duration`` seconds after
    ``--warmup`` seconds;
-3. the engine alone again, so that a change in machine load during the run shows up as a
-   difference between the two engine figures rather than as a service overhead.
+3. the engine alone again; with ``--rounds`` > 1, service and engine phases keep alternating,
+   and each service phase is compared with the engine phases on either side of it, so that a
+   change in machine load shows up as a difference between engine figures rather than as a
+   service overhead.
 
 Throughput counts only 200 responses completed inside the measured window. Batch statistics
 come from the service's own ``/metrics``.
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=KODAK, help="folder of PNGs to crop (default Kodak24)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per round")
+    parser.add_argument("--rounds", type=int, default=1, help="service phases, each between two engine phases")
     parser.add_argument("--engine-seconds", type=float, default=None,
                         help="seconds for each engine-only measurement (default: --duration / 2)")
     parser.add_argument("--device", default="cpu")
@@ -257,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision, tile_size=args.tile_size,
                                     tile_overlap=args.tile_overlap)
     engine.warmup(args.max_batch_size)
-    print(f"engine alone ({engine_seconds:g} s each) ...", flush=True)
-    before = {"per_image": engine_per_image(engine, images, args.max_batch_size, engine_seconds),
-              "full_batches": engine_full_batches(engine, images, args.max_batch_size, engine_seconds)}
+
+    def measure_engine() -> dict:
+        print(f"engine alone ({engine_seconds:g} s per mode) ...", flush=True)
+        return {"per_image": engine_per_image(engine, images, args.max_batch_size, engine_seconds),
+                "full_batches": engine_full_batches(engine, images, args.max_batch_size, engine_seconds)}
 
     settings_env = {
         "MPRNET_TASKS": args.task, f"MPRNET_WEIGHTS_{args.task.upper()}": str(weights),
@@ -276,54 +281,80 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url
     if url is None:
         print("starting the service ...", flush=True)
-        process, url, service_log = start_service(settings_env)
+        process, url, _ = start_service(settings_env)
     wait_ready(url)
-    print(f"driving {url} with {args.clients} clients for {args.warmup:g} + {args.duration:g} s ...", flush=True)
-    load, window_start, window_end, (batches_0, tiles_0), (batches_1, tiles_1) = asyncio.run(
-        drive(url, args.task, uploads, args.clients, args.warmup, args.duration, args.request_timeout))
+
+    # Engine and service phases alternate, and each service phase is compared with the engine
+    # phases on either side of it, so that load from other processes that comes and goes
+    # lands on both sides of the comparison.
+    engine_runs = [measure_engine()]
+    rounds = []
+    for round_index in range(args.rounds):
+        print(f"round {round_index + 1}/{args.rounds}: driving {url} with {args.clients} clients for "
+              f"{args.warmup:g} + {args.duration:g} s ...", flush=True)
+        load, window_start, window_end, (batches_0, tiles_0), (batches_1, tiles_1) = asyncio.run(
+            drive(url, args.task, uploads, args.clients, args.warmup, args.duration, args.request_timeout))
+        engine_runs.append(measure_engine())
+        ok = [end - start for start, end, status in load.completed
+              if window_start <= end <= window_end and status == 200]
+        statuses: dict[str, int] = {}
+        for _, _, status in load.completed:
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+        rate = len(ok) / (window_end - window_start)
+        batches = batches_1 - batches_0
+        engine_rate = {kind: (engine_runs[-2][kind]["images_per_s"] + engine_runs[-1][kind]["images_per_s"]) / 2
+                       for kind in ("per_image", "full_batches")}
+        rounds.append({
+            "images_per_s": rate, "completed_in_window": len(ok), "latencies_s": ok,
+            "p50_ms": percentile_ms(ok, 50), "p95_ms": percentile_ms(ok, 95), "p99_ms": percentile_ms(ok, 99),
+            "statuses": statuses, "transport_errors": load.errors,
+            "mean_batch_size": (tiles_1 - tiles_0) / batches if batches else None,
+            "vs_engine_per_image": rate / engine_rate["per_image"],
+            "vs_engine_full_batches": rate / engine_rate["full_batches"],
+        })
     exit_code = None
     if process is not None:
         process.send_signal(signal.SIGTERM)
         exit_code = process.wait(timeout=120)
 
-    after = {"per_image": engine_per_image(engine, images, args.max_batch_size, engine_seconds),
-             "full_batches": engine_full_batches(engine, images, args.max_batch_size, engine_seconds)}
-
-    in_window = [(start, end, status) for start, end, status in load.completed
-                 if window_start <= end <= window_end]
-    ok = [end - start for start, end, status in in_window if status == 200]
-    statuses: dict[str, int] = {}
-    for _, _, status in load.completed:
-        statuses[str(status)] = statuses.get(str(status), 0) + 1
-    service_rate = len(ok) / (window_end - window_start)
-    engine_rate = {kind: (before[kind]["images_per_s"] + after[kind]["images_per_s"]) / 2 for kind in before}
-    batches = batches_1 - batches_0
+    all_latencies = [latency for result in rounds for latency in result.pop("latencies_s")]
+    service_rate = float(np.mean([result["images_per_s"] for result in rounds]))
+    engine_rate = {kind: float(np.mean([run[kind]["images_per_s"] for run in engine_runs]))
+                   for kind in ("per_image", "full_batches")}
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "device": str(engine.device),
                     "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
-                    "load_average": os.getloadavg()},
+                    "load_average_at_end": os.getloadavg()},
         "settings": {"task": args.task, "weights": str(weights), "architecture": engine.config.as_kwargs(),
                      "images": args.images, "size": f"{args.size[0]}x{args.size[1]}", "clients": args.clients,
-                     "warmup_s": args.warmup, "duration_s": args.duration, "tile_size": args.tile_size,
+                     "rounds": args.rounds, "warmup_s": args.warmup, "duration_s": args.duration,
+                     "engine_seconds": engine_seconds, "tile_size": args.tile_size,
                      "tile_overlap": args.tile_overlap, "max_batch_size": args.max_batch_size,
                      "max_batch_wait_ms": args.max_batch_wait_ms},
-        "engine": {"before": before, "after": after},
-        "service": {"images_per_s": service_rate, "completed_in_window": len(ok),
-                    "p50_ms": percentile_ms(ok, 50), "p95_ms": percentile_ms(ok, 95), "p99_ms": percentile_ms(ok, 99),
-                    "statuses": statuses, "transport_errors": load.errors,
-                    "mean_batch_size": (tiles_1 - tiles_0) / batches if batches else None,
+        "engine_runs": engine_runs,
+        "service_rounds": rounds,
+        "summary": {"service_images_per_s": service_rate,
+                    "engine_per_image_images_per_s": engine_rate["per_image"],
+                    "engine_full_batches_images_per_s": engine_rate["full_batches"],
+                    "p50_ms": percentile_ms(all_latencies, 50), "p95_ms": percentile_ms(all_latencies, 95),
+                    "p99_ms": percentile_ms(all_latencies, 99),
+                    "median_round_vs_engine_per_image": float(np.median([r["vs_engine_per_image"] for r in rounds])),
+                    "median_round_vs_engine_full_batches": float(
+                        np.median([r["vs_engine_full_batches"] for r in rounds])),
                     "exit_code_after_sigterm": exit_code},
-        "service_vs_engine_per_image": service_rate / engine_rate["per_image"],
-        "service_vs_engine_full_batches": service_rate / engine_rate["full_batches"],
     }
     print(json.dumps(report, indent=2))
-    print(f"\nservice: {service_rate:.3f} images/s (p50 {report['service']['p50_ms']} ms, p95 "
-          f"{report['service']['p95_ms']} ms, p99 {report['service']['p99_ms']} ms, mean batch "
-          f"{report['service']['mean_batch_size'] or 0:.2f})")
-    for kind, label in (("per_image", "engine.restore per image"), ("full_batches", "engine forward, full batches")):
-        print(f"{label}: {before[kind]['images_per_s']:.3f} / {after[kind]['images_per_s']:.3f} images/s "
-              f"(before / after); service = {service_rate / engine_rate[kind]:.1%} of their mean")
+    summary = report["summary"]
+    print(f"\nservice: {service_rate:.3f} images/s over {args.rounds} round(s) of {args.duration:g} s, "
+          f"{args.clients} clients (p50 {summary['p50_ms']} ms, p95 {summary['p95_ms']} ms, "
+          f"p99 {summary['p99_ms']} ms)")
+    for index, result in enumerate(rounds, 1):
+        print(f"  round {index}: {result['images_per_s']:.3f} images/s, mean batch {result['mean_batch_size'] or 0:.2f}, "
+              f"{result['vs_engine_per_image']:.1%} of engine.restore, {result['vs_engine_full_batches']:.1%} of "
+              f"full-batch forward (engine runs either side)")
+    print(f"engine.restore per image: {engine_rate['per_image']:.3f} images/s; forward on full batches: "
+          f"{engine_rate['full_batches']:.3f} images/s (means of {len(engine_runs)} runs)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     scratch.cleanup()
