@@ -36,7 +36,6 @@ RELEASED_DRIVE_IDS = {
 }
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
-MANIFEST = BUNDLED_DIR / "manifest.json"
 SUFFIXES = (".pth", ".safetensors")
 
 # Drive's public download endpoint. Files over about 100 MB come back as an HTML page ("can't
@@ -104,9 +103,8 @@ def resolve(task: str) -> Path:
 
 def manifest() -> dict:
     """The bundled weights' manifest: per task its file, sha256, configuration and fp16 flag."""
-    if not MANIFEST.is_file():
-        return {}
-    return json.loads(MANIFEST.read_text())
+    path = BUNDLED_DIR / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def describe() -> list[dict]:
@@ -347,17 +345,20 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False) -> dict
     _check_task(task)
     BUNDLED_DIR.mkdir(exist_ok=True)
     path = bundled_path(task)
-    tmp = path.with_name(path.name + ".tmp")
-    digest = export(checkpoint, tmp, half=half)
-    config = infer_config(load_state_dict(tmp)).as_kwargs()
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{task}.partial.safetensors")
+    try:
+        digest = export(checkpoint, tmp, half=half)
+        config = infer_config(load_state_dict(tmp)).as_kwargs()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     run = torch.load(checkpoint, map_location="cpu", weights_only=True)
     entry = {"file": path.name, "sha256": digest, "config": config, "fp16": half,
              "iterations": int(run["iteration"]), "trained_minutes": round(run["schedule"]["elapsed"] / 60, 1),
              "patch": run["meta"]["patch"], "batch": run["meta"]["batch"]}
     listed = manifest()
     listed[task] = entry
-    MANIFEST.write_text(json.dumps(dict(sorted(listed.items())), indent=2) + "\n")
+    (BUNDLED_DIR / "manifest.json").write_text(json.dumps(dict(sorted(listed.items())), indent=2) + "\n")
     return entry
 
 
