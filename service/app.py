@@ -334,7 +334,7 @@ def _restore_router(settings: Settings) -> APIRouter:
         413: "The upload is over the byte limit (`payload_too_large`) or the image over the pixel limit "
              "(`image_too_large`).",
         415: "An image format or kind the service does not take (`unsupported_media_type`).",
-        422: "The multipart field `image` is missing or not a file (`validation_error`).",
+        422: "The multipart field `image` is missing, not a file, or sent twice (`validation_error`).",
         503: "The queue is full (`queue_full`) or the models are not ready (`not_ready`); see `Retry-After`.",
         504: "The request was not finished within the service's time limit (`timeout`).",
     }.items()}
@@ -367,6 +367,9 @@ def _restore_router(settings: Settings) -> APIRouter:
         if service.batcher is None or service.load_error is not None:
             raise ServiceError(503, "not_ready", service.not_ready_reason(),
                                {"Retry-After": str(_NOT_READY_RETRY_AFTER_S)})
+        if len((await request.form()).getlist("image")) > 1:
+            # Which of several images to restore is not ours to guess.
+            raise ServiceError(422, "validation_error", "send exactly one multipart file field named 'image'")
         entry = request.state.log_entry
         entry["task"] = task
         deadline = request.state.started + service.settings.request_timeout_s

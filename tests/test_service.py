@@ -222,6 +222,9 @@ ERROR_CASES = {
     "missing image field": (lambda url: httpx.post(f"{url}/v1/restore/denoising",
                                                    files={"file": ("a.png", encode(random_image(16, 16, 1)))}),
                             422, "validation_error"),
+    "image field sent twice": (lambda url: httpx.post(f"{url}/v1/restore/denoising", files=[
+        ("image", ("a.png", encode(random_image(16, 16, 1)))), ("image", ("b.png", encode(random_image(16, 16, 2))))]),
+                               422, "validation_error"),
     "image sent as text field": (lambda url: httpx.post(f"{url}/v1/restore/denoising", data={"image": "pixels"}),
                                  422, "validation_error"),
     "bytes that are no image": (lambda url: restore(url, "denoising", b"definitely not an image"),
