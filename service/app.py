@@ -78,8 +78,14 @@ def _error_response(status_code: int, code: str, message: str, headers: dict[str
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    def note_in_log(request: Request, code: str) -> None:
+        entry = getattr(request.state, "log_entry", None)
+        if entry is not None:
+            entry["error"] = code
+
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = getattr(exc, "code", None) or _CODE_BY_STATUS.get(exc.status_code, "http_error")
+        note_in_log(request, code)
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 413 and not isinstance(exc, ServiceError):
             # Starlette's streaming body limit, hit by a body without Content-Length.
@@ -95,11 +101,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(problems) or "the request is not valid"
         if any(error.get("loc", ())[-1:] == ("image",) for error in exc.errors()):
             message += " (send the image as a multipart/form-data file field named 'image')"
+        note_in_log(request, "validation_error")
         return _error_response(422, "validation_error", message)
 
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         request_id = getattr(request.state, "request_id", "-")
         log.error("unhandled error in request %s", request_id, exc_info=exc)
+        note_in_log(request, "internal_error")
         return _error_response(500, "internal_error", f"internal error (request {request_id})")
 
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -254,13 +262,12 @@ class RequestAccounting:
         if is_restore:
             metrics.in_flight.labels(task_label).inc()
         try:
-            declared = headers.get("content-length", "")
-            limit = self.service.settings.max_upload_bytes
-            if is_restore and declared.isdigit() and int(declared) > limit:
-                # Refused before reading: the client may still be sending, but nothing is buffered.
-                response = _error_response(413, "payload_too_large",
-                                           f"the upload is {int(declared)} bytes; the limit is {limit} bytes")
-                await response(scope, receive, send_with_request_id)
+            refusal = self._refuse_before_reading(task, headers) if is_restore else None
+            if refusal is not None:
+                # Answered before reading the body: nothing of it is buffered.
+                entry["error"] = refusal.code
+                await _error_response(refusal.status_code, refusal.code, refusal.detail)(
+                    scope, receive, send_with_request_id)
             else:
                 await self.app(scope, receive, send_with_request_id)
         finally:
@@ -272,6 +279,16 @@ class RequestAccounting:
                 metrics.request_duration.labels(task_label).observe(seconds)
             level = logging.DEBUG if path in _PROBE_PATHS and status < 400 else logging.INFO
             request_log.log(level, json.dumps(entry, separators=(",", ":")))
+
+    def _refuse_before_reading(self, task: str, headers: dict[str, str]) -> "ServiceError | None":
+        tasks = self.service.settings.tasks
+        if task not in tasks:
+            return ServiceError(404, "unknown_task", f"no task {task!r} here; this service restores: {', '.join(tasks)}")
+        declared = headers.get("content-length", "")
+        limit = self.service.settings.max_upload_bytes
+        if declared.isdigit() and int(declared) > limit:
+            return ServiceError(413, "payload_too_large", f"the upload is {int(declared)} bytes; the limit is {limit} bytes")
+        return None
 
 
 # -- the restore pipeline -----------------------------------------------------------------------
@@ -361,9 +378,7 @@ def _restore_router(settings: Settings) -> APIRouter:
                                   json_schema_extra={"enum": list(settings.tasks)})],
         image: Annotated[UploadFile, File(description="the image to restore: PNG, JPEG, WebP, BMP or TIFF")],
     ) -> Response:
-        if task not in service.settings.tasks:
-            raise ServiceError(404, "unknown_task",
-                               f"no task {task!r} here; this service restores: {', '.join(service.settings.tasks)}")
+        # Unknown tasks and oversize bodies were refused by RequestAccounting before the upload was read.
         if service.batcher is None or service.load_error is not None:
             raise ServiceError(503, "not_ready", service.not_ready_reason(),
                                {"Retry-After": str(_NOT_READY_RETRY_AFTER_S)})

@@ -353,13 +353,17 @@ def test_openapi_describes_the_upload(server):
 def test_each_request_logs_one_structured_line(server, caplog):
     caplog.set_level(logging.INFO, logger="service.requests")
     restore(server.url, "denoising", encode(random_image(40, 56, seed=21)), headers={"X-Request-ID": "log-line-1"})
-    lines = [json.loads(record.getMessage()) for record in caplog.records
-             if record.name == "service.requests" and "log-line-1" in record.getMessage()]
-    assert len(lines) == 1
-    line = lines[0]
-    assert line["status"] == 200 and line["task"] == "denoising"
-    assert (line["width"], line["height"], line["tiles"]) == (56, 40, 4)
-    assert line["queue_ms"] >= 0 and line["inference_ms"] > 0 and line["duration_ms"] > 0
+    restore(server.url, "denoising", b"not an image", headers={"X-Request-ID": "log-line-2"})
+
+    def lines_of(request_id: str) -> list[dict]:
+        return [json.loads(record.getMessage()) for record in caplog.records
+                if record.name == "service.requests" and request_id in record.getMessage()]
+
+    (restored,), (refused,) = lines_of("log-line-1"), lines_of("log-line-2")
+    assert restored["status"] == 200 and restored["task"] == "denoising" and "error" not in restored
+    assert (restored["width"], restored["height"], restored["tiles"]) == (56, 40, 4)
+    assert restored["queue_ms"] >= 0 and restored["inference_ms"] > 0 and restored["duration_ms"] > 0
+    assert (refused["status"], refused["error"]) == (400, "invalid_image")
 
 
 def test_readiness_turns_true_only_after_the_models_are_warm(checkpoints):
