@@ -10,6 +10,7 @@ orchestrator routes traffic only to instances that can serve it.
 """
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -497,9 +498,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+@functools.cache
+def _app_from_environment() -> FastAPI:
+    return create_app()
+
+
 def __getattr__(name: str):
-    # `uvicorn service.app:app` without building an app (and reading the environment) on
+    # `uvicorn service.app:app` builds the app (reading MPRNET_*) when first asked for, not on
     # every import of this module.
     if name == "app":
-        return create_app()
+        return _app_from_environment()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
