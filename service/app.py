@@ -37,6 +37,7 @@ from .batching import Batcher, DeadlineExceeded, QueueClosed, QueueFull, TooMany
 from .config import Settings
 from .engine import Engine
 from .metrics import CONTENT_TYPE_LATEST, UNKNOWN_TASK, ServiceMetrics
+from .web import mount_web
 
 __all__ = ["create_app", "ServiceState", "ServiceError"]
 
@@ -495,6 +496,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestAccounting, service=service)
     app.include_router(_restore_router(settings))
     app.include_router(_operations_router())
+    mount_web(app)
     return app
 
 
