@@ -1,0 +1,178 @@
+"""The page at `/`, driven in headless Chromium (Debian's, through Playwright) against the real
+service: a photo goes in through the file input, the restored image and its timings come out,
+and an upload the API refuses shows the API's own message.
+
+Screenshots go to $PYTEST_ARTIFACTS, else tests/artifacts/. Without Chromium or Playwright the
+tests skip, unless CI is set: there a missing browser must fail the build, not hide it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.config import Settings
+from service_helpers import encode, running_server, tiny_checkpoint
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("PYTEST_ARTIFACTS") or Path(__file__).parent / "artifacts")
+# Odd sizes, so that an off-by-one in tiling, display or download would show.
+PHOTO_SIZE = (203, 137)  # width, height
+TIMEOUT_MS = 60_000
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run the browser test (see .ci/deps.d/30-chromium.sh)")
+    pytest.skip(reason)
+
+
+def _photo() -> np.ndarray:
+    """A photo-like picture: smooth light, hard edges and sensor noise, the things the networks
+    were trained to tell apart."""
+    width, height = PHOTO_SIZE
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    sky = np.stack([90 + 80 * y / height, 140 + 60 * y / height, 230 - 40 * y / height], axis=-1)
+    sun = ((x - 0.7 * width) ** 2 + (y - 0.3 * height) ** 2) < (0.12 * height) ** 2
+    hill = y > height * (0.65 + 0.1 * np.sin(x / 17))
+    picture = sky
+    picture[sun] = (250, 220, 120)
+    picture[hill] = np.stack([40 + 30 * np.sin(x / 5), 120 + 20 * np.cos(y / 7), 60 + 0 * x], axis=-1)[hill]
+    noise = np.random.default_rng(8).normal(0, 12, picture.shape)
+    return np.clip(picture + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        _unavailable(f"no Chromium at {CHROMIUM}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright package is not installed")
+    with sync_playwright() as playwright:
+        # The system's Chromium: Playwright's own browser download needs a network CI may not have.
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    weights = tmp_path_factory.mktemp("weights")
+    settings = Settings(tasks=("denoising", "deraining"), device="cpu", tile_size=64, tile_overlap=8,
+                        max_batch_size=4, weights_denoising=tiny_checkpoint(weights / "denoising.safetensors", 1),
+                        weights_deraining=tiny_checkpoint(weights / "deraining.safetensors", 2))
+    with running_server(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1100, "height": 1300}, device_scale_factor=1)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    # Nothing outside the service may be fetched: the page must work on an offline machine.
+    page.on("request", lambda request: None if request.url.startswith((server.url, "blob:", "data:"))
+            else problems.append(f"external request: {request.url}"))
+    page.problems = problems
+    yield page
+    context.close()
+
+
+def _screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _open(page, server) -> None:
+    page.goto(f"{server.url}/")
+    page.wait_for_selector("#task-select:enabled")
+
+
+def test_restores_a_photo_and_shows_it_beside_the_original(page, server, tmp_path):
+    photo = tmp_path / "holiday photo.jpg"
+    photo.write_bytes(encode(_photo(), "JPEG"))
+    _open(page, server)
+    assert page.eval_on_selector_all("#task-select option", "options => options.map(o => o.value)") == \
+        ["denoising", "deraining"]
+    page.select_option("#task-select", "deraining")
+
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_selector("#result:not([hidden])")
+    page.wait_for_function("document.getElementById('result-image').complete")
+
+    shown = page.eval_on_selector("#result-image", "img => [img.naturalWidth, img.naturalHeight]")
+    original = page.eval_on_selector("#original-image", "img => [img.naturalWidth, img.naturalHeight]")
+    assert shown == list(PHOTO_SIZE) and original == list(PHOTO_SIZE)
+    assert page.get_attribute("#result-image", "alt") == "Restored (deraining): holiday photo.jpg"
+    assert page.get_attribute("#original-image", "alt") == "Original: holiday photo.jpg"
+    assert page.is_hidden("#error")
+
+    # The breakdown is the service's Server-Timing header, one row per step plus the total.
+    steps = page.eval_on_selector_all("#timings tbody tr", "rows => rows.map(r => r.cells[0].textContent)")
+    assert {"Network (batched)", "Wait in the batching queue", "Decode and cut into tiles",
+            "Stitch and encode PNG", "Total on the server"} <= set(steps)
+    milliseconds = page.eval_on_selector_all("#timings tbody td:last-child", "cells => cells.map(c => c.textContent)")
+    assert all(float(value) >= 0 for value in milliseconds)
+    assert len(page.inner_text("#request-id")) >= 16
+
+    # The download is the PNG the service sent.
+    assert page.get_attribute("#download", "download") == "holiday photo-deraining.png"
+    downloaded = page.evaluate("async () => Array.from(new Uint8Array("
+                               "await (await fetch(document.getElementById('download').href)).arrayBuffer()))")
+    assert bytes(downloaded[:8]) == b"\x89PNG\r\n\x1a\n"
+
+    # The comparison slider works from the keyboard.
+    page.focus("#compare-slider")
+    page.keyboard.press("End")
+    assert page.eval_on_selector("#compare", "el => el.style.getPropertyValue('--split')") == "100%"
+    for _ in range(35):
+        page.keyboard.press("ArrowLeft")
+    assert page.get_attribute("#compare-slider", "aria-valuetext") == "65% original, 35% restored"
+
+    assert _screenshot(page, "web-result.png").stat().st_size > 10_000
+    assert page.problems == []
+
+
+def test_an_upload_the_api_refuses_shows_the_apis_message(page, server, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture\n")
+    expected = httpx.post(f"{server.url}/v1/restore/denoising", files={"image": ("notes.txt", notes.read_bytes())},
+                          timeout=30).json()["error"]
+    _open(page, server)
+    page.set_input_files("#file-input", str(notes))
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error-message") == expected["message"]
+    assert page.inner_text("#error-code") == f"{expected['code']} \u00b7 HTTP 400"
+    assert page.get_attribute("#error", "role") == "alert"
+    assert page.is_hidden("#result")
+    _screenshot(page, "web-error.png")
+    # The browser logs the failed request itself; nothing else may go wrong.
+    assert [problem for problem in page.problems if "400" not in problem] == []
+
+
+def test_the_page_is_served_with_its_assets(server):
+    page = httpx.get(f"{server.url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
+        response = httpx.get(f"{server.url}{asset}", timeout=10)
+        assert response.status_code == 200 and kind in response.headers["content-type"], asset
+    missing = httpx.get(f"{server.url}/static/missing.js", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    # The page is for people; the API's schema stays the API's.
+    assert "/" not in httpx.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
+
