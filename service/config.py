@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="fp32, or fp16/bf16 autocast (CUDA only)")
-    tile_size: int = Field(default=256, ge=0, description="tile side in pixels, a multiple of 8; 0 runs whole images")
+    tile_size: int = Field(default=512, ge=0, description="tile side in pixels, a multiple of 8; 0 runs whole images")
     tile_overlap: int = Field(default=32, ge=0, description="pixels neighbouring tiles share, under half a tile")
     max_batch_size: int = Field(default=4, ge=1, le=1024, description="most tiles in one forward pass")
     max_batch_wait_ms: float = Field(
