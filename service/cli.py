@@ -35,6 +35,10 @@ def _collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def _restore_command(args: argparse.Namespace) -> int:
+    if args.url:
+        from .client import restore_command
+        return restore_command(args.url, args.inputs, args.output, args.task, concurrency=args.concurrency,
+                               quiet=args.quiet)
     # Imported here so that `weights list` and `--help` stay fast.
     from tqdm import tqdm
 
@@ -151,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--batch-size", type=int, default=None, metavar="N",
                          help="tiles per forward pass (default 4 on CUDA, 1 on CPU)")
     restore.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    restore.add_argument("--url", metavar="URL", help="send the images to the service at URL (http://host:port) "
+                         "instead of loading a model here; the service's own weights and tiling apply")
+    restore.add_argument("--concurrency", type=int, default=4, metavar="N",
+                         help="with --url, images in flight at once (default 4)")
     restore.set_defaults(run=_restore_command)
 
     weights = commands.add_parser("weights", help="install released weights or list what each task uses")
