@@ -1,0 +1,355 @@
+"""service.client against the real service on loopback (success, typed errors, a full queue,
+folders, the CLI's remote mode), plus a scripted HTTP stub for the retry rules themselves:
+dropped connections, Retry-After, give-up bounds and foreign error pages are hard to provoke on
+demand from the real service, and what is under test there is only the client's reaction."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.client import (AsyncClient, Client, ConnectionFailed, InvalidImage, NotFound, Overloaded,
+                            PayloadTooLarge, ServiceError, Timeout, UnsupportedMediaType)
+from service.config import Settings
+from service_helpers import decode_png, encode, metric_value, random_image, running_server, tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TILE, OVERLAP = 32, 8
+MAX_UPLOAD_BYTES = 64 * 1024
+MAX_PIXELS = 128 * 128
+
+
+def settings_for(weights: dict[str, Path], **overrides) -> Settings:
+    values = dict(tasks=tuple(weights), device="cpu", tile_size=TILE, tile_overlap=OVERLAP, max_batch_size=4,
+                  max_upload_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS,
+                  **{f"weights_{task}": path for task, path in weights.items()})
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("weights")
+    return {"denoising": tiny_checkpoint(folder / "denoising.safetensors", 21),
+            "deraining": tiny_checkpoint(folder / "deraining.safetensors", 22)}
+
+
+@pytest.fixture(scope="module")
+def server(weights):
+    with running_server(settings_for(weights)) as running:
+        yield running
+
+
+def close_to(restored: np.ndarray, expected: np.ndarray) -> bool:
+    # Batched and single forward passes may round differently in the last float bit.
+    return restored.shape == expected.shape and int(np.abs(restored.astype(int) - expected).max()) <= 1
+
+
+def requests_answered(server, code: str) -> float:
+    return metric_value(server.metrics(), "mprnet_requests_total", code=code)
+
+
+# -- against the real service -------------------------------------------------------------------
+
+def test_restore_returns_the_png_its_request_id_and_the_server_timings(server, tmp_path):
+    image = random_image(37, 45, seed=1)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(encode(image, "JPEG"))
+    with Client(server.url) as client:
+        from_bytes = client.restore(encode(image), "denoising", request_id="my-trace-1")
+        from_path = client.restore(photo, "deraining")
+        assert client.ready() is True
+        models = client.models()
+    assert decode_png(from_bytes.png).size == (45, 37) and decode_png(from_path.png).size == (45, 37)
+    assert from_bytes.request_id == "my-trace-1" and len(from_path.request_id) == 32
+    assert {"decode", "queue", "inference", "encode", "total"} <= set(from_bytes.timings)
+    assert all(value >= 0 for value in from_bytes.timings.values())
+    assert from_bytes.timings["total"] >= from_bytes.timings["inference"]
+    assert from_bytes.attempts == 1
+    assert models["ready"] is True and set(models["models"]) == {"denoising", "deraining"}
+
+
+def test_async_client_restores_concurrently(server):
+    images = [random_image(24 + 8 * index, 40, seed=index) for index in range(3)]
+
+    async def scenario():
+        async with AsyncClient(server.url) as client:
+            results = await asyncio.gather(*(client.restore(encode(image), "denoising") for image in images))
+            return results, await client.ready(), await client.models()
+
+    results, ready, models = asyncio.run(scenario())
+    assert [np.asarray(decode_png(result.png)).shape for result in results] == [image.shape for image in images]
+    assert len({result.request_id for result in results}) == 3
+    assert ready and "denoising" in models["models"]
+
+
+@pytest.mark.parametrize("send, error_type, status, code", [
+    (lambda client: client.restore(b"plain text, not a picture", "denoising"), InvalidImage, 400, "invalid_image"),
+    (lambda client: client.restore(encode(random_image(8, 8, 2)), "colourising"), NotFound, 404, "unknown_task"),
+    (lambda client: client.restore(np.random.default_rng(0).bytes(MAX_UPLOAD_BYTES + 1), "denoising"),
+     PayloadTooLarge, 413, "payload_too_large"),
+    (lambda client: client.restore(encode(np.zeros((200, 200, 3), np.uint8)), "denoising"),
+     PayloadTooLarge, 413, "image_too_large"),
+    (lambda client: client.restore(encode(random_image(8, 8, 3), "GIF"), "denoising"), UnsupportedMediaType, 415,
+     "unsupported_media_type"),
+], ids=["invalid-image", "unknown-task", "body-too-large", "too-many-pixels", "gif"])
+def test_api_errors_arrive_typed_with_the_apis_code_and_message_and_are_not_retried(server, send, error_type,
+                                                                                     status, code):
+    before = requests_answered(server, str(status))
+    with Client(server.url, backoff=0.01) as client, pytest.raises(error_type) as raised:
+        send(client)
+    error = raised.value
+    assert isinstance(error, ServiceError)
+    assert (error.status, error.code) == (status, code)
+    assert error.message and error.message in str(error) and code in str(error)
+    assert len(error.request_id) == 32
+    assert requests_answered(server, str(status)) == before + 1, "a refused request was sent again"
+
+
+def test_a_full_queue_answers_503_and_the_client_retries_until_it_gets_through(weights):
+    # One queued tile fills the queue, and a batch of one waits 1.5 s for a partner before it runs:
+    # a second request in that window is refused with Retry-After, and its retry is served.
+    settings = settings_for({"denoising": weights["denoising"]}, max_queued_tiles=1, max_batch_size=2,
+                            max_batch_wait_ms=1500)
+    with running_server(settings) as server:
+        async def scenario():
+            async with AsyncClient(server.url, backoff=0.05) as client:
+                first = asyncio.create_task(client.restore(encode(random_image(TILE, TILE, 4)), "denoising"))
+                deadline = time.monotonic() + 20
+                while metric_value(server.metrics(), "mprnet_queue_depth_tiles") < 1:
+                    assert time.monotonic() < deadline and not first.done()
+                    await asyncio.sleep(0.02)
+                started = time.monotonic()
+                second = await client.restore(encode(random_image(TILE, TILE, 5)), "denoising")
+                return await first, second, time.monotonic() - started
+
+        first, second, waited = asyncio.run(scenario())
+        assert first.attempts == 1 and second.attempts >= 2
+        assert decode_png(second.png).size == (TILE, TILE)
+        assert waited >= 1.0, "the retry came before the service's Retry-After"
+        assert metric_value(server.metrics(), "mprnet_requests_total", code="503") == second.attempts - 1
+
+
+def test_restore_folder_writes_each_stem_and_reports_each_failure(server, tmp_path):
+    inputs = tmp_path / "in"
+    (inputs / "nested").mkdir(parents=True)
+    images = {"a": random_image(30, 20, 6), "b": random_image(17, 33, 7), "c": random_image(8, 64, 8)}
+    Image.fromarray(images["a"]).save(inputs / "a.png")
+    Image.fromarray(images["b"]).save(inputs / "nested" / "b.bmp")
+    Image.fromarray(images["c"]).save(inputs / "nested" / "c.tiff")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (inputs / "notes.txt").write_text("not an image suffix: ignored")
+    clash = tmp_path / "a.jpg"  # its result would be out/a.png as well
+    Image.fromarray(images["a"]).save(clash)
+    out = tmp_path / "out"
+
+    with Client(server.url) as client:
+        outcomes = client.restore_folder([inputs, clash], out, "denoising", concurrency=2, progress=False)
+
+    by_name = {outcome.path.name: outcome for outcome in outcomes}
+    assert [outcome.path.name for outcome in outcomes] == ["a.png", "broken.png", "b.bmp", "c.tiff", "a.jpg"]
+    assert [name for name, outcome in by_name.items() if outcome.ok] == ["a.png", "b.bmp", "c.tiff"]
+    assert isinstance(by_name["broken.png"].error, InvalidImage)
+    assert "already taken by" in str(by_name["a.jpg"].error)
+    assert sorted(path.name for path in out.iterdir()) == ["a.png", "b.png", "c.png"], "partial files left behind"
+    for stem, image in images.items():
+        assert np.asarray(Image.open(out / f"{stem}.png")).shape == image.shape
+    for name, stem in (("a.png", "a"), ("b.bmp", "b"), ("c.tiff", "c")):
+        assert by_name[name].result.png == (out / f"{stem}.png").read_bytes()
+
+
+# -- the CLI's remote mode ----------------------------------------------------------------------
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service", "restore", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return sorted(line for line in stderr.splitlines() if line.startswith("error: "))
+
+
+def test_cli_remote_mode_matches_the_offline_command(server, weights, tmp_path):
+    inputs = tmp_path / "in"
+    (inputs / "nested").mkdir(parents=True)
+    first = random_image(40, 56, 9)
+    Image.fromarray(first).save(inputs / "first.png")
+    Image.fromarray(random_image(33, 17, 10)).save(inputs / "nested" / "second.jpg")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    missing = tmp_path / "missing.png"
+
+    remote = run_cli(inputs, missing, "-o", tmp_path / "remote", "--task", "denoising", "--url", server.url,
+                     "--concurrency", "2")
+    local = run_cli(inputs, missing, "-o", tmp_path / "local", "--task", "denoising", "--weights",
+                    weights["denoising"], "--tile", TILE, "--overlap", OVERLAP, "--device", "cpu")
+
+    assert remote.returncode == local.returncode == 1, remote.stderr
+    assert error_lines(remote.stderr) == error_lines(local.stderr) and len(error_lines(remote.stderr)) == 2
+    assert "Traceback" not in remote.stderr
+    names = sorted(path.name for path in (tmp_path / "remote").iterdir())
+    assert names == sorted(path.name for path in (tmp_path / "local").iterdir()) == ["first.png", "second.png"]
+    for name in names:
+        assert close_to(np.asarray(Image.open(tmp_path / "remote" / name)),
+                        np.asarray(Image.open(tmp_path / "local" / name)))
+
+    single = run_cli(inputs / "first.png", "-o", tmp_path / "single", "--task", "denoising", "--url", server.url)
+    assert single.returncode == 0, single.stderr
+    assert single.stderr.strip().endswith(f"first.png -> {tmp_path / 'single' / 'first.png'}")
+
+
+def test_cli_remote_mode_stops_early_for_a_service_it_cannot_use(weights, tmp_path):
+    image = tmp_path / "image.png"
+    Image.fromarray(random_image(16, 16, 11)).save(image)
+    with running_server(settings_for({"denoising": weights["denoising"]})) as server:
+        wrong_task = run_cli(image, "-o", tmp_path / "out", "--task", "deraining", "--url", server.url)
+    assert wrong_task.returncode == 2
+    assert error_lines(wrong_task.stderr) == [
+        f"error: the service at {server.url} does not restore deraining; it serves denoising"]
+    # The server is gone now: nothing listens on its port.
+    unreachable = run_cli(image, "-o", tmp_path / "out", "--task", "denoising", "--url", server.url)
+    assert unreachable.returncode == 2
+    assert error_lines(unreachable.stderr)[0].startswith(f"error: cannot reach {server.url}")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# -- retry rules, against a scripted stub ---------------------------------------------------------
+
+Reply = Callable[[BaseHTTPRequestHandler], None]
+PNG = encode(random_image(4, 4, 12))
+
+
+def reply(status: int, body: bytes | dict = b"", content_type: str = "application/json", **headers: str) -> Reply:
+    payload = json.dumps(body).encode() if isinstance(body, dict) else body
+
+    def send(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(payload)))
+        for name, value in headers.items():
+            handler.send_header(name.replace("_", "-"), value)
+        handler.end_headers()
+        handler.wfile.write(payload)
+    return send
+
+
+def hang_up(handler: BaseHTTPRequestHandler) -> None:
+    handler.close_connection = True  # no status line at all: a crashed or restarting backend
+
+
+def full_queue(retry_after: str) -> Reply:
+    return reply(503, {"error": {"code": "queue_full", "message": "the inference queue is full"}},
+                 Retry_After=retry_after)
+
+
+def ok() -> Reply:
+    return reply(200, PNG, "image/png", Server_Timing="inference;dur=2.5, total;dur=3", X_Request_ID="stub")
+
+
+@contextmanager
+def stub(*replies: Reply) -> Iterator[tuple[str, list[dict]]]:
+    """A server answering each request with the next reply (the last one repeats); yields its URL
+    and what it was sent (the time and X-Request-ID of each request)."""
+    script = list(replies)
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append({"at": time.monotonic(), "request_id": self.headers.get("X-Request-ID")})
+            (script.pop(0) if len(script) > 1 else script[0])(self)
+
+        do_GET = do_POST
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_retry_after_is_honoured_and_every_attempt_carries_the_same_request_id():
+    with stub(full_queue("1"), ok()) as (url, seen), Client(url, backoff=0.01) as client:
+        result = client.restore(PNG, "denoising")
+    assert result.attempts == 2 and result.timings == {"inference": 2.5, "total": 3.0}
+    assert seen[1]["at"] - seen[0]["at"] >= 1.0
+    assert seen[0]["request_id"] == seen[1]["request_id"] and seen[0]["request_id"]
+
+
+def test_retries_are_bounded_and_the_last_503_is_raised():
+    with stub(full_queue("0")) as (url, seen), Client(url, retries=3, backoff=0.01) as client:
+        with pytest.raises(Overloaded) as raised:
+            client.restore(PNG, "denoising")
+    assert len(seen) == 4
+    assert (raised.value.status, raised.value.code, raised.value.retry_after) == (503, "queue_full", 0)
+
+
+def test_a_retry_after_longer_than_the_client_will_wait_ends_the_retries_at_once():
+    with stub(full_queue("Wed, 21 Oct 2099 07:28:00 GMT")) as (url, seen), Client(url, max_wait=30) as client:
+        with pytest.raises(Overloaded) as raised:
+            client.restore(PNG, "denoising")
+    assert len(seen) == 1 and raised.value.retry_after > 30
+
+
+def test_dropped_connections_are_retried_with_backoff():
+    async def scenario(url):
+        async with AsyncClient(url, backoff=0.2) as client:
+            return await client.restore(PNG, "denoising")
+
+    with stub(hang_up, hang_up, ok()) as (url, seen):
+        result = asyncio.run(scenario(url))
+    assert result.attempts == 3 and result.png == PNG
+    # "Equal jitter": at least half of each step, 0.1 s then 0.2 s.
+    assert seen[1]["at"] - seen[0]["at"] >= 0.1 and seen[2]["at"] - seen[1]["at"] >= 0.2
+
+
+def test_an_unreachable_service_raises_connection_failed_after_the_retries():
+    with stub(ok()) as (url, _):
+        pass  # the port is free again
+    with Client(url, retries=2, backoff=0.01) as client, pytest.raises(ConnectionFailed) as raised:
+        client.restore(PNG, "denoising")
+    assert raised.value.status is None and raised.value.code == "connection_failed"
+    assert "after 3 attempts" in raised.value.message
+
+
+def test_client_timeout_is_typed_and_not_retried():
+    def slow(handler):
+        time.sleep(1.0)
+        try:
+            ok()(handler)
+        except OSError:
+            pass  # the client has gone
+
+    with stub(slow) as (url, seen), Client(url, timeout=0.3, backoff=0.01) as client:
+        with pytest.raises(Timeout) as raised:
+            client.restore(PNG, "denoising")
+        assert len(seen) == 1
+    assert raised.value.status is None and raised.value.code == "client_timeout"
+
+
+def test_an_error_page_from_something_in_between_is_still_a_service_error():
+    page = reply(502, b"<html><body>Bad Gateway</body></html>", "text/html")
+    with stub(page) as (url, seen), Client(url, backoff=0.01) as client, pytest.raises(ServiceError) as raised:
+        client.restore(PNG, "denoising")
+    assert type(raised.value) is ServiceError and len(seen) == 1
+    assert (raised.value.status, raised.value.code) == (502, "http_502")
+    assert "Bad Gateway" in raised.value.message
