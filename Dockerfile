@@ -14,7 +14,7 @@
 # (cuBLAS, cuDNN, ... as nvidia-* wheels), so the image only needs CUDA 13.0's driver contract
 # (NVIDIA_REQUIRE_CUDA, which makes the toolkit refuse drivers that are too old) and the
 # toolkit's environment. The -base flavour gives exactly that; -cudnn-runtime would add a second,
-# unused copy of those libraries (some GB). Any 13.0.x tag works for the same reason.
+# unused copy of those libraries. Any 13.0.x tag works for the same reason.
 FROM nvidia/cuda:13.0.2-base-ubuntu24.04
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

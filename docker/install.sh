@@ -22,7 +22,7 @@ case "$step" in
         python3 -m venv "${2:?install.sh venv needs a directory}"
         ;;
     torch)
-        # Its own layer: at about 3 GB with its CUDA libraries it is the one worth caching.
+        # Its own layer: with its CUDA libraries it is by far the largest, and changes least.
         pip_install "torch==${TORCH_VERSION:?set TORCH_VERSION}"
         ;;
     dependencies)

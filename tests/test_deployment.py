@@ -410,10 +410,12 @@ def test_manifests_fit_together_and_fit_the_service():
     assert re.search(rf"\* {settings.max_queued_tiles}\b", near_bound), near_bound
     assert settings.max_queued_tiles == Settings(max_queued_tiles=None).max_queued_tiles
 
-    # The HPA asks for the metric the adapter serves.
+    # The HPA asks for the metric the adapter serves, and adds pods well before a queue nears
+    # its bound (where the alert fires and, past it, requests get 503).
     served = {rule["name"]["as"] for rule in adapter_rules()}
     for metric in hpa["spec"]["metrics"]:
         assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in served
+        assert float(metric["pods"]["target"]["averageValue"]) < 0.5 * settings.max_queued_tiles
 
 
 # -- Grafana and compose --------------------------------------------------------------------------
