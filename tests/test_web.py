@@ -148,6 +148,31 @@ def test_restores_a_photo_and_shows_it_beside_the_original(page, server, tmp_pat
     assert page.problems == []
 
 
+def test_a_dropped_image_is_restored_and_can_be_shown_side_by_side(page, server):
+    dropped = encode(_photo()[:48, :72], "PNG")
+    _open(page, server)
+    transfer = page.evaluate_handle("""bytes => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"}));
+        return transfer;
+    }""", list(dropped))
+    page.dispatch_event("#drop-zone", "dragenter", {"dataTransfer": transfer})
+    assert "dragging" in page.get_attribute("#drop-zone", "class")
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    page.wait_for_selector("#result:not([hidden])")
+    page.wait_for_function("document.getElementById('result-image').complete")
+    assert page.eval_on_selector("#result-image", "img => [img.naturalWidth, img.naturalHeight]") == [72, 48]
+    assert "dragging" not in page.get_attribute("#drop-zone", "class")
+
+    page.check("#view-side")
+    assert "view-side" in page.get_attribute("#compare", "class")
+    assert page.is_hidden("#compare-slider")
+    boxes = [page.locator(selector).bounding_box() for selector in ("#original-image", "#result-image")]
+    assert boxes[0]["x"] + boxes[0]["width"] <= boxes[1]["x"], "the pictures overlap in side-by-side view"
+    _screenshot(page, "web-side-by-side.png")
+    assert page.problems == []
+
+
 def test_an_upload_the_api_refuses_shows_the_apis_message(page, server, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture\n")
