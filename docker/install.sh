@@ -58,6 +58,11 @@ PY
             esac
             python -m service weights install "$task" --from "$source" "${checksum[@]}" --quiet
         done
+        # The installer writes through a private (0600) temporary file; the image installs as
+        # root but serves as an unprivileged user, who must be able to read the weights.
+        if [ -d "${MPRNET_WEIGHTS_DIR:-}" ]; then
+            chmod -R a+rX "$MPRNET_WEIGHTS_DIR"
+        fi
         ;;
     *)
         echo "install.sh: unknown step '$step'" >&2
