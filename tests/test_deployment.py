@@ -509,9 +509,9 @@ def test_every_metric_used_exists_in_the_service_metrics(service, monkeypatch):
 
 
 @contextmanager
-def prometheus_server(tmp_path: Path, service_port: int) -> Iterator[str]:
+def prometheus_server(tmp_path: Path, service_targets: list[str]) -> Iterator[str]:
     """A real Prometheus on a free loopback port, on the project's scrape config with the
-    service's target swapped for the loopback one and 1 s intervals."""
+    service's targets swapped for ``service_targets`` and 1 s intervals."""
     yaml = module("yaml", "pyyaml")
     binary = tool("prometheus")
     config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")[0]
@@ -519,9 +519,9 @@ def prometheus_server(tmp_path: Path, service_port: int) -> Iterator[str]:
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_DIR / name) for name in config["rule_files"]]
     for job in config["scrape_configs"]:
-        target = f"127.0.0.1:{service_port}" if job["job_name"] == "mprnet" else f"127.0.0.1:{port}"
+        targets = service_targets if job["job_name"] == "mprnet" else [f"127.0.0.1:{port}"]
         for group in job["static_configs"]:
-            group["targets"] = [target]
+            group["targets"] = targets
     config_file = tmp_path / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config))
     command = [binary, f"--config.file={config_file}", f"--storage.tsdb.path={tmp_path / 'data'}",
@@ -546,7 +546,9 @@ def finite_values(result: list[dict]) -> list[float]:
 @pytest.mark.timeout(240)
 def test_real_prometheus_scrapes_the_service_and_answers_the_dashboard(service, tmp_path):
     port = int(service.url.rsplit(":", 1)[1])
-    with prometheus_server(tmp_path, port) as prometheus:
+    # A second target where nothing listens, to see an alert go off in a real Prometheus.
+    dead = f"127.0.0.1:{free_port()}"
+    with prometheus_server(tmp_path, [f"127.0.0.1:{port}", dead]) as prometheus:
         _wait_for(lambda: finite_values(query(prometheus, 'up{job="mprnet"} == 1')), 30, "the first scrape")
         # Requests after the first scrape, so that rate() sees the counters move.
         for seed in range(2, 5):
@@ -576,7 +578,8 @@ def test_real_prometheus_scrapes_the_service_and_answers_the_dashboard(service, 
                         .replace("<<.LabelMatchers>>", 'job="mprnet"').replace("<<.GroupBy>>", "instance"))
             assert [sample["metric"] for sample in query(prometheus, rendered)] == [{"instance": f"127.0.0.1:{port}"}]
 
-        # The alert rules loaded and evaluate without error on live data; none fires.
+        # The alert rules loaded and evaluate without error on live data. The dead target
+        # sets off MPRNetTargetDown (pending: it fires only after its 1 m `for`); nothing else.
         groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
         assert sorted(rule["name"] for rule in rules) == sorted(alert_expressions())
@@ -589,4 +592,7 @@ def test_real_prometheus_scrapes_the_service_and_answers_the_dashboard(service, 
 
         for rule in _wait_for(evaluated_rules, 15, "every rule to be evaluated"):
             assert rule["health"] == "ok", rule
-            assert rule["state"] == "inactive", rule
+            assert rule["state"] == ("inactive" if rule["name"] != "MPRNetTargetDown" else rule["state"]), rule
+        pending = _wait_for(lambda: query(prometheus, 'ALERTS{alertstate="pending"}'), 15, "a pending alert")
+        assert [(alert["metric"]["alertname"], alert["metric"]["instance"]) for alert in pending] == \
+            [("MPRNetTargetDown", dead)]
