@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Path, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,6 +38,7 @@ from .batching import Batcher, DeadlineExceeded, QueueClosed, QueueFull, TooMany
 from .config import Settings
 from .engine import Engine
 from .metrics import CONTENT_TYPE_LATEST, UNKNOWN_TASK, ServiceMetrics
+from .security import ApiKeyGuard
 from .web import mount_web
 
 __all__ = ["create_app", "ServiceState", "ServiceError"]
@@ -493,7 +495,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = service
     _install_error_handlers(app)
+    # Added innermost first: CORS answers preflights before the key check, and RequestAccounting
+    # logs and counts the 401s the guard gives.
+    app.add_middleware(ApiKeyGuard, key_hashes=settings.api_key_hashes, protect_health=settings.protect_health,
+                       protect_metrics=settings.protect_metrics, error_response=_error_response)
     app.add_middleware(RequestAccounting, service=service)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", REQUEST_ID_HEADER],
+                           expose_headers=[REQUEST_ID_HEADER, "Server-Timing", "Retry-After"])
     app.include_router(_restore_router(settings))
     app.include_router(_operations_router())
     mount_web(app)

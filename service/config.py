@@ -21,6 +21,7 @@ from .tiling import plan_tiles
 __all__ = ["Settings", "add_serve_arguments", "settings_from_args"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _known_tasks() -> tuple[str, ...]:
@@ -64,6 +65,16 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="critical, error, warning, info or debug")
+    api_key_hashes: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), exclude=True,  # kept out of the start-up log: a weak key's hash can be guessed back
+        description="comma-separated sha256 hex digests of the accepted API keys; empty: no keys needed")
+    protect_health: bool = Field(default=False, description="require an API key for /healthz and /readyz too")
+    protect_metrics: bool = Field(default=False, description="require an API key for /metrics too")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="comma-separated origins browsers may call from (* for any); empty: CORS off")
+    limit_concurrency: int | None = Field(
+        default=None, ge=1, description="connections plus tasks past which the server answers 503 at once "
+                                        "(default: no limit)")
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -71,6 +82,23 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("api_key_hashes", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _check_key_hashes(cls, hashes: tuple[str, ...]) -> tuple[str, ...]:
+        # Refusing a plain key here stops it from being configured by mistake and never matching.
+        for digest in hashes:
+            if not _SHA256_HEX.fullmatch(digest):
+                raise ValueError("api_key_hashes takes sha256 hex digests (64 hex digits), not the keys; "
+                                 "make one with: python -m service.security")
+        return tuple(digest.lower() for digest in hashes)
 
     @field_validator("tasks")
     @classmethod

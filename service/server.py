@@ -58,7 +58,10 @@ def serve(settings: Settings) -> None:
     service = app.state.service
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=settings.graceful_shutdown_s)
+                            timeout_graceful_shutdown=settings.graceful_shutdown_s,
+                            # Past this many connections and tasks uvicorn answers 503 without
+                            # running the app, so a flood of idle or slow clients cannot pile up.
+                            limit_concurrency=settings.limit_concurrency)
 
     def begin_draining() -> None:
         if not service.draining:

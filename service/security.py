@@ -1,0 +1,117 @@
+"""Optional API keys, checked before a request's body is read.
+
+The service stores no keys, only their sha256 digests (``api_key_hashes``), so a leaked
+configuration does not leak the keys. A client sends its key as ``X-API-Key: KEY`` or
+``Authorization: Bearer KEY``. What needs a key:
+
+* everything under ``/v1/`` (restoring, and the model list with its weights' digests);
+* ``/healthz`` and ``/readyz`` when ``protect_health`` is set, ``/metrics`` when
+  ``protect_metrics`` is: probes and scrapers inside a cluster usually have no key to send;
+* never the web page, ``/docs`` and ``/openapi.json``: they describe the API, they do not use it.
+
+With no hashes configured nothing is checked. ``python -m service.security`` reads a key on
+standard input and prints the digest to configure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sys
+from collections.abc import Callable, Iterable
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["hash_key", "ApiKeyGuard", "PROTECTED_PREFIX"]
+
+PROTECTED_PREFIX = "/v1/"
+_HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+_METRICS_PATHS = frozenset({"/metrics"})
+_BEARER = "bearer "
+
+
+def hash_key(key: str) -> str:
+    """The sha256 hex digest that ``api_key_hashes`` holds for ``key``."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        name = name.lower()
+        if name == b"x-api-key":
+            return value.decode("latin-1").strip()
+        if name == b"authorization":
+            text = value.decode("latin-1")
+            if text[:len(_BEARER)].lower() == _BEARER:
+                return text[len(_BEARER):].strip()
+    return None
+
+
+class ApiKeyGuard:
+    """Pure ASGI, so that a request without a valid key is answered 401 before its upload is read.
+
+    Args:
+        app: the application behind the guard.
+        key_hashes: sha256 hex digests of the accepted keys; empty turns the guard off.
+        protect_health: also guard ``/healthz`` and ``/readyz``.
+        protect_metrics: also guard ``/metrics``.
+        error_response: builds the service's JSON error response from (status, code, message, headers).
+    """
+
+    def __init__(self, app: ASGIApp, *, key_hashes: Iterable[str], protect_health: bool = False,
+                 protect_metrics: bool = False,
+                 error_response: Callable[[int, str, str, dict[str, str]], Response]):
+        self.app = app
+        # Digests as bytes of equal length: compare_digest then takes the same time for any
+        # presented key, whether it is close to a valid one or not.
+        self._digests = tuple(bytes.fromhex(digest) for digest in key_hashes)
+        self._exact = (_HEALTH_PATHS if protect_health else frozenset()) | (
+            _METRICS_PATHS if protect_metrics else frozenset())
+        self._error_response = error_response
+
+    def _protects(self, path: str) -> bool:
+        return path.startswith(PROTECTED_PREFIX) or path in self._exact
+
+    def _accepts(self, key: str) -> bool:
+        presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        # Every digest is compared, with no early exit, so timing does not tell which one matched.
+        matched = False
+        for digest in self._digests:
+            matched |= hmac.compare_digest(presented, digest)
+        return matched
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (not self._digests or scope["type"] != "http" or scope["method"] == "OPTIONS"
+                or not self._protects(scope["path"])):
+            # OPTIONS: a browser's CORS preflight never carries credentials; it must get through
+            # to the CORS layer, and it runs nothing.
+            await self.app(scope, receive, send)
+            return
+        key = _presented_key(scope["headers"])
+        if key is not None and self._accepts(key):
+            await self.app(scope, receive, send)
+            return
+        code, message = (("missing_api_key", "this endpoint needs an API key: send X-API-Key or Authorization: Bearer")
+                         if key is None else ("invalid_api_key", "the API key is not valid"))
+        entry = scope.get("state", {}).get("log_entry")
+        if entry is not None:
+            entry["error"] = code
+        response = self._error_response(401, code, message, {"WWW-Authenticate": 'Bearer realm="mprnet"'})
+        await response(scope, receive, send)
+
+
+def main() -> int:
+    if sys.stdin.isatty():
+        print("API key (leave empty for a new random one): ", end="", file=sys.stderr, flush=True)
+    key = sys.stdin.readline().strip()
+    if not key:
+        key = secrets.token_urlsafe(32)
+        print(f"new key, give it to the client and keep it nowhere else: {key}", file=sys.stderr)
+    print(hash_key(key))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
