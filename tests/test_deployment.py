@@ -366,8 +366,9 @@ def test_manifests_validate_against_the_kubernetes_schemas():
     assert sorted(listed) == sorted(_manifests()), "kustomization.yaml must apply every manifest"
 
 
-def _env(container: dict) -> dict[str, str]:
-    return {entry["name"]: entry["value"] for entry in container.get("env", [])}
+def _env(container: dict) -> dict[str, str | None]:
+    """Variable -> its literal value (None for one taken from a Secret or the like)."""
+    return {entry["name"]: entry.get("value") for entry in container.get("env", [])}
 
 
 def test_manifests_fit_together_and_fit_the_service():
@@ -400,7 +401,9 @@ def test_manifests_fit_together_and_fit_the_service():
     fields = {f"MPRNET_{name.upper()}" for name in Settings.model_fields}
     assert {name for name in env if name.startswith("MPRNET_")} <= fields
     settings = Settings(**{name.removeprefix("MPRNET_").lower(): value for name, value in env.items()
-                           if name.startswith("MPRNET_") and name != "MPRNET_DEVICE"})
+                           if name.startswith("MPRNET_") and name != "MPRNET_DEVICE" and value is not None})
+    # The kubelet's probes and Prometheus send no API key, and a busy pod must not fail liveness.
+    assert not (settings.protect_health or settings.protect_metrics or settings.limit_concurrency)
 
     # Termination outlasts the longest request plus the drain after preStop.
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
