@@ -17,6 +17,7 @@ import os
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -36,7 +37,7 @@ from models import sha256_file
 from . import imaging
 from .batching import Batcher, DeadlineExceeded, QueueClosed, QueueFull, TooManyTiles
 from .config import Settings
-from .engine import Engine
+from .engine import Engine, resolve_devices
 from .metrics import CONTENT_TYPE_LATEST, UNKNOWN_TASK, ServiceMetrics
 from .security import ApiKeyGuard
 from .web import mount_web
@@ -126,7 +127,8 @@ class ModelCard(BaseModel):
     parameters: int
     weights_file: str = Field(description="checkpoint file name")
     weights_sha256: str
-    device: str
+    device: str = Field(description="the first of devices")
+    devices: list[str] = Field(description="every device holding a copy of this model, one inference worker each")
     precision: str
     tile_size: int
     tile_overlap: int
@@ -134,6 +136,7 @@ class ModelCard(BaseModel):
 
 class ModelsResponse(BaseModel):
     ready: bool
+    workers: list[str] = Field(description="the inference workers, named as in the batch metrics' device label")
     max_batch_size: int
     max_batch_wait_ms: float
     max_queued_tiles: int
@@ -146,7 +149,8 @@ class ServiceState:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = ServiceMetrics(settings.max_batch_size)
-        self.engines: dict[str, Engine] = {}
+        self.engines: dict[str, Engine] = {}  # per task, the first worker's; cuts and stitches for all
+        self.workers: dict[str, dict[str, Engine]] = {}  # worker name -> task -> its engine
         self.cards: dict[str, ModelCard] = {}
         self.batcher: Batcher | None = None
         self.draining = False
@@ -175,32 +179,41 @@ class ServiceState:
         return await asyncio.get_running_loop().run_in_executor(self.imaging_pool, function, *args)
 
     async def load(self) -> None:
-        """Load and warm every task's engine, then open the queue; readiness follows."""
+        """Load and warm every task's engine on every device, then open the queue; readiness follows."""
         settings = self.settings
         try:
+            devices = resolve_devices(settings.devices or (settings.device,))
+            names = _worker_names(devices)
             for task in settings.tasks:
                 path = settings.weights_path(task)
                 started = time.monotonic()
-                engine = await asyncio.to_thread(
-                    Engine.from_checkpoint, path, device=settings.device, precision=settings.precision,
-                    tile_size=settings.tile_size, tile_overlap=settings.tile_overlap)
+                for name, device in zip(names, devices):
+                    # A copy per worker: Engine moves its model onto its device in place.
+                    engine = await asyncio.to_thread(
+                        Engine.from_checkpoint, path, device=device, precision=settings.precision,
+                        tile_size=settings.tile_size, tile_overlap=settings.tile_overlap)
+                    # A full batch, so that the largest allocation happens now, not under load.
+                    await asyncio.to_thread(engine.warmup, settings.max_batch_size)
+                    self.workers.setdefault(name, {})[task] = engine
+                engine = self.workers[names[0]][task]
                 digest = await asyncio.to_thread(sha256_file, path)
-                # A full batch, so that the largest allocation happens now, not under load.
-                await asyncio.to_thread(engine.warmup, settings.max_batch_size)
                 description = engine.describe()
-                self.cards[task] = ModelCard(weights_file=path.name, weights_sha256=digest, **description)
+                device_list = [str(device) for device in devices]
+                self.cards[task] = ModelCard(weights_file=path.name, weights_sha256=digest, devices=device_list,
+                                             **description)
                 self.metrics.add_model(task, {**description.pop("architecture"), **description,
-                                              "weights_sha256": digest})
+                                              "device": ",".join(dict.fromkeys(device_list)), "weights_sha256": digest})
                 self.engines[task] = engine
                 log.info("loaded %s from %s (sha256 %s, %d parameters) on %s in %.1f s", task, path, digest[:12],
-                         engine.parameter_count, engine.device, time.monotonic() - started)
+                         engine.parameter_count, ", ".join(names), time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - reported through readiness and the log instead
             self.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.error("cannot serve: %s", self.load_error)
             if self.on_load_failure is not None:
                 self.on_load_failure()
             return
-        batcher = Batcher({task: engine.forward for task, engine in self.engines.items()},
+        batcher = Batcher(workers={name: {task: engine.forward for task, engine in engines.items()}
+                                   for name, engines in self.workers.items()},
                           max_batch_size=settings.max_batch_size, max_wait_s=settings.max_batch_wait_ms / 1000,
                           max_queued_tiles=settings.max_queued_tiles, observer=self.metrics)
         batcher.start()
@@ -213,6 +226,17 @@ class ServiceState:
         if self.batcher is not None:
             await self.batcher.close(grace_s=self.settings.graceful_shutdown_s)
         self.imaging_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_names(devices: list) -> list[str]:
+    """Each worker's name: its device, numbered ("cpu#0", "cpu#1") where a device has several,
+    so that metrics tell their batches apart."""
+    counts, seen = Counter(map(str, devices)), Counter()
+    names = []
+    for device in map(str, devices):
+        names.append(device if counts[device] == 1 else f"{device}#{seen[device]}")
+        seen[device] += 1
+    return names
 
 
 def get_service(request: Request) -> ServiceState:
@@ -456,7 +480,8 @@ def _operations_router() -> APIRouter:
     @router.get("/v1/models", summary="The model behind each task", response_model=ModelsResponse)
     async def list_models(service: Service) -> ModelsResponse:
         settings = service.settings
-        return ModelsResponse(ready=service.ready, max_batch_size=settings.max_batch_size,
+        return ModelsResponse(ready=service.ready, workers=list(service.workers),
+                              max_batch_size=settings.max_batch_size,
                               max_batch_wait_ms=settings.max_batch_wait_ms,
                               max_queued_tiles=settings.max_queued_tiles, models=service.cards)
 

@@ -6,15 +6,18 @@ returns the restored tiles. Inside:
 * Tiles wait in one FIFO per (task, tile shape), since only equal shapes stack into a batch.
   Each request's tiles stay together as one job; a batch takes tiles from the head job and, if
   there is room, from the jobs behind it, so one forward pass mixes requests.
-* One worker serves every queue, always the one whose head job is oldest, so tasks sharing a
-  device take turns by arrival instead of fighting over it. It takes up to ``max_batch_size``
-  tiles, waiting at most ``max_wait_s`` after the head job arrived for the batch to fill.
-* The forward pass runs in a dedicated thread; the event loop only moves arrays around.
+* Workers, one per device, share every queue; each takes from the queue whose head job is
+  oldest, so tasks sharing a device take turns by arrival instead of fighting over it. It takes
+  up to ``max_batch_size`` tiles, waiting at most ``max_wait_s`` after the head job arrived for
+  the batch to fill; while it waits, the other workers serve other queues, and tiles it leaves
+  behind go to them. One large job is thus spread over every device.
+* Each worker's forward passes run in a thread of its own; the event loop only moves arrays around.
 * The queue is bounded in tiles. A submit that would pass the bound fails at once with
   :class:`QueueFull` (the caller answers 503), so memory cannot grow with the backlog.
 * A job whose caller was cancelled (client gone) or whose deadline passed leaves the queue at
   once; if some of its tiles are already in a running batch, their results are discarded.
-* An exception from a forward pass fails the jobs in that batch only; the worker goes on.
+* An exception from a forward pass fails the jobs in that batch only; the worker goes on. A
+  worker whose loop dies fails the batch it held and is restarted; the others are untouched.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class DeadlineExceeded(TimeoutError):
 
 
 class BatchObserver(Protocol):
-    def batch_finished(self, task: str, size: int, seconds: float) -> None: ...
+    def batch_finished(self, task: str, size: int, seconds: float, worker: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class _Job:
     taken: int = 0  # tiles [0, taken) have gone into batches
     finished: int = 0
     inference_seconds: float = 0.0
+    running_batches: int = 0
+    busy_since: float = 0.0
 
     @property
     def count(self) -> int:
@@ -96,6 +101,18 @@ class _Job:
     def key(self) -> tuple[str, tuple[int, ...]]:
         return self.task, tuple(self.outputs.shape[1:])
 
+    # Inference time is the time any of the job's tiles were in a forward pass, not the sum over
+    # its batches: on several devices they overlap, and the sum would exceed the job's own time.
+    def batch_started(self, now: float) -> None:
+        if self.running_batches == 0:
+            self.busy_since = now
+        self.running_batches += 1
+
+    def batch_ended(self, now: float) -> None:
+        self.running_batches -= 1
+        if self.running_batches == 0:
+            self.inference_seconds += now - self.busy_since
+
 
 @dataclass
 class _Batch:
@@ -104,50 +121,82 @@ class _Batch:
     parts: list[tuple[_Job, int, int]] = field(default_factory=list)  # (job, first tile, count)
 
 
+@dataclass(eq=False)
+class _Worker:
+    name: str
+    forward_by_task: dict[str, Forward]
+    executor: ThreadPoolExecutor | None = None
+    loop_task: asyncio.Task | None = None
+    batch: _Batch | None = None  # in its forward pass now; failed if the loop dies
+
+    @property
+    def alive(self) -> bool:
+        return self.loop_task is not None and not self.loop_task.done()
+
+
 class Batcher:
-    """The batching queue and its inference worker.
+    """The batching queue and its inference workers.
 
     Args:
         forward_by_task: per task, a blocking function from an (N, C, H, W) float32 batch to the
-            restored batch of the same shape (``Engine.forward``).
+            restored batch of the same shape (``Engine.forward``); for one worker, named ``"0"``.
+        workers: instead of ``forward_by_task``, several workers: worker name (e.g. its device)
+            -> its ``forward_by_task``. Every worker serves every task.
         max_batch_size: most tiles per forward pass.
         max_wait_s: longest a batch waits to fill after its oldest tile arrived.
         max_queued_tiles: bound on tiles waiting (not yet in a running batch), over all tasks.
-        observer: told of every finished batch (the service's metrics).
+        observer: told of every finished batch and the worker that ran it (the service's metrics).
     """
 
-    def __init__(self, forward_by_task: Mapping[str, Forward], *, max_batch_size: int, max_wait_s: float,
-                 max_queued_tiles: int, observer: BatchObserver | None = None):
-        if not forward_by_task:
-            raise ValueError("forward_by_task must name at least one task")
-        for task, forward in forward_by_task.items():
-            if not callable(forward):
-                raise TypeError(f"forward for task {task!r} must be callable, got {type(forward).__name__}")
+    def __init__(self, forward_by_task: Mapping[str, Forward] | None = None, *,
+                 workers: Mapping[str, Mapping[str, Forward]] | None = None, max_batch_size: int,
+                 max_wait_s: float, max_queued_tiles: int, observer: BatchObserver | None = None):
+        if (forward_by_task is None) == (workers is None):
+            raise TypeError("give either forward_by_task or workers")
+        if workers is None:
+            workers = {"0": forward_by_task}
+        if not workers:
+            raise ValueError("workers must name at least one worker")
+        tasks = None
+        for name, by_task in workers.items():
+            if not by_task:
+                raise ValueError(f"forward_by_task of worker {name!r} must name at least one task")
+            for task, forward in by_task.items():
+                if not callable(forward):
+                    raise TypeError(f"forward for task {task!r} must be callable, got {type(forward).__name__}")
+            # Any worker may take any queue's batch, so each needs a model for every task.
+            if tasks is not None and set(by_task) != set(tasks):
+                raise ValueError(f"worker {name!r} serves {sorted(by_task)}, another serves {sorted(tasks)}; "
+                                 f"every worker must serve the same tasks")
+            tasks = tuple(by_task)
         for name, value in (("max_batch_size", max_batch_size), ("max_queued_tiles", max_queued_tiles)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
             raise ValueError(f"max_wait_s must be a finite number >= 0, got {max_wait_s!r}")
-        self._forward_by_task = dict(forward_by_task)
+        self._workers = [_Worker(str(name), dict(by_task)) for name, by_task in workers.items()]
         self._max_batch_size = max_batch_size
         self._max_wait_s = float(max_wait_s)
         self._max_queued_tiles = max_queued_tiles
         self._observer = observer
         self._queues: dict[tuple[str, tuple[int, ...]], deque[_Job]] = {}
-        self._queued_by_task = dict.fromkeys(self._forward_by_task, 0)
+        self._filling: set[tuple[str, tuple[int, ...]]] = set()  # queues a worker waits on to fill
+        self._queued_by_task = dict.fromkeys(tasks, 0)
         self._work_arrived = asyncio.Event()
-        self._running_batch: _Batch | None = None
         self._pending: set[_Job] = set()
-        self._seconds_per_tile = 0.0  # moving average, for Retry-After
+        self._seconds_per_tile = 0.0  # moving average over all workers, for Retry-After
         self._closed = False
-        self._worker: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._started = False
 
     # -- public surface -----------------------------------------------------------------------
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(self._forward_by_task)
+        return tuple(self._queued_by_task)
+
+    @property
+    def worker_names(self) -> tuple[str, ...]:
+        return tuple(worker.name for worker in self._workers)
 
     @property
     def queued_tiles(self) -> int:
@@ -158,17 +207,19 @@ class Batcher:
 
     @property
     def running(self) -> bool:
-        """Whether the worker is alive; false before :meth:`start` and after :meth:`close`."""
-        return self._worker is not None and not self._worker.done()
+        """Whether every worker is alive; false before :meth:`start` and after :meth:`close`."""
+        return self._started and all(worker.alive for worker in self._workers)
 
     def start(self) -> None:
-        """Start the worker; call from the event loop that will submit."""
-        if self._worker is not None:
+        """Start the workers; call from the event loop that will submit."""
+        if self._started:
             raise RuntimeError("the batcher was already started")
-        # One thread: the device runs one batch at a time, and a single caller thread keeps
-        # PyTorch's per-thread state (CUDA streams, autocast) in one place.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mprnet-inference")
-        self._spawn_worker()
+        self._started = True
+        for index, worker in enumerate(self._workers):
+            # One thread per worker: its device runs one batch at a time, and a single caller
+            # thread keeps PyTorch's per-thread state (CUDA streams, autocast) in one place.
+            worker.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mprnet-inference-{index}")
+            self._spawn_worker(worker)
 
     async def submit(self, task: str, tiles: np.ndarray, deadline: float | None = None) -> BatchResult:
         """Queue ``tiles`` (N, C, H, W) float32 for ``task``; return the restored tiles in order.
@@ -178,13 +229,13 @@ class Batcher:
         forward pass raised for the batch holding these tiles. Cancelling the caller drops the
         tiles that have not yet gone into a batch.
         """
-        if task not in self._forward_by_task:
-            raise KeyError(f"no model for task {task!r}; this batcher serves {', '.join(self._forward_by_task)}")
+        if task not in self._queued_by_task:
+            raise KeyError(f"no model for task {task!r}; this batcher serves {', '.join(self.tasks)}")
         if not isinstance(tiles, np.ndarray) or tiles.ndim != 4 or len(tiles) == 0:
             raise ValueError(f"tiles must be a non-empty (N, C, H, W) array, got {getattr(tiles, 'shape', tiles)!r}")
         # Not `self.running`: a worker that just died is restarted on the next loop turn, and
-        # its queue is still there for the new one.
-        if self._closed or self._worker is None:
+        # the queue is still there for the new one.
+        if self._closed or not self._started:
             raise QueueClosed("the inference queue is not accepting work (starting or shutting down)")
         count = len(tiles)
         if count > self._max_queued_tiles:
@@ -215,42 +266,44 @@ class Batcher:
             self._forget(job)
 
     async def close(self, grace_s: float = 0.0) -> None:
-        """Take no new work, give queued work ``grace_s`` to finish, then stop the worker."""
+        """Take no new work, give queued work ``grace_s`` to finish, then stop the workers."""
         self._closed = True
         waiting = [job.future for job in self._pending if not job.future.done()]
         if waiting and grace_s > 0:
             await asyncio.wait(waiting, timeout=grace_s)
         for job in list(self._pending):
             self._fail(job, QueueClosed("the service shut down before these tiles were computed"))
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for worker in self._workers:
+            if worker.loop_task is not None:
+                worker.loop_task.cancel()
+                try:
+                    await worker.loop_task
+                except asyncio.CancelledError:
+                    pass
+            if worker.executor is not None:
+                worker.executor.shutdown(wait=False, cancel_futures=True)
 
-    # -- the worker ---------------------------------------------------------------------------
+    # -- the workers --------------------------------------------------------------------------
 
-    def _spawn_worker(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._serve_forever(), name="mprnet-batcher")
-        self._worker.add_done_callback(self._worker_stopped)
+    def _spawn_worker(self, worker: _Worker) -> None:
+        worker.loop_task = asyncio.get_running_loop().create_task(self._serve_forever(worker),
+                                                                  name=f"mprnet-batcher-{worker.name}")
+        worker.loop_task.add_done_callback(lambda loop_task: self._worker_stopped(worker, loop_task))
 
-    def _worker_stopped(self, worker: asyncio.Task) -> None:
-        if worker.cancelled() or self._closed:
+    def _worker_stopped(self, worker: _Worker, loop_task: asyncio.Task) -> None:
+        if loop_task.cancelled() or self._closed:
             return
         # A bug in the loop itself, not in a forward pass (those are caught per batch). Fail the
         # batch it was holding, whose callers would otherwise wait forever, and carry on.
-        error = worker.exception()
-        log.error("batching worker died; restarting it", exc_info=error)
-        if self._running_batch is not None:
-            for job, _, _ in self._running_batch.parts:
+        error = loop_task.exception()
+        log.error("batching worker %s died; restarting it", worker.name, exc_info=error)
+        if worker.batch is not None:
+            for job, _, _ in worker.batch.parts:
                 self._fail(job, error)
-            self._running_batch = None
-        self._spawn_worker()
+            worker.batch = None
+        self._spawn_worker(worker)
 
-    async def _serve_forever(self) -> None:
+    async def _serve_forever(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         while True:
             key = self._oldest_queue()
@@ -258,14 +311,15 @@ class Batcher:
                 self._work_arrived.clear()
                 await self._work_arrived.wait()
                 continue
-            await self._let_batch_fill(key)
-            batch = self._take_batch(key)
+            batch = await self._fill_and_take(key)
             if batch is None:
                 continue  # everything in that queue was dropped while it filled
-            self._running_batch = batch
+            worker.batch = batch
             started = time.monotonic()
+            for job, _, _ in batch.parts:
+                job.batch_started(started)
             try:
-                outputs = await loop.run_in_executor(self._executor, self._forward_by_task[batch.task], batch.tiles)
+                outputs = await loop.run_in_executor(worker.executor, worker.forward_by_task[batch.task], batch.tiles)
                 if getattr(outputs, "shape", None) != batch.tiles.shape:
                     raise ValueError(f"forward returned shape {getattr(outputs, 'shape', None)} for a batch of "
                                      f"shape {batch.tiles.shape}")
@@ -275,16 +329,19 @@ class Batcher:
                     self._fail(job, error)
                 continue
             finally:
-                self._running_batch = None
-            seconds = time.monotonic() - started
-            self._deliver(batch, outputs, seconds)
-            self._record_speed(len(batch.tiles), seconds)
+                worker.batch = None
+            finished = time.monotonic()
+            self._deliver(batch, outputs, finished)
+            self._record_speed(len(batch.tiles), finished - started)
             if self._observer is not None:
-                self._observer.batch_finished(batch.task, len(batch.tiles), seconds)
+                self._observer.batch_finished(batch.task, len(batch.tiles), finished - started, worker.name)
 
     def _oldest_queue(self) -> tuple[str, tuple[int, ...]] | None:
+        """The queue with the oldest head job, leaving out those another worker waits on."""
         oldest_key, oldest_time = None, math.inf
         for key in list(self._queues):
+            if key in self._filling:
+                continue
             head = self._live_head(key)
             if head is not None and head.enqueued_at < oldest_time:
                 oldest_key, oldest_time = key, head.enqueued_at
@@ -306,6 +363,17 @@ class Batcher:
 
     def _untaken_in(self, key: tuple[str, tuple[int, ...]]) -> int:
         return sum(job.untaken for job in self._queues.get(key, ()))
+
+    async def _fill_and_take(self, key: tuple[str, tuple[int, ...]]) -> _Batch | None:
+        self._filling.add(key)
+        try:
+            await self._let_batch_fill(key)
+            batch = self._take_batch(key)
+        finally:
+            self._filling.discard(key)
+        if self._untaken_in(key):
+            self._work_arrived.set()  # the rest is for an idle worker, which skipped this queue
+        return batch
 
     async def _let_batch_fill(self, key: tuple[str, tuple[int, ...]]) -> None:
         head = self._live_head(key)
@@ -344,13 +412,13 @@ class Batcher:
         tiles = slices[0] if len(slices) == 1 else np.concatenate(slices)
         return _Batch(task=key[0], tiles=tiles, parts=parts)
 
-    def _deliver(self, batch: _Batch, outputs: np.ndarray, seconds: float) -> None:
+    def _deliver(self, batch: _Batch, outputs: np.ndarray, finished: float) -> None:
         offset = 0
         for job, first, count in batch.parts:
+            job.batch_ended(finished)
             if not job.future.done():
                 job.outputs[first:first + count] = outputs[offset:offset + count]
                 job.finished += count
-                job.inference_seconds += seconds
                 if job.finished == job.count:
                     total = time.monotonic() - job.enqueued_at
                     job.future.set_result(BatchResult(outputs=job.outputs, inference_seconds=job.inference_seconds,
@@ -380,4 +448,5 @@ class Batcher:
         self._seconds_per_tile = per_tile if not self._seconds_per_tile else 0.8 * self._seconds_per_tile + 0.2 * per_tile
 
     def _retry_after_s(self) -> int:
-        return max(1, math.ceil(self.queued_tiles * self._seconds_per_tile))
+        # The workers drain the queue side by side.
+        return max(1, math.ceil(self.queued_tiles * self._seconds_per_tile / len(self._workers)))

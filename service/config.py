@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     weights_deraining: Path | None = Field(
         default=None, description="checkpoint for deraining (default: the bundled or downloaded weights)")
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    devices: Annotated[tuple[str, ...] | None, NoDecode] = Field(
+        default=None, description="comma-separated devices, one inference worker each, sharing one queue "
+                                  "(cuda:0,cuda:1; a device named twice gets two workers), or all (every "
+                                  "visible GPU, else the CPU); default: the one device above")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="fp32, or fp16/bf16 autocast (CUDA only)")
     tile_size: int = Field(default=512, ge=0, description="tile side in pixels, a multiple of 8; 0 runs whole images")
@@ -118,6 +122,24 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
         return device
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _split_devices(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        return value or None  # an empty MPRNET_DEVICES means unset, as for the other settings
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, devices: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if devices is None or devices == ("all",):
+            return devices
+        bad = [device for device in devices if not _DEVICE_PATTERN.fullmatch(device)]
+        if bad:
+            raise ValueError(f"devices takes auto, cpu, cuda or cuda:N separated by commas, or all alone; "
+                             f"got {', '.join(map(repr, bad))}")
+        return devices
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, value: Any) -> Any:
@@ -151,6 +173,7 @@ class Settings(BaseSettings):
         """One line per setting, for the start-up log."""
         values = self.model_dump(mode="json")
         values["tasks"] = ",".join(self.tasks)
+        values["devices"] = ",".join(self.devices) if self.devices else None
         width = max(map(len, values))
         return "\n".join(f"  {name:<{width}} = {value}" for name, value in values.items())
 

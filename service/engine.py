@@ -13,6 +13,7 @@ to [0, 1], reflect-pad bottom and right to a multiple of 8, take stage 3, clamp,
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from models import MPRNetConfig, load_model
 from . import tiling
 from .tiling import TilePlan
 
-__all__ = ["Engine", "PRECISIONS", "resolve_device"]
+__all__ = ["Engine", "PRECISIONS", "resolve_device", "resolve_devices"]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,6 +37,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for, but this machine has no usable CUDA device")
     return resolved
+
+
+def resolve_devices(devices: Sequence[str]) -> list[torch.device]:
+    """Each of ``devices`` resolved, repeats kept; ``["all"]`` is every visible CUDA device, else the CPU."""
+    if list(devices) == ["all"]:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [torch.device("cuda", index) for index in range(count)] or [torch.device("cpu")]
+    return [resolve_device(device) for device in devices]
 
 
 class Engine:

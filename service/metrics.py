@@ -68,11 +68,13 @@ class ServiceMetrics:
             "mprnet_queue_wait_seconds",
             "Per request, time its tiles spent queued rather than being computed.",
             ["task"], buckets=_LATENCY_BUCKETS, registry=registry)
+        # `device` names the inference worker: its device, with "#i" after it when one device
+        # has several workers. Its values are as few as the workers, fixed at start-up.
         self.batch_inference = Histogram(
             "mprnet_batch_inference_seconds", "Time of one batched forward pass on the device.",
-            ["task"], buckets=_LATENCY_BUCKETS, registry=registry)
+            ["task", "device"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.batch_size = Histogram(
-            "mprnet_batch_size", "Tiles per forward pass.", ["task"],
+            "mprnet_batch_size", "Tiles per forward pass.", ["task", "device"],
             buckets=_batch_size_buckets(max_batch_size), registry=registry)
         self.request_tiles = Histogram(
             "mprnet_request_tiles", "Tiles one request's image was cut into.", ["task"],
@@ -90,9 +92,9 @@ class ServiceMetrics:
 
     # -- called by the batching queue ---------------------------------------------------------
 
-    def batch_finished(self, task: str, size: int, seconds: float) -> None:
-        self.batch_size.labels(task).observe(size)
-        self.batch_inference.labels(task).observe(seconds)
+    def batch_finished(self, task: str, size: int, seconds: float, worker: str) -> None:
+        self.batch_size.labels(task, worker).observe(size)
+        self.batch_inference.labels(task, worker).observe(seconds)
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -101,11 +103,13 @@ class ServiceMetrics:
         self._queue_depth = depth_by_task
 
     def add_model(self, task: str, description: Mapping[str, object]) -> None:
-        """Publish an engine's description; on CUDA also start reporting its device memory."""
+        """Publish an engine's description (``device`` may list several, comma-separated); on
+        CUDA also start reporting each device's memory."""
         self.model_info.labels(task).info({key: str(value) for key, value in description.items()})
-        device = torch.device(str(description.get("device", "cpu")))
-        if device.type == "cuda" and device not in self._cuda_devices:
-            self._cuda_devices.append(device)
+        for name in str(description.get("device", "cpu")).split(","):
+            device = torch.device(name)
+            if device.type == "cuda" and device not in self._cuda_devices:
+                self._cuda_devices.append(device)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -280,7 +280,7 @@ def test_a_worker_that_dies_is_restarted():
         def __init__(self):
             self.calls = 0
 
-        def batch_finished(self, task, size, seconds):
+        def batch_finished(self, task, size, seconds, worker):
             self.calls += 1
             if self.calls == 1:
                 raise RuntimeError("observer bug")

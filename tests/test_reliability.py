@@ -317,15 +317,15 @@ def test_readiness_is_off_while_a_dead_worker_restarts(server, monkeypatch):
     real_finished, real_spawn = metrics.batch_finished, batcher._spawn_worker
     crashes = []
 
-    def crash_once(task, size, seconds):
-        real_finished(task, size, seconds)
+    def crash_once(task, size, seconds, worker):
+        real_finished(task, size, seconds, worker)
         if not crashes:
             crashes.append(time.monotonic())
             raise RuntimeError("simulated bug in the worker loop")
 
-    def spawn_late():
+    def spawn_late(worker):
         # Widens the window between death and restart, which is otherwise one loop turn.
-        asyncio.get_running_loop().call_later(1.5, real_spawn)
+        asyncio.get_running_loop().call_later(1.5, real_spawn, worker)
 
     monkeypatch.setattr(metrics, "batch_finished", crash_once)
     monkeypatch.setattr(batcher, "_spawn_worker", spawn_late)
