@@ -29,7 +29,7 @@ __all__ = ["hash_key", "ApiKeyGuard", "PROTECTED_PREFIX"]
 PROTECTED_PREFIX = "/v1/"
 _HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 _METRICS_PATHS = frozenset({"/metrics"})
-_BEARER = "bearer "
+_BEARER = b"bearer "
 
 
 def hash_key(key: str) -> str:
@@ -37,15 +37,15 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    # Raw header bytes, hashed as they came: a key with non-ASCII characters, sent as UTF-8,
+    # matches hash_key() of the same text.
     for name, value in headers:
         name = name.lower()
         if name == b"x-api-key":
-            return value.decode("latin-1").strip()
-        if name == b"authorization":
-            text = value.decode("latin-1")
-            if text[:len(_BEARER)].lower() == _BEARER:
-                return text[len(_BEARER):].strip()
+            return value.strip()
+        if name == b"authorization" and value[:len(_BEARER)].lower() == _BEARER:
+            return value[len(_BEARER):].strip()
     return None
 
 
@@ -74,8 +74,8 @@ class ApiKeyGuard:
     def _protects(self, path: str) -> bool:
         return path.startswith(PROTECTED_PREFIX) or path in self._exact
 
-    def _accepts(self, key: str) -> bool:
-        presented = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    def _accepts(self, key: bytes) -> bool:
+        presented = hashlib.sha256(key).digest()
         # Every digest is compared, with no early exit, so timing does not tell which one matched.
         matched = False
         for digest in self._digests:
