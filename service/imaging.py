@@ -90,8 +90,8 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     except UnidentifiedImageError:
         raise InvalidImage("the data is not an image in a format this service reads "
                            "(PNG, JPEG, WebP, BMP, TIFF)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImage(f"the image header cannot be read ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure of the parser means "not readable"
+        raise InvalidImage(f"the image header cannot be read ({type(exc).__name__}: {exc})") from None
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedImageFormat(f"{image.format} images are not supported; send PNG, JPEG, WebP, BMP or TIFF")
     width, height = image.size
@@ -99,7 +99,11 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         raise InvalidImage(f"the image declares an empty size {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
-    frames = getattr(image, "n_frames", 1) if image.format != "MPO" else 1
+    try:
+        # Counting frames walks the file (TIFF reads every directory), so it can fail too.
+        frames = getattr(image, "n_frames", 1) if image.format != "MPO" else 1
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidImage(f"the {image.format} data is damaged ({type(exc).__name__}: {exc})") from None
     if frames > 1:
         raise UnsupportedImageFormat(f"the {image.format} has {frames} frames; send a single-frame image")
     return image
@@ -152,9 +156,12 @@ def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         rgb, alpha, grayscale = _pixels(image)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, MemoryError) as exc:
-        # Truncated data, bad checksums, corrupt compressed streams.
-        raise InvalidImage(f"the {image_format} data is damaged and cannot be decoded ({exc})") from None
+    except Exception as exc:  # noqa: BLE001
+        # Truncated data, bad checksums, corrupt compressed streams; and for fuzzed files Pillow's
+        # plugins also raise TypeError, KeyError, struct.error and more. Untrusted bytes that the
+        # decoder chokes on are a bad upload, whatever the exception's type.
+        raise InvalidImage(f"the {image_format} data is damaged and cannot be decoded "
+                           f"({type(exc).__name__}: {exc})") from None
     return DecodedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, format=image_format)
 
 
