@@ -149,6 +149,8 @@ class ServiceState:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = ServiceMetrics(settings.max_batch_size)
+        self.metrics.queue_capacity.set(settings.max_queued_tiles)
+        self.metrics.readiness.set_function(lambda: float(self.ready))
         self.engines: dict[str, Engine] = {}  # per task, the first worker's; cuts and stitches for all
         self.workers: dict[str, dict[str, Engine]] = {}  # worker name -> task -> its engine
         self.cards: dict[str, ModelCard] = {}

@@ -85,6 +85,11 @@ class ServiceMetrics:
         self.in_flight = Gauge("mprnet_requests_in_flight", "Restore requests being handled now.", ["task"],
                                registry=registry)
         self.model_info = Info("mprnet_model", "The model serving each task.", ["task"], registry=registry)
+        # Alerts compare the queue depth with this instead of a copy of the configured bound.
+        self.queue_capacity = Gauge("mprnet_queue_capacity_tiles",
+                                    "The queue's bound in tiles; past it, requests get 503.", registry=registry)
+        self.readiness = Gauge("mprnet_ready", "1 while /readyz answers 200 (models warm, not draining), else 0.",
+                               registry=registry)
         self._queue_depth: Callable[[], Mapping[str, int]] = dict
         self._cuda_devices: list[torch.device] = []
         registry.register(_ScrapeTimeGauges(self._scrape_time_gauges))

@@ -312,6 +312,7 @@ def test_metrics_parse_and_carry_the_documented_names(server):
         assert name in samples, name
     assert metric_value(response.text, "mprnet_requests_total", task="denoising", code="200") >= 1
     assert metric_value(response.text, "mprnet_requests_total", task="unknown", code="404") >= 1
+    assert metric_value(response.text, "mprnet_queue_capacity_tiles") == 64
     tasks_with_info = {s.labels["task"] for s in samples["mprnet_model_info"]}
     assert tasks_with_info == {"denoising", "deraining"}
     assert all(s.labels["device"] == "cpu" and s.labels["n_feat"] == "8" for s in samples["mprnet_model_info"])
@@ -368,12 +369,15 @@ def test_readiness_turns_true_only_after_the_models_are_warm(checkpoints):
     with running_server(settings, wait_ready=False) as running:
         early_restore = restore(running.url, "denoising", encode(random_image(16, 16, seed=30)))
         early_ready = httpx.get(f"{running.url}/readyz")
+        early_gauge = metric_value(running.metrics(), "mprnet_ready")
         assert httpx.get(f"{running.url}/healthz").status_code == 200
         assert_error(early_restore, 503, "not_ready")
         assert early_restore.headers["retry-after"]
         assert_error(early_ready, 503, "not_ready")
+        assert early_gauge == 0
         running.wait_ready()
         assert httpx.get(f"{running.url}/readyz").json() == {"status": "ready"}
+        assert metric_value(running.metrics(), "mprnet_ready") == 1
         assert restore(running.url, "denoising", encode(random_image(16, 16, seed=30))).status_code == 200
 
 
@@ -388,6 +392,7 @@ def test_models_that_fail_to_load_leave_the_service_alive_but_unready(checkpoint
             time.sleep(0.02)
         body = assert_error(httpx.get(f"{running.url}/readyz"), 503, "not_ready")
         assert "broken.safetensors" in body["error"]["message"]
+        assert metric_value(running.metrics(), "mprnet_ready") == 0
         assert_error(restore(running.url, "denoising", encode(random_image(16, 16, 1))), 503, "not_ready")
         assert httpx.get(f"{running.url}/healthz").status_code == 200
 
