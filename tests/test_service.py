@@ -356,6 +356,10 @@ def test_each_request_logs_one_structured_line(server, caplog):
         return [json.loads(record.getMessage()) for record in caplog.records
                 if record.name == "service.requests" and request_id in record.getMessage()]
 
+    # The line is written after the response has gone out, so on a busy machine it can trail it.
+    deadline = time.monotonic() + 10
+    while not (lines_of("log-line-1") and lines_of("log-line-2")) and time.monotonic() < deadline:
+        time.sleep(0.02)
     (restored,), (refused,) = lines_of("log-line-1"), lines_of("log-line-2")
     assert restored["status"] == 200 and restored["task"] == "denoising" and "error" not in restored
     assert (restored["width"], restored["height"], restored["tiles"]) == (56, 40, 4)
