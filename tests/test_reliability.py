@@ -32,7 +32,8 @@ from service.config import Settings
 from service.engine import Engine
 from service.security import hash_key
 
-from service_helpers import decode_png, encode, multipart_body, random_image, running_server, tiny_checkpoint
+from service_helpers import (decode_png, encode, metric_samples, metric_value, multipart_body, random_image,
+                             running_server, tiny_checkpoint)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,14 +183,11 @@ def test_malformed_and_unusual_uploads_get_their_documented_answer(server, case)
     assert_still_serving(server.url)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="imaging.decode lets Pillow's TypeError on a TIFF without dimensions escape; see test_fuzz")
-def test_a_tiff_without_dimensions_is_a_400_not_a_500(server):
+def test_a_tiff_that_crashed_pillow_is_a_400_not_a_500(server):
     from test_fuzz import KNOWN_TIFF_TYPE_ERRORS
-    response = restore(server.url, KNOWN_TIFF_TYPE_ERRORS["no dimensions"], "broken.tif", "image/tiff")
-    if restore(server.url, encode(random_image(16, 16, seed=98))).status_code != 200:
-        pytest.fail("the service stopped serving")  # not an AssertionError, so the xfail cannot hide it
-    assert_error(response, 400, "invalid_image")
+    for data in KNOWN_TIFF_TYPE_ERRORS.values():
+        assert_error(restore(server.url, data, "broken.tif", "image/tiff"), 400, "invalid_image")
+    assert_still_serving(server.url)
 
 
 def test_exif_orientation_is_applied_before_restoring(server):
@@ -277,6 +275,76 @@ def test_an_endless_chunked_upload_is_cut_off_at_the_limit(server):
     # Loopback socket buffers can take a few MB whatever the server does; 64 MB cannot hide there.
     assert sent < 8 * 1024 * 1024, f"{sent} bytes went out before the server stopped reading"
     assert_still_serving(server.url)
+
+
+def test_a_client_that_vanishes_mid_upload_leaves_nothing_behind(server):
+    url = httpx.URL(server.url)
+    body, content_type = multipart_body("image", "half.png", encode(random_image(64, 64, seed=12)))
+    before = server.metrics()
+    with socket.create_connection((url.host, url.port), timeout=10) as connection:
+        connection.sendall(f"POST /v1/restore/denoising HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: {content_type}"
+                           f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+        time.sleep(0.3)  # the server is now waiting for the rest
+    deadline = time.monotonic() + 10
+    while metric_value(metrics := server.metrics(), "mprnet_requests_total") == metric_value(
+            before, "mprnet_requests_total"):
+        assert time.monotonic() < deadline, "the abandoned upload was never finished with"
+        time.sleep(0.05)
+    assert metric_value(metrics, "mprnet_requests_in_flight") == 0
+    assert metric_value(metrics, "mprnet_queue_depth_tiles") == 0
+    assert metric_value(metrics, "mprnet_batch_size_count") == metric_value(before, "mprnet_batch_size_count")
+    server_errors = sum(sample.value for sample in metric_samples(metrics)["mprnet_requests_total"]
+                        if sample.labels["code"].startswith("5"))
+    assert server_errors == sum(sample.value for sample in metric_samples(before).get("mprnet_requests_total", [])
+                                if sample.labels["code"].startswith("5"))
+    assert_still_serving(server.url)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_idle_connections_past_the_concurrency_limit_get_503_from_the_server(weights):
+    """Slow or idle clients (half-sent headers) hold connections; past ``limit_concurrency`` the
+    server itself turns new ones away instead of letting them pile up."""
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MPRNET_")}
+    env.update(MPRNET_TASKS="denoising", MPRNET_WEIGHTS_DENOISING=str(weights), MPRNET_DEVICE="cpu",
+               MPRNET_TILE_SIZE="32", MPRNET_TILE_OVERLAP="8", MPRNET_LIMIT_CONCURRENCY="3", MPRNET_LOG_LEVEL="warning")
+    process = subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        for _ in range(3):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+            connection.sendall(b"POST /v1/restore/denoising HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            idle.append(connection)
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 503
+        for connection in idle:
+            connection.close()
+        idle.clear()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/healthz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "closed connections never freed their places"
+            time.sleep(0.05)
+    finally:
+        for connection in idle:
+            connection.close()
+        process.terminate()
+        assert process.wait(timeout=60) == 0
 
 
 # -- faults -------------------------------------------------------------------------------------
