@@ -493,6 +493,23 @@ def test_restore_needs_a_valid_key_and_says_so_in_the_one_error_shape(keyed_serv
     assert 'code="401"' in httpx.get(f"{url}/metrics").text
 
 
+@pytest.mark.parametrize("path", ["/v1/restore/denoising/", "//v1/restore/denoising", "/v1/%72estore/denoising",
+                                  "/v1/./restore/denoising", "/v1/restore/../restore/denoising"])
+def test_spellings_of_the_restore_path_do_not_get_past_the_key(keyed_server, path):
+    def send(headers: dict[str, str]) -> httpx.Response:
+        request = httpx.Request("POST", f"{keyed_server.url}/placeholder", headers=headers,
+                                files={"image": ("a.png", encode(random_image(8, 8, seed=1)))})
+        # The target goes out as written here, not as httpx would tidy it.
+        request.url = request.url.copy_with(raw_path=path.encode())
+        with httpx.Client(timeout=30) as client:
+            return client.send(request)
+
+    with_key, without_key = send({"X-API-Key": KEYS[0]}), send({})
+    assert with_key.status_code in (200, 404), with_key.text
+    # Whatever reaches the restore endpoint with a key is refused without one.
+    assert without_key.status_code == (401 if with_key.status_code == 200 else 404), without_key.text
+
+
 def test_a_request_without_a_key_is_refused_before_its_upload_is_read(keyed_server):
     url = httpx.URL(keyed_server.url)
     with socket.create_connection((url.host, url.port), timeout=10) as connection:
