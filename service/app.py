@@ -296,7 +296,7 @@ class RequestAccounting:
             if refusal is not None:
                 # Answered before reading the body: nothing of it is buffered.
                 entry["error"] = refusal.code
-                await _error_response(refusal.status_code, refusal.code, refusal.detail)(
+                await _error_response(refusal.status_code, refusal.code, refusal.detail, refusal.headers)(
                     scope, receive, send_with_request_id)
             else:
                 await self.app(scope, receive, send_with_request_id)
@@ -318,6 +318,12 @@ class RequestAccounting:
         limit = self.service.settings.max_upload_bytes
         if declared.isdigit() and int(declared) > limit:
             return ServiceError(413, "payload_too_large", f"the upload is {int(declared)} bytes; the limit is {limit} bytes")
+        batcher = self.service.batcher
+        if batcher is not None and batcher.full:
+            # Refusing now, before the upload is read and decoded, is what keeps the cost of a
+            # refusal small while clients far outnumber what the device can take.
+            return ServiceError(503, "queue_full", "the inference queue is full; retry later",
+                                {"Retry-After": str(batcher.retry_after_s())})
         return None
 
 

@@ -202,6 +202,11 @@ class Batcher:
     def queued_tiles(self) -> int:
         return sum(self._queued_by_task.values())
 
+    @property
+    def full(self) -> bool:
+        """No room for even one more tile: any request now would be refused."""
+        return self.queued_tiles >= self._max_queued_tiles
+
     def depth_by_task(self) -> dict[str, int]:
         return dict(self._queued_by_task)
 
@@ -243,7 +248,7 @@ class Batcher:
                                f"({self._max_queued_tiles})")
         if self.queued_tiles + count > self._max_queued_tiles:
             raise QueueFull(f"the inference queue is full ({self.queued_tiles} of {self._max_queued_tiles} tiles "
-                            f"waiting)", self._retry_after_s())
+                            f"waiting)", self.retry_after_s())
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("the request's deadline passed before its tiles were queued")
@@ -447,6 +452,7 @@ class Batcher:
         per_tile = seconds / tiles
         self._seconds_per_tile = per_tile if not self._seconds_per_tile else 0.8 * self._seconds_per_tile + 0.2 * per_tile
 
-    def _retry_after_s(self) -> int:
+    def retry_after_s(self) -> int:
+        """Seconds until the queued tiles should be done, at the recent speed (at least 1)."""
         # The workers drain the queue side by side.
         return max(1, math.ceil(self.queued_tiles * self._seconds_per_tile / len(self._workers)))
