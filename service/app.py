@@ -36,7 +36,7 @@ from models import sha256_file
 
 from . import imaging
 from .batching import Batcher, DeadlineExceeded, QueueClosed, QueueFull, TooManyTiles
-from .config import Settings
+from .config import Settings, default_queued_tiles
 from .engine import Engine, resolve_devices
 from .metrics import CONTENT_TYPE_LATEST, UNKNOWN_TASK, ServiceMetrics
 from .security import ApiKeyGuard
@@ -186,14 +186,24 @@ class ServiceState:
         try:
             devices = resolve_devices(settings.devices or (settings.device,))
             names = _worker_names(devices)
+            options = dict(precision=settings.precision, tile_size=settings.tile_size,
+                           tile_overlap=settings.tile_overlap, max_batch_size=settings.max_batch_size,
+                           channels_last=settings.channels_last, compile=settings.compile,
+                           cuda_graphs=settings.cuda_graphs)
+            sizing = settings.auto_size and devices[0].type == "cuda"
+            if sizing:
+                options.update(tile_size="auto", max_batch_size="auto")
             for task in settings.tasks:
                 path = settings.weights_path(task)
                 started = time.monotonic()
                 for name, device in zip(names, devices):
                     # A copy per worker: Engine moves its model onto its device in place.
-                    engine = await asyncio.to_thread(
-                        Engine.from_checkpoint, path, device=device, precision=settings.precision,
-                        tile_size=settings.tile_size, tile_overlap=settings.tile_overlap)
+                    engine = await asyncio.to_thread(functools.partial(Engine.from_checkpoint, path, device=device,
+                                                                       **options))
+                    if sizing:
+                        settings = self._adopt_sizes(engine)
+                        options.update(tile_size=settings.tile_size, max_batch_size=settings.max_batch_size)
+                        sizing = False
                     # A full batch, so that the largest allocation happens now, not under load.
                     await asyncio.to_thread(engine.warmup, settings.max_batch_size)
                     self.workers.setdefault(name, {})[task] = engine
@@ -222,6 +232,22 @@ class ServiceState:
         self.metrics.watch_queue(batcher.depth_by_task)
         self.batcher = batcher
         log.info("ready: serving %s", ", ".join(self.engines))
+
+    def _adopt_sizes(self, engine: Engine) -> Settings:
+        """The first engine's automatic sizes serve every worker and task, since the queue has one
+        tile shape and one batch limit; max_batch_size stays the ceiling, and the queue grows if
+        the largest upload would no longer fit in it."""
+        settings = self.settings
+        batch = min(engine.max_batch_size, settings.max_batch_size)
+        engine.max_batch_size = batch
+        queued = max(settings.max_queued_tiles,
+                     default_queued_tiles(settings.max_pixels, engine.tile_size, settings.tile_overlap))
+        self.settings = settings.model_copy(update={"tile_size": engine.tile_size, "max_batch_size": batch,
+                                                    "max_queued_tiles": queued})
+        self.metrics.queue_capacity.set(queued)
+        log.info("auto sizing: tile_size %d, max_batch_size %d, max_queued_tiles %d",
+                 engine.tile_size, batch, queued)
+        return self.settings
 
     async def close(self) -> None:
         self.draining = True

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .tiling import plan_tiles
 
-__all__ = ["Settings", "add_serve_arguments", "settings_from_args"]
+__all__ = ["Settings", "add_serve_arguments", "default_queued_tiles", "settings_from_args"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -27,6 +27,13 @@ _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 def _known_tasks() -> tuple[str, ...]:
     from models.weights import TASKS
     return TASKS
+
+
+def default_queued_tiles(max_pixels: int, tile_size: int, tile_overlap: int) -> int:
+    """Room for two images at the pixel limit: the largest upload the service accepts must fit,
+    and one such image should not shut out every other request."""
+    side = math.isqrt(max_pixels)
+    return max(64, 2 * len(plan_tiles(side, side, tile_size, tile_overlap)))
 
 
 class Settings(BaseSettings):
@@ -76,6 +83,14 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(default=False, description="require an API key for /metrics too")
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="comma-separated origins browsers may call from (* for any); empty: CORS off")
+    channels_last: bool = Field(default=False, description="run the network in channels-last (NHWC) memory format")
+    compile: bool = Field(default=False, description="torch.compile the network for the serving tile shape at "
+                                                     "start-up (slower start, faster batches)")
+    cuda_graphs: bool = Field(default=False, description="replay captured CUDA graphs for the serving tile shape "
+                                                         "(CUDA only)")
+    auto_size: bool = Field(default=False, description="on CUDA, choose tile_size and the batch size (up to "
+                                                       "max_batch_size) from free device memory at start-up; "
+                                                       "on the CPU the configured values stay")
     limit_concurrency: int | None = Field(
         default=None, ge=1, description="connections plus tasks past which the server answers 503 at once "
                                         "(default: no limit)")
@@ -154,10 +169,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"tile_overlap ({self.tile_overlap}) must be under half of tile_size "
                                  f"({self.tile_size})")
         if self.max_queued_tiles is None:
-            # Room for two images at the pixel limit: the largest upload the service accepts must
-            # fit, and one such image should not shut out every other request.
-            side = math.isqrt(self.max_pixels)
-            self.max_queued_tiles = max(64, 2 * len(plan_tiles(side, side, self.tile_size, self.tile_overlap)))
+            self.max_queued_tiles = default_queued_tiles(self.max_pixels, self.tile_size, self.tile_overlap)
         return self
 
     def weights_path(self, task: str) -> Path:

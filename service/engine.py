@@ -12,6 +12,8 @@ to [0, 1], reflect-pad bottom and right to a multiple of 8, take stage 3, clamp,
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +26,31 @@ from models import MPRNetConfig, load_model
 from . import tiling
 from .tiling import TilePlan
 
-__all__ = ["Engine", "PRECISIONS", "resolve_device", "resolve_devices"]
+__all__ = ["Engine", "PRECISIONS", "DEFAULT_TILE_SIZE", "DEFAULT_BATCH_SIZE", "is_out_of_memory",
+           "resolve_device", "resolve_devices"]
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# What "auto" means where there is no device memory to size from (the CPU), and the service's defaults.
+DEFAULT_TILE_SIZE = 512
+DEFAULT_BATCH_SIZE = 4
+
+# Auto sizing on CUDA: tile sides tried, largest first (bigger tiles re-compute less overlap), the
+# fewest tiles a batch must hold at the chosen side (batching is where a GPU's throughput comes
+# from), the batch ceiling, and the share of free memory activations may take (the rest is slack
+# for cuDNN workspaces and allocator fragmentation).
+_AUTO_TILE_SIDES = (1024, 768, 512, 384, 256)
+_AUTO_MIN_BATCH = 4
+_AUTO_MAX_BATCH = 64
+_AUTO_MEMORY_FRACTION = 0.6
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device allocation failure, as opposed to a real fault of the model or its input."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -56,24 +80,61 @@ class Engine:
         precision: ``fp32``, or ``fp16``/``bf16`` (autocast; CUDA only).
         tile_size: largest tile side in pixels, a multiple of 8; 0 runs whole images.
         tile_overlap: pixels shared by neighbouring tiles, cross-faded when stitching.
+        max_batch_size: most tiles :meth:`forward` will be given at once; :meth:`warmup` prepares
+            every batch shape up to it.
+        channels_last: keep weights and activations in NHWC, the layout cuDNN's tensor-core
+            convolutions read without transposing.
+        compile: ``torch.compile`` the network for the serving tile shape (compiled in :meth:`warmup`).
+        cuda_graphs: replay one captured CUDA graph per batch shape of the serving tile (CUDA only).
+
+    ``tile_size`` and ``max_batch_size`` may be ``"auto"``: on CUDA they are chosen from free
+    device memory (see :meth:`choose_sizes`); on the CPU they are the defaults, 512 and 4.
+    A forward pass that runs out of device memory is split in halves and retried, down to single
+    tiles, so callers see only success or a real failure.
     """
 
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device = "auto", precision: str = "fp32",
-                 tile_size: int = 512, tile_overlap: int = 32):
+                 tile_size: int | str = DEFAULT_TILE_SIZE, tile_overlap: int = 32,
+                 max_batch_size: int | str = DEFAULT_BATCH_SIZE, channels_last: bool = False,
+                 compile: bool = False, cuda_graphs: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
         if precision != "fp32" and self.device.type != "cuda":
             raise ValueError(f"precision {precision} needs a CUDA device; use fp32 on {self.device}")
-        tiling.plan_tiles(8, 8, tile_size, tile_overlap)  # validates both up front
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device; {self.device} has no graphs to capture")
+        for name, value in (("tile_size", tile_size), ("max_batch_size", max_batch_size)):
+            if isinstance(value, str) and value != "auto":
+                raise ValueError(f"{name} must be a number or 'auto', got {value!r}")
+        if not isinstance(max_batch_size, str) and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.precision = precision
-        self.tile_size = tile_size
         self.tile_overlap = tile_overlap
+        self.channels_last = channels_last
+        self.compile = compile
+        self.cuda_graphs = cuda_graphs
+        self.oom_splits = 0  # batches halved after running out of memory, for logs and tests
         self.model = model.to(self.device).eval().requires_grad_(False)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.config: MPRNetConfig | None = getattr(model, "config", None)
-        if self.device.type == "cuda":
+        self._on_cuda = self.device.type == "cuda"
+        if self._on_cuda:
             # The serving tile shape is fixed, so cuDNN's per-shape autotuning pays for itself.
             torch.backends.cudnn.benchmark = True
+        auto_tile, auto_batch = tile_size == "auto", max_batch_size == "auto"
+        if auto_tile or auto_batch:
+            chosen_tile, chosen_batch = self.choose_sizes()
+            tile_size = chosen_tile if auto_tile else tile_size
+            max_batch_size = chosen_batch if auto_batch else max_batch_size
+        tiling.plan_tiles(8, 8, tile_size, tile_overlap)  # validates both up front
+        self.tile_size = int(tile_size)
+        self.max_batch_size = int(max_batch_size)
+        # The network as the fast path runs it, for the serving tile shape only; other shapes (a
+        # small image's single tile) go through the plain model rather than recompiling or capturing.
+        self._fast_model = torch.compile(self.model, dynamic=False) if compile else self.model
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> "Engine":
@@ -96,14 +157,119 @@ class Engine:
         chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
         return plan, tiling.cut(tiling.pad_to_multiple(chw), plan)
 
+    @property
+    def serving_shape(self) -> tuple[int, int, int] | None:
+        """The tile shape the fast path (compile, graphs) is prepared for; None when untiled."""
+        return (3, self.tile_size, self.tile_size) if self.tile_size else None
+
+    def batch_shapes(self) -> list[int]:
+        """Batch sizes the fast path is prepared for: powers of two up to the largest, and it.
+
+        A batch is padded up to the next of these, so that compilation and graph capture happen
+        a handful of times at warm-up instead of once per size under load.
+        """
+        sizes = {1 << k for k in range(self.max_batch_size.bit_length()) if 1 << k <= self.max_batch_size}
+        return sorted(sizes | {self.max_batch_size})
+
     @torch.inference_mode()
     def forward(self, tiles: np.ndarray) -> np.ndarray:
-        """One batch of equal (N, 3, h, w) tiles through the network; stage 3, clamped to [0, 1]."""
-        batch = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
-        batch = batch.to(self.device, non_blocking=True)
+        """One batch of equal (N, 3, h, w) tiles through the network; stage 3, clamped to [0, 1].
+
+        Out of device memory, the batch is halved and each half retried, down to single tiles.
+        """
+        try:
+            return self._forward_once(tiles)
+        except Exception as error:  # noqa: BLE001 - re-raised below unless it is an allocation failure
+            if len(tiles) <= 1 or not is_out_of_memory(error):
+                raise
+        # Retried outside the except block, so the failed attempt's frames and tensors are freed first.
+        self.oom_splits += 1
+        log.warning("out of memory on %s with a batch of %d tiles; retrying in halves", self.device, len(tiles))
+        if self._on_cuda:
+            torch.cuda.empty_cache()
+        half = len(tiles) // 2
+        return np.concatenate([self.forward(tiles[:half]), self.forward(tiles[half:])])
+
+    def _forward_once(self, tiles: np.ndarray) -> np.ndarray:
+        count = len(tiles)
+        host = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+        fast = tuple(host.shape[1:]) == self.serving_shape and (self.compile or self.cuda_graphs)
+        if fast and count < self.max_batch_size:
+            padded = next(size for size in self.batch_shapes() if size >= count)
+            host = torch.cat([host, host[-1:].expand(padded - count, *host.shape[1:])])
+        if self._on_cuda:
+            # Page-locked memory lets the copy run by DMA, overlapping whatever the stream is doing.
+            host = host.pin_memory()
+        batch = host.to(self.device, non_blocking=True)
+        if fast and self.cuda_graphs:
+            restored = self._replay(batch)
+        else:
+            restored = self._run(self._fast_model if fast else self.model, batch)
+        restored = restored[:count]
+        if not self._on_cuda:
+            return restored.contiguous().numpy()
+        out = torch.empty(restored.shape, dtype=torch.float32, pin_memory=True)
+        out.copy_(restored, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return out.numpy()
+
+    def _run(self, network, batch: torch.Tensor) -> torch.Tensor:
+        """The network's stage 3, clamped, in float32: the whole of a forward pass on the device."""
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32"):
-            restored = self.model(batch)[0]
-        return restored.float().clamp_(0, 1).cpu().numpy()
+            restored = network(batch)[0]
+        return restored.float().clamp_(0, 1)
+
+    def _replay(self, batch: torch.Tensor) -> torch.Tensor:
+        graph, static_in, static_out = self._graphs.get(len(batch)) or self._capture(len(batch))
+        static_in.copy_(batch)
+        graph.replay()
+        return static_out.clone()  # the next replay overwrites static_out
+
+    def _capture(self, batch_size: int):
+        static_in = torch.rand(batch_size, *self.serving_shape, device=self.device)
+        # Capture needs its allocations made, and cuDNN's algorithms chosen, on a side stream first.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._run(self._fast_model, static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._run(self._fast_model, static_in)
+        self._graphs[batch_size] = (graph, static_in, static_out)
+        return self._graphs[batch_size]
+
+    def choose_sizes(self) -> tuple[int, int]:
+        """(tile side, batch size) that fit in this device's free memory; the defaults on the CPU.
+
+        One warm-up pass of a 256x256 tile measures the activation memory per pixel at this
+        precision and layout. The budget is a share of free memory plus what the allocator already
+        holds unused (the engines of all tasks on a device run one batch at a time and reuse it).
+        The largest tile side whose batch of 4 fits is chosen, and the batch is as many of those
+        tiles as fit, up to 64.
+        """
+        if not self._on_cuda:
+            return DEFAULT_TILE_SIZE, DEFAULT_BATCH_SIZE
+        probe = torch.rand(1, 3, 256, 256, device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        with torch.inference_mode():
+            self._run(self.model, probe)
+        torch.cuda.synchronize(self.device)
+        per_pixel = (torch.cuda.max_memory_allocated(self.device) - before) / probe[0, 0].numel()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        held_unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        budget = _AUTO_MEMORY_FRACTION * (free + held_unused)
+        side = next((s for s in _AUTO_TILE_SIDES if _AUTO_MIN_BATCH * s * s * per_pixel <= budget),
+                    _AUTO_TILE_SIDES[-1])
+        batch = max(1, min(_AUTO_MAX_BATCH, math.floor(budget / (side * side * per_pixel))))
+        log.info("auto sizing on %s: %.0f bytes per pixel, %.1f GiB budget -> tile %d, batch %d",
+                 self.device, per_pixel, budget / 2**30, side, batch)
+        return side, batch
 
     def stitch(self, plan: TilePlan, outputs: np.ndarray) -> np.ndarray:
         """Restored tiles -> (H, W, 3) uint8 at the original size."""
@@ -122,10 +288,15 @@ class Engine:
         return self.stitch(plan, outputs)
 
     def warmup(self, batch_size: int = 1) -> None:
-        """One forward pass of the serving tile shape, so no request pays for first-call setup."""
+        """Forward passes of the serving tile shape, so no request pays for first-call setup.
+
+        With compile or CUDA graphs on, every prepared batch shape is compiled or captured now.
+        """
         side = self.tile_size or 256
-        self.forward(np.zeros((batch_size, 3, side, side), dtype=np.float32))
-        if self.device.type == "cuda":
+        sizes = self.batch_shapes() if (self.compile or self.cuda_graphs) and self.tile_size else [batch_size]
+        for size in sizes:
+            self.forward(np.random.default_rng(size).random((size, 3, side, side), dtype=np.float32))
+        if self._on_cuda:
             torch.cuda.synchronize(self.device)
 
     def describe(self) -> dict:
@@ -136,4 +307,8 @@ class Engine:
             "precision": self.precision,
             "tile_size": self.tile_size,
             "tile_overlap": self.tile_overlap,
+            "max_batch_size": self.max_batch_size,
+            "channels_last": self.channels_last,
+            "compile": self.compile,
+            "cuda_graphs": self.cuda_graphs,
         }

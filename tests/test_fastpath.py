@@ -1,0 +1,175 @@
+"""The GPU fast path's switches, checked on whatever device is here with a tiny real MPRNet:
+channels-last, torch.compile, CUDA graphs, automatic sizing, out-of-memory split-and-retry."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from models import MPRNet
+from service.config import Settings, add_serve_arguments, settings_from_args
+from service.engine import DEFAULT_BATCH_SIZE, DEFAULT_TILE_SIZE, Engine, is_out_of_memory
+
+from service_helpers import TINY_ARCHITECTURE, decode_png, encode, random_image, running_server, tiny_checkpoint
+
+pytestmark = pytest.mark.timeout(120)
+
+ON_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(11)
+    return MPRNet(**TINY_ARCHITECTURE).eval()
+
+
+def _tiles(count: int, side: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((count, 3, side, side), dtype=np.float32)
+
+
+def test_channels_last_gives_the_default_layouts_output(tiny_model):
+    tiles = _tiles(3)
+    default = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8).forward(tiles)
+    nhwc = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8, channels_last=True)
+    conv_weight = next(p for p in nhwc.model.parameters() if p.ndim == 4)
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(nhwc.forward(tiles), default, atol=1e-5, rtol=0)
+    image = random_image(70, 50, seed=3)
+    np.testing.assert_array_equal(nhwc.restore(image), Engine(tiny_model, device="cpu", tile_size=32,
+                                                              tile_overlap=8).restore(image))
+
+
+class _AllocatorLimit:
+    """Stands in for a device whose memory holds at most ``limit`` tiles: larger batches raise the
+    allocator's error, smaller ones run the real network."""
+
+    def __init__(self, run, limit: int, error: type[BaseException] = torch.OutOfMemoryError):
+        self.run, self.limit, self.error, self.sizes = run, limit, error, []
+
+    def __call__(self, network, batch):
+        self.sizes.append(len(batch))
+        if len(batch) > self.limit:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.run(network, batch)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError])
+def test_out_of_memory_splits_the_batch_and_retries(tiny_model, error):
+    engine = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8)
+    tiles = _tiles(7, seed=1)
+    expected = engine.forward(tiles)
+    limit = _AllocatorLimit(engine._run, limit=2, error=error)
+    engine._run = limit
+    restored = engine.forward(tiles)
+    # Batched convolutions may sum in another order; far under a grey level.
+    np.testing.assert_allclose(restored, expected, atol=1e-5, rtol=0)
+    assert max(size for size in limit.sizes if size <= 2) == 2  # halves are retried, not single tiles at once
+    assert sum(size for size in limit.sizes if size <= 2) == 7  # every tile ran exactly once
+    assert engine.oom_splits == 3  # 7 -> 3 + 4, 3 -> 1 + 2, 4 -> 2 + 2
+
+
+def test_out_of_memory_on_a_single_tile_and_other_errors_are_raised(tiny_model):
+    engine = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8)
+    engine._run = _AllocatorLimit(engine._run, limit=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.forward(_tiles(4))
+    assert engine.oom_splits == 2  # 4 -> 2 + 2, the first 2 -> 1 + 1, and the first 1 fails
+
+    def broken(network, batch):
+        raise RuntimeError("Given groups=1, weight of size [8, 3, 3, 3], expected input to have 3 channels")
+
+    engine.oom_splits = 0
+    engine._run = broken
+    with pytest.raises(RuntimeError, match="groups"):
+        engine.forward(_tiles(4))
+    assert engine.oom_splits == 0
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+@pytest.mark.skipif(ON_CUDA, reason="checks the CPU's fallback; CUDA sizes from its free memory")
+def test_auto_sizes_are_the_defaults_on_the_cpu(tiny_model):
+    engine = Engine(tiny_model, device="cpu", tile_size="auto", max_batch_size="auto")
+    assert (engine.tile_size, engine.max_batch_size) == (DEFAULT_TILE_SIZE, DEFAULT_BATCH_SIZE)
+    partly = Engine(tiny_model, device="cpu", tile_size=64, tile_overlap=8, max_batch_size="auto")
+    assert (partly.tile_size, partly.max_batch_size) == (64, DEFAULT_BATCH_SIZE)
+    with pytest.raises(ValueError, match="'auto'"):
+        Engine(tiny_model, device="cpu", tile_size="big")
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="auto sizing measures CUDA memory")
+def test_auto_sizes_fit_the_free_device_memory(tiny_model):
+    engine = Engine(tiny_model, device="cuda", tile_size="auto", max_batch_size="auto")
+    assert engine.tile_size % 8 == 0 and 1 <= engine.max_batch_size <= 64
+    engine.warmup(engine.max_batch_size)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="checks the refusal where there is no CUDA")
+def test_cuda_graphs_are_refused_on_the_cpu(tiny_model):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        Engine(tiny_model, device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_give_the_eager_output(tiny_model):
+    tiles = _tiles(3, side=64)
+    eager = Engine(tiny_model, device="cuda", tile_size=64, tile_overlap=8, max_batch_size=4)
+    graphed = Engine(tiny_model, device="cuda", tile_size=64, tile_overlap=8, max_batch_size=4, cuda_graphs=True)
+    graphed.warmup()
+    assert sorted(graphed._graphs) == [1, 2, 4]
+    np.testing.assert_allclose(graphed.forward(tiles), eager.forward(tiles), atol=1e-4, rtol=0)
+
+
+def test_fast_path_batch_shapes_are_powers_of_two_and_the_largest(tiny_model):
+    assert Engine(tiny_model, device="cpu", max_batch_size=6).batch_shapes() == [1, 2, 4, 6]
+    assert Engine(tiny_model, device="cpu", max_batch_size=1).batch_shapes() == [1]
+
+
+@pytest.mark.skipif(not ON_CUDA and os.environ.get("MPRNET_TEST_CPU_COMPILE") != "1",
+                    reason="torch.compile's CPU backend takes minutes to build C++ kernels here; on CUDA, "
+                           "or with MPRNET_TEST_CPU_COMPILE=1, it runs")
+def test_compiled_engine_matches_eager_and_compiles_only_at_warmup(tiny_model):
+    device = "cuda" if ON_CUDA else "cpu"
+    eager = Engine(tiny_model, device=device, tile_size=32, tile_overlap=8, max_batch_size=2)
+    compiled = Engine(tiny_model, device=device, tile_size=32, tile_overlap=8, max_batch_size=2, compile=True)
+    compiled.warmup()
+    tiles = _tiles(1, seed=4)
+    from torch._dynamo.utils import counters
+    frames = counters["stats"]["unique_graphs"]
+    np.testing.assert_allclose(compiled.forward(tiles), eager.forward(tiles), atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == frames  # the request paid for no compilation
+
+
+def test_fast_path_settings_parse_from_flags_and_environment(monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--channels-last", "true", "--compile", "1",
+                                                     "--auto-size", "yes"]))
+    assert (settings.channels_last, settings.compile, settings.cuda_graphs, settings.auto_size) == (
+        True, True, False, True)
+    monkeypatch.setenv("MPRNET_CUDA_GRAPHS", "true")
+    assert Settings().cuda_graphs is True
+    defaults = Settings(_env_file=None, cuda_graphs=False)
+    assert (defaults.channels_last, defaults.compile, defaults.auto_size) == (False, False, False)
+
+
+def test_service_serves_with_channels_last_and_auto_size_on_the_cpu(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "denoising.safetensors", seed=5)
+    settings = Settings(tasks="denoising", weights_denoising=checkpoint, device="cpu", tile_size=32,
+                        tile_overlap=8, max_batch_size=4, max_pixels=64 * 64, max_queued_tiles=64,
+                        channels_last=True, auto_size=True)
+    image = random_image(40, 56, seed=6)
+    with running_server(settings) as running:
+        engine = running.service.engines["denoising"]
+        # On the CPU auto sizing leaves the configured sizes alone.
+        assert (engine.tile_size, engine.max_batch_size, engine.channels_last) == (32, 4, True)
+        response = httpx.post(f"{running.url}/v1/restore/denoising",
+                              files={"image": ("a.png", encode(image), "application/octet-stream")}, timeout=60)
+        assert response.status_code == 200, response.text
+        served = np.asarray(decode_png(response.content))
+    reference = Engine.from_checkpoint(checkpoint, device="cpu", tile_size=32, tile_overlap=8).restore(image)
+    assert np.abs(served.astype(int) - reference).max() <= 1
