@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int,
                         help="intra-op threads for the engine here and (as OMP_NUM_THREADS) in the service; on a "
                              "shared machine 1 avoids OpenMP spin-waiting against other processes")
+    parser.add_argument("--serve-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="another service setting for the started service, e.g. channels_last=true (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.torch_threads:
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         "MPRNET_REQUEST_TIMEOUT_S": str(args.request_timeout),
         "MPRNET_MAX_PIXELS": str(max(args.size[0] * args.size[1], 1)),
     }
+    for setting in args.serve_setting:
+        name, _, value = setting.partition("=")
+        settings_env[f"MPRNET_{name.upper().replace('-', '_')}"] = value
     if args.torch_threads:
         settings_env["OMP_NUM_THREADS"] = str(args.torch_threads)
     process = None
