@@ -17,8 +17,8 @@
 # DRY=1 bash bench/gpu.sh runs every step on the CPU with tiny sizes (OUT defaults to ./gpu-dry-out),
 # to check the plumbing without a GPU.
 #
-# Expected run time about 400 s; each step has its own timeout (worst case about 660 s in all), and
-# what finished is in $OUT even if the call's limit stops the rest.
+# Expected run time about 400 s. Steps run goals first, each under its own timeout, and after each
+# one summary.md and the merged JSON files are rewritten, so a call stopped at its limit keeps what finished.
 # Files written (8): env.txt, summary.md, model_bench.json, model_bench_channels_last.json,
 # loadgen.json, latency_720p.json, tiling.json, log.txt.
 set -u -o pipefail
@@ -41,12 +41,12 @@ PY=${PY:-python3}
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu; HALF=fp32; PRECISIONS=fp32; TILE=32; BATCHES=1,2; REPEATS=1; CONFIGS=bundled
-  LOAD_SIZE=64x64; LOAD_TILE=64; BIG=72x128; BIG_TILE=64; TILES=32,48; DURATION=2; ENGINE_S=1; CLIENTS=4
+  LOAD_SIZE=64x64; LOAD_TILE=64; OVERLAP=8; BIG=72x128; BIG_TILE=64; TILES=32,48; DURATION=2; ENGINE_S=1; CLIENTS=4
   NET=(--random-config tiny); TILING_CONFIG=bundled
 else
   DEVICE=cuda; HALF=bf16; PRECISIONS=fp32,fp16,bf16; TILE=512; BATCHES=1,4,16; REPEATS=5
   CONFIGS=deblurring,denoising,deraining,bundled
-  LOAD_SIZE=512x512; LOAD_TILE=512; BIG=720x1280; BIG_TILE=512; TILES=256,384,512,768; DURATION=8; ENGINE_S=2
+  LOAD_SIZE=512x512; LOAD_TILE=512; OVERLAP=32; BIG=720x1280; BIG_TILE=512; TILES=256,384,512,768; DURATION=8; ENGINE_S=2
   CLIENTS=32; TILING_CONFIG=deblurring
   # The released deblurring network with random weights: its speed is the trained one's.
   $PY -c "import sys, torch; sys.path.insert(0, '.'); from models import RELEASED_CONFIGS, save_safetensors; \
@@ -54,48 +54,7 @@ torch.manual_seed(0); save_safetensors(RELEASED_CONFIGS['deblurring'].build(), '
   NET=(--weights "$WORK/deblurring.safetensors")
 fi
 
-step environment
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 || true
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-  nproc; } | tee "$OUT/env.txt"
-
-step "model forward: every configuration, precision and batch size"
-timeout 150 $PY bench/model_bench.py --device $DEVICE --configs $CONFIGS --precisions $PRECISIONS \
-  --batch-sizes $BATCHES --tile $TILE --repeats $REPEATS --json "$OUT/model_bench.json" | tee "$WORK/model_bench.md"
-
-step "model forward, channels-last"
-timeout 60 $PY bench/model_bench.py --device $DEVICE --configs ${CONFIGS%%,*} --precisions fp32,$HALF \
-  --batch-sizes ${BATCHES##*,} --tile $TILE --repeats $REPEATS --channels-last \
-  --json "$OUT/model_bench_channels_last.json" | tee "$WORK/model_bench_cl.md"
-
-loadgen() {  # name, then loadgen's arguments
-  local name=$1; shift
-  # Its own session, so that a service left behind by a timed-out loadgen dies with its group.
-  setsid timeout 60 $PY bench/loadgen.py --task deblurring "${NET[@]}" --device $DEVICE --precision $HALF \
-    --warmup 2 --duration $DURATION --engine-seconds $ENGINE_S --images 8 --json "$WORK/$name.json" "$@" \
-    > "$WORK/$name.log" 2>&1 &
-  local pid=$!
-  wait $pid || echo "$name failed or timed out (exit $?)"
-  kill -- -$pid 2>/dev/null
-  grep -E "^(service|  round|engine)" "$WORK/$name.log" || tail -5 "$WORK/$name.log"
-}
-step "service, ${LOAD_SIZE} uploads: concurrency 1 and $CLIENTS, batching on and off"
-for clients in 1 $CLIENTS; do
-  loadgen "batched_c$clients" --size $LOAD_SIZE --tile-size $LOAD_TILE --clients $clients --max-batch-size 16 \
-    --max-batch-wait-ms 5 --max-queued-tiles 256
-  loadgen "unbatched_c$clients" --size $LOAD_SIZE --tile-size $LOAD_TILE --clients $clients --max-batch-size 1 \
-    --max-batch-wait-ms 0 --max-queued-tiles 256
-done
-
-step "released deblurring on ${BIG} through HTTP, one client: whole image and tiled"
-loadgen latency_whole --size $BIG --tile-size 0 --clients 1 --max-batch-size 1 --max-batch-wait-ms 0
-loadgen latency_tiled --size $BIG --tile-size $BIG_TILE --clients 1 --max-batch-size 8 --max-batch-wait-ms 0
-
-step "tiling overhead and best tile size"
-timeout 90 $PY bench/tiling_bench.py --device $DEVICE --config $TILING_CONFIG --precision $HALF --size $BIG \
-  --tiles $TILES --batch 8 --repeats $REPEATS --json "$OUT/tiling.json" | tee "$WORK/tiling.md"
-
-step summary
+summarise() {  # merges what has finished into $OUT; run after each step
 $PY - "$WORK" "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -142,13 +101,64 @@ for name, run in latency.items():
         s = run["summary"]
         lines.append(f"- {name} ({run['settings']['size']}): p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms "
                      f"(goal under 100 ms)")
-lines += ["", "## Model forward", "", *(work / "model_bench.md").read_text().splitlines()[-40:]]
+if (work / "model_bench.md").is_file():
+    lines += ["", "## Model forward", "", *(work / "model_bench.md").read_text().splitlines()[-40:]]
 if (work / "model_bench_cl.md").is_file():
     lines += ["", "## Channels-last", "", *(work / "model_bench_cl.md").read_text().splitlines()[-6:]]
 if (work / "tiling.md").is_file():
     lines += ["", "## Tiling", "", *(work / "tiling.md").read_text().splitlines()[-10:]]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
 EOF
+}
+
+step environment
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 || true
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+  nproc; } | tee "$OUT/env.txt"
+
+step "model forward: every configuration, precision and batch size"
+timeout 150 $PY bench/model_bench.py --device $DEVICE --configs $CONFIGS --precisions $PRECISIONS \
+  --batch-sizes $BATCHES --tile $TILE --repeats $REPEATS --json "$OUT/model_bench.json" | tee "$WORK/model_bench.md"
+summarise
+
+loadgen() {  # name, then loadgen's arguments
+  local name=$1; shift
+  # Its own session, so that a service left behind by a timed-out loadgen dies with its group.
+  setsid timeout 75 $PY bench/loadgen.py --task deblurring "${NET[@]}" --device $DEVICE --precision $HALF \
+    --warmup 2 --duration $DURATION --engine-seconds $ENGINE_S --images 8 --tile-overlap $OVERLAP \
+    --json "$WORK/$name.json" "$@" \
+    > "$WORK/$name.log" 2>&1 &
+  local pid=$!
+  wait $pid || echo "$name failed or timed out (exit $?)"
+  kill -- -$pid 2>/dev/null
+  grep -E "^(service|  round|engine)" "$WORK/$name.log" || tail -5 "$WORK/$name.log"
+}
+step "released deblurring on ${BIG} through HTTP, one client: whole image and tiled"
+loadgen latency_whole --size $BIG --tile-size 0 --clients 1 --max-batch-size 1 --max-batch-wait-ms 0
+loadgen latency_tiled --size $BIG --tile-size $BIG_TILE --clients 1 --max-batch-size 8 --max-batch-wait-ms 0
+
+summarise
+
+step "service, ${LOAD_SIZE} uploads: concurrency 1 and $CLIENTS, batching on and off"
+for clients in 1 $CLIENTS; do
+  loadgen "batched_c$clients" --size $LOAD_SIZE --tile-size $LOAD_TILE --clients $clients --max-batch-size 16 \
+    --max-batch-wait-ms 5 --max-queued-tiles 256
+  loadgen "unbatched_c$clients" --size $LOAD_SIZE --tile-size $LOAD_TILE --clients $clients --max-batch-size 1 \
+    --max-batch-wait-ms 0 --max-queued-tiles 256
+done
+summarise
+
+step "tiling overhead and best tile size"
+timeout 90 $PY bench/tiling_bench.py --device $DEVICE --config $TILING_CONFIG --precision $HALF --size $BIG \
+  --tiles $TILES --overlap $OVERLAP --batch 8 --repeats $REPEATS --json "$OUT/tiling.json" | tee "$WORK/tiling.md"
+summarise
+
+step "model forward, channels-last"
+timeout 60 $PY bench/model_bench.py --device $DEVICE --configs ${CONFIGS%%,*} --precisions fp32,$HALF \
+  --batch-sizes ${BATCHES##*,} --tile $TILE --repeats $REPEATS --channels-last \
+  --json "$OUT/model_bench_channels_last.json" | tee "$WORK/model_bench_cl.md"
+
+summarise
+cat "$OUT/summary.md"
 echo "total ${SECONDS}s"
 rm -rf "$WORK"
