@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    precisions = [p for p in args.precisions.split(",") if p == "fp32" or device.type == "cuda"]
+    precisions = [p for p in dict.fromkeys(args.precisions.split(",")) if p == "fp32" or device.type == "cuda"]
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
