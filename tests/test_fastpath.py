@@ -174,3 +174,22 @@ def test_service_serves_with_channels_last_and_auto_size_on_the_cpu(tmp_path):
         served = np.asarray(decode_png(response.content))
     reference = Engine.from_checkpoint(checkpoint, device="cpu", tile_size=32, tile_overlap=8).restore(image)
     assert np.abs(served.astype(int) - reference).max() <= 1
+
+
+def test_fast_path_pads_partial_batches_of_the_serving_tile_and_leaves_other_shapes_alone(tiny_model):
+    engine = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8, max_batch_size=4, compile=True)
+    # Compiling is out of reach on this CPU (see the compile test); what is checked here is the
+    # routing around it, so the fast path runs the eager network behind a wrapper of its own.
+    engine._fast_model = torch.nn.Sequential(engine.model)
+    seen = []
+
+    def recording(network, batch):
+        seen.append((network is engine._fast_model, len(batch), tuple(batch.shape[2:])))
+        return Engine._run(engine, network, batch)
+
+    engine._run = recording
+    tiles = _tiles(3, seed=8)
+    reference = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8).forward(tiles)
+    np.testing.assert_allclose(engine.forward(tiles), reference, atol=1e-5, rtol=0)
+    engine.forward(_tiles(2, side=40))
+    assert seen == [(True, 4, (32, 32)), (False, 2, (40, 40))]
