@@ -117,7 +117,7 @@ step environment
   nproc; } | tee "$OUT/env.txt"
 
 step "model forward: every configuration, precision and batch size"
-timeout 150 $PY bench/model_bench.py --device $DEVICE --configs $CONFIGS --precisions $PRECISIONS \
+timeout 200 $PY bench/model_bench.py --device $DEVICE --configs $CONFIGS --precisions $PRECISIONS \
   --batch-sizes $BATCHES --tile $TILE --repeats $REPEATS --json "$OUT/model_bench.json" | tee "$WORK/model_bench.md"
 summarise
 

@@ -160,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                 else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                      f"{os.cpu_count()} cores")
     rows = []
+
+    def save() -> None:
+        # Rewritten after each configuration, so that a run stopped at a time limit keeps its rows.
+        if args.json:
+            args.json.write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "tile": args.tile,
+                                             "channels_last": args.channels_last, "compile": args.compile,
+                                             "rows": rows}, indent=2))
+
     print(f"# model forward on {hardware}, {args.tile}x{args.tile} tiles, torch {torch.__version__}", flush=True)
     for label, model in _models(args.configs.split(",")):
         per_pixel = flops_per_pixel(model)
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        save()
     print("\n| model | MFLOP/px | precision | batch | MP/s | GFLOP/s | of peak | PSNR vs fp32 |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -214,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         psnr = f"{row['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in row else ""
         print(f"| {row['model']} | {row['flops_per_pixel'] / 1e6:.3f} | {row['precision']} | {row['batch_size']} "
               f"| {row['megapixels_per_s']:.3f} | {row['achieved_flops'] / 1e9:.1f} | {fraction} | {psnr} |")
-    if args.json:
-        args.json.write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "tile": args.tile,
-                                         "channels_last": args.channels_last, "compile": args.compile,
-                                         "rows": rows}, indent=2))
+    save()
     return 0
 
 
