@@ -17,7 +17,7 @@
 # DRY=1 bash bench/gpu.sh runs every step on the CPU with tiny sizes (OUT defaults to ./gpu-dry-out),
 # to check the plumbing without a GPU.
 #
-# Expected run time about 400 s. Steps run goals first, each under its own timeout, and after each
+# Planned for about 400 s (an estimate: not yet run on a GPU). Steps run goals first, each under its own timeout, and after each
 # one summary.md and the merged JSON files are rewritten, so a call stopped at its limit keeps what finished.
 # Files written (8): env.txt, summary.md, model_bench.json, model_bench_channels_last.json,
 # loadgen.json, latency_720p.json, tiling.json, log.txt.
