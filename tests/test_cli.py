@@ -69,14 +69,3 @@ def test_missing_weights_say_which_file_and_how_to_install(tmp_path):
     result = _run("restore", tmp_path / "x.png", "-o", tmp_path / "out", "--task", "deblurring",
                   "--weights", tmp_path / "nowhere.pth")
     assert result.returncode == 2 and "nowhere.pth" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_no_weights_installed_names_the_install_command(tmp_path, monkeypatch):
-    from models import weights as registry
-    if registry.bundled_path("deblurring").is_file():
-        pytest.skip("bundled deblurring weights exist, so nothing is missing")
-    _write(tmp_path / "x.png", 8, 8, 5)
-    result = _run("restore", tmp_path / "x.png", "-o", tmp_path / "out", "--task", "deblurring",
-                  env={"MPRNET_WEIGHTS_DIR": str(tmp_path / "empty")})
-    assert result.returncode == 2
-    assert "python -m service weights install deblurring" in result.stderr
