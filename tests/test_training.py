@@ -62,14 +62,14 @@ def _fixed_batch_loss(checkpoint: Path, photos, task: str) -> float:
         return MPRNetLoss()(model(degraded), clean).item()
 
 
-@pytest.mark.parametrize("task", ["denoising", "deraining"])
-def test_training_reduces_loss_exports_and_resumes(task, photos, tmp_path):
+@pytest.mark.parametrize("task, precision", [("denoising", []), ("deraining", []), ("denoising", ["--bf16"])])
+def test_training_reduces_loss_exports_and_resumes(task, precision, photos, tmp_path):
     out = tmp_path / "run"
-    assert main(_args(task, photos, out, "--iters", "1")) == 0
+    assert main(_args(task, photos, out, "--iters", "1", *precision)) == 0
     last = out / "last.pt"
     start_loss = _fixed_batch_loss(last, photos, task)
 
-    assert main(_args(task, photos, out, "--iters", "40", "--resume")) == 0
+    assert main(_args(task, photos, out, "--iters", "40", "--resume", *precision)) == 0
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["iteration"] == 40 and state["config"] == TINY_CONFIG.as_kwargs()
     # Adam's per-parameter step count proves the optimiser state carried over the resume.
