@@ -251,6 +251,13 @@ def save_checkpoint(path: Path, model: MPRNet, optimizer, schedule: Schedule, rn
     os.replace(tmp, path)
 
 
+def total_training(state: dict) -> tuple[int, float]:
+    """(iterations, seconds) behind a training checkpoint's weights, earlier runs included."""
+    meta = state.get("meta", {})
+    return (int(state["iteration"]) + int(meta.get("prior_iterations", 0)),
+            float(state["schedule"]["elapsed"]) + float(meta.get("prior_seconds", 0)))
+
+
 def export(checkpoint: str | os.PathLike, path: str | os.PathLike, half: bool = False) -> str:
     """Write a training checkpoint's weights as safetensors; returns the file's sha256."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -258,8 +265,9 @@ def export(checkpoint: str | os.PathLike, path: str | os.PathLike, half: bool = 
     model = config.build()
     model.load_state_dict(state["model"])
     meta = state.get("meta", {})
-    metadata = {"config": json.dumps(config.as_kwargs()), "iteration": str(state["iteration"]),
-                "task": str(meta.get("task", "")), "trained_seconds": f"{state['schedule']['elapsed']:.0f}"}
+    iterations, seconds = total_training(state)
+    metadata = {"config": json.dumps(config.as_kwargs()), "iteration": str(iterations),
+                "task": str(meta.get("task", "")), "trained_seconds": f"{seconds:.0f}"}
     return save_safetensors(model, path, half=half, metadata=metadata)
 
 
@@ -290,6 +298,21 @@ def _log(handle, message: str) -> None:
     print(line, flush=True)
     handle.write(line + "\n")
     handle.flush()
+
+
+def _lineage(args, resume_state: dict | None) -> dict:
+    """Iterations and seconds of training already in the starting weights, so that fine-tuned
+    weights report their whole training, not just the last run's."""
+    recorded = (resume_state or {}).get("meta", {})
+    if "prior_iterations" in recorded:
+        return {"prior_iterations": recorded["prior_iterations"], "prior_seconds": recorded["prior_seconds"]}
+    metadata = {}
+    if args.init and str(args.init).endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(str(args.init), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    return {"prior_iterations": int(metadata.get("iteration", 0)),
+            "prior_seconds": float(metadata.get("trained_seconds", 0))}
 
 
 def build_model(args) -> MPRNet:
@@ -354,7 +377,8 @@ def train(args) -> Path:
         raise SystemExit("give --iters or --minutes (or both)")
     criterion = MPRNetLoss().to(device)
     meta = {"task": args.task, "patch": args.patch, "batch": args.batch, "seed": args.seed, "bf16": args.bf16,
-            "data": str(args.data), "device": str(device), "threads": torch.get_num_threads()}
+            "data": str(args.data), "device": str(device), "threads": torch.get_num_threads(),
+            **_lineage(args, resume_state)}
     stop = _StopFlag()
 
     with open(out / "train.log", "a") as log:

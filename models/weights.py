@@ -341,7 +341,7 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False) -> dict
     the manifest (with the run's iterations and training time); returns the manifest entry."""
     import torch
 
-    from .train import export
+    from .train import export, total_training
     _check_task(task)
     BUNDLED_DIR.mkdir(exist_ok=True)
     path = bundled_path(task)
@@ -353,8 +353,9 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False) -> dict
     finally:
         tmp.unlink(missing_ok=True)
     run = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    iterations, seconds = total_training(run)
     entry = {"file": path.name, "sha256": digest, "config": config, "fp16": half,
-             "iterations": int(run["iteration"]), "trained_minutes": round(run["schedule"]["elapsed"] / 60, 1),
+             "iterations": iterations, "trained_minutes": round(seconds / 60, 1),
              "patch": run["meta"]["patch"], "batch": run["meta"]["batch"]}
     listed = manifest()
     listed[task] = entry

@@ -102,6 +102,25 @@ def test_half_export_agrees_with_full_precision(photos, tmp_path):
     assert difference < 2e-3  # well under one 8-bit level
 
 
+def test_fine_tuned_weights_count_the_training_they_started_from(photos, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    main(_args("denoising", photos, first, "--iters", "3"))
+    start = tmp_path / "start.safetensors"
+    main(["--out", str(first), "--export", str(start)])
+
+    main(_args("denoising", photos, second, "--iters", "2", "--init", str(start)))
+    main(_args("denoising", photos, second, "--iters", "4", "--resume"))  # the lineage survives a resume
+    tuned = tmp_path / "tuned.safetensors"
+    main(["--out", str(second), "--export", str(tuned)])
+    from safetensors import safe_open
+    with safe_open(str(start), framework="pt") as handle:
+        start_seconds = float(handle.metadata()["trained_seconds"])
+    with safe_open(str(tuned), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["iteration"] == "7"
+    assert float(metadata["trained_seconds"]) >= start_seconds
+
+
 def test_sigterm_saves_a_resumable_checkpoint(photos, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
