@@ -112,16 +112,23 @@ def _normalised(kernel: np.ndarray) -> np.ndarray:
     return (kernel / total).astype(np.float32)
 
 
+def _log_uniform(rng: np.random.Generator, low: float, high: float, size=None):
+    """Blur sizes are drawn log-uniformly: mild blur is the common case in real photos, and with
+    uniform sizes a small network learned to over-sharpen it (-3 dB on 4 px shake, measured)
+    while still failing the large kernels that dominated its training."""
+    return np.exp(rng.uniform(np.log(low), np.log(high), size=size))
+
+
 def shake_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, extent: float | None = None) -> np.ndarray:
     """Camera-shake kernel: the path of a hand-held camera during the exposure.
 
     The path is a random walk whose velocity has inertia (so it curves smoothly), is pulled back
     towards the start (hands correct their drift) and sometimes jerks; its length is scaled to
-    ``extent`` pixels (uniform in [3, size - 4] unless given). Exposure time along the path is
+    ``extent`` pixels (log-uniform in [3, size - 4] unless given). Exposure time along the path is
     uniform, so slow parts of the path receive more light, as in a real photo.
     """
     steps = 256
-    extent = float(rng.uniform(3.0, size - 4.0)) if extent is None else float(extent)
+    extent = float(_log_uniform(rng, 3.0, size - 4.0)) if extent is None else float(extent)
     inertia = rng.uniform(0.9, 0.99)
     pull = rng.uniform(0.0, 0.002)
     jerk_chance = rng.uniform(0.0, 0.02)
@@ -143,9 +150,9 @@ def shake_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, extent: float
 
 def motion_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, length: float | None = None,
                   angle: float | None = None) -> np.ndarray:
-    """Linear motion blur: a straight segment ``length`` px long (uniform in [3, size - 2]) at
+    """Linear motion blur: a straight segment ``length`` px long (log-uniform in [3, size - 2]) at
     ``angle`` radians (uniform)."""
-    length = float(rng.uniform(3.0, size - 2.0)) if length is None else float(length)
+    length = float(_log_uniform(rng, 3.0, size - 2.0)) if length is None else float(length)
     angle = float(rng.uniform(0, np.pi)) if angle is None else float(angle)
     t = np.linspace(-0.5, 0.5, int(np.ceil(length * 4)) + 2)
     points = np.stack([t * length * np.cos(angle), t * length * np.sin(angle)], axis=1)
@@ -153,9 +160,9 @@ def motion_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, length: floa
 
 
 def disc_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, radius: float | None = None) -> np.ndarray:
-    """Defocus blur: a uniform disc of ``radius`` px (uniform in [1, size / 2 - 1]) with
+    """Defocus blur: a uniform disc of ``radius`` px (log-uniform in [1, size / 2 - 1]) with
     anti-aliased edges (4x4 supersampling)."""
-    radius = float(rng.uniform(1.0, size / 2.0 - 1.0)) if radius is None else float(radius)
+    radius = float(_log_uniform(rng, 1.0, size / 2.0 - 1.0)) if radius is None else float(radius)
     sub = (np.arange(size * 4) + 0.5) / 4.0 - size / 2.0
     yy, xx = np.meshgrid(sub, sub, indexing="ij")
     inside = (xx * xx + yy * yy <= radius * radius).astype(np.float64)
@@ -164,10 +171,10 @@ def disc_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, radius: float 
 
 def gaussian_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, sigma: tuple[float, float] | None = None,
                     angle: float | None = None) -> np.ndarray:
-    """Gaussian blur, anisotropic and rotated: standard deviations uniform in [0.5, size / 6]
+    """Gaussian blur, anisotropic and rotated: standard deviations log-uniform in [0.5, size / 6]
     per axis unless given."""
     if sigma is None:
-        sigma = tuple(rng.uniform(0.5, size / 6.0, size=2))
+        sigma = tuple(_log_uniform(rng, 0.5, size / 6.0, size=2))
     angle = float(rng.uniform(0, np.pi)) if angle is None else float(angle)
     coords = np.arange(size) - (size - 1) / 2.0
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
