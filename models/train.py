@@ -153,6 +153,36 @@ class PatchSampler:
         return to_tensor(clean), to_tensor(degraded)
 
 
+class _PatchStream(torch.utils.data.IterableDataset):
+    """Endless batches from a :class:`PatchSampler` in each DataLoader worker.
+
+    A GPU consumes patches faster than one CPU core degrades them. Each worker draws from its own
+    Generator seeded by (seed, iteration the run started or resumed at, worker), so a run is
+    reproducible for a given seed and resume point, but unlike the single-process sampler a
+    resumed run does not continue the exact stream it was interrupted in.
+    """
+
+    def __init__(self, images: list[np.ndarray], task: str, patch: int, batch: int, seed: int, start: int):
+        self.images, self.task, self.patch, self.batch, self.seed, self.start = images, task, patch, batch, seed, start
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, self.start, worker.id if worker else 0])
+        sampler = PatchSampler(self.images, self.task, self.patch, rng)
+        while True:
+            yield sampler.batch(self.batch)
+
+
+def patch_batches(sampler: PatchSampler, batch: int, workers: int, seed: int, start: int, pin: bool):
+    """Iterator of (clean, degraded) batches: from ``sampler`` itself, or from ``workers`` processes."""
+    if not workers:
+        while True:
+            yield sampler.batch(batch)
+    stream = _PatchStream(sampler.images, sampler.task, sampler.patch, batch, seed, start)
+    yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
+                                           prefetch_factor=4, persistent_workers=True)
+
+
 def validation_set(images: list[np.ndarray], task: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Centre crops with fixed degradation seeds, so every validation of every run compares alike."""
     pairs = []
@@ -375,9 +405,13 @@ def train(args) -> Path:
         _set_rng_state(rng, resume_state["rng"])
     if not schedule.iters and not schedule.seconds:
         raise SystemExit("give --iters or --minutes (or both)")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training shapes never change
+    batches = patch_batches(sampler, args.batch, args.workers, args.seed, schedule.iteration,
+                            pin=device.type == "cuda")
     criterion = MPRNetLoss().to(device)
     meta = {"task": args.task, "patch": args.patch, "batch": args.batch, "seed": args.seed, "bf16": args.bf16,
-            "data": str(args.data), "device": str(device), "threads": torch.get_num_threads(),
+            "data": str(args.data), "device": str(device), "threads": torch.get_num_threads(), "workers": args.workers,
             **_lineage(args, resume_state)}
     stop = _StopFlag()
 
@@ -394,9 +428,9 @@ def train(args) -> Path:
         while not schedule.finished() and not stop.raised:
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr()
-            clean, degraded = sampler.batch(args.batch)
-            clean = clean.to(device, memory_format=torch.channels_last)
-            degraded = degraded.to(device, memory_format=torch.channels_last)
+            clean, degraded = next(batches)
+            clean = clean.to(device, memory_format=torch.channels_last, non_blocking=True)
+            degraded = degraded.to(device, memory_format=torch.channels_last, non_blocking=True)
             # bf16 autocast keeps fp32 master weights; the loss is taken in fp32.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 outputs = model(degraded)
@@ -405,16 +439,18 @@ def train(args) -> Path:
             loss.backward()
             # Tiny networks at a high learning rate occasionally spike; clipping keeps one bad
             # batch from undoing minutes of CPU training.
-            grad_norm += float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
+            # Summed on the device: reading a number back every step would stall a GPU.
+            grad_norm += torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip).detach()
             optimizer.step()
             now = time.monotonic()
             schedule.elapsed += now - tick
             tick = now
             schedule.iteration += 1
-            running += loss.item()
+            running += loss.detach()
             count += 1
             if schedule.iteration % args.log_every == 0:
-                _log(log, f"iter {schedule.iteration} loss {running / count:.5f} grad_norm {grad_norm / count:.3f} "
+                _log(log, f"iter {schedule.iteration} loss {float(running) / count:.5f} "
+                          f"grad_norm {float(grad_norm) / count:.3f} "
                           f"lr {schedule.lr():.2e} elapsed {schedule.elapsed:.0f}s progress {schedule.progress():.3f}")
                 running, grad_norm, count = 0.0, 0.0, 0
             if now - last_val >= args.val_minutes * 60:
@@ -424,6 +460,7 @@ def train(args) -> Path:
             if now - last_save >= args.save_minutes * 60:
                 save_checkpoint(last, model, optimizer, schedule, rng, meta)
                 last_save = tick = time.monotonic()
+        batches.close()  # stops the patch workers
         save_checkpoint(last, model, optimizer, schedule, rng, meta)
         restored, base = validate(model, val_pairs, device)
         reason = "stopped by signal" if stop.raised else "finished"
@@ -453,6 +490,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast (fp32 weights): 1.4x faster steps on CPUs with AVX512-BF16 or AMX, "
                              "and on recent GPUs")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes degrading patches in parallel (for a GPU); 0 = in the training loop")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     parser.add_argument("--init", help="start from these weights (.safetensors or .pth); sets the architecture")
     parser.add_argument("--export", metavar="FILE", help="write OUT/last.pt's weights to FILE (safetensors) and exit")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from models import load_model
-from models.train import EdgeLoss, MPRNetLoss, PatchSampler, main
+from models.train import EdgeLoss, MPRNetLoss, PatchSampler, main, patch_batches
 from models.checkpoint import MPRNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,35 @@ def test_training_reduces_loss_exports_and_resumes(task, precision, photos, tmp_
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x)[0], reference(x)[0])
+
+
+def test_patch_workers_draw_distinct_reproducible_batches(photos):
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(photos[0].iterdir())]
+    sampler = PatchSampler(images, "deblurring", 32, np.random.default_rng(0))
+
+    def first_batches(seed: int, start: int) -> list[torch.Tensor]:
+        batches = patch_batches(sampler, 3, workers=2, seed=seed, start=start, pin=False)
+        drawn = [next(batches)[1] for _ in range(4)]
+        batches.close()
+        return drawn
+
+    drawn = first_batches(seed=5, start=0)
+    assert all(b.shape == (3, 3, 32, 32) and b.dtype == torch.float32 for b in drawn)
+    # Two workers seeded alike would hand the network every batch twice.
+    assert not any(torch.equal(a, b) for i, a in enumerate(drawn) for b in drawn[i + 1:])
+    assert all(torch.equal(a, b) for a, b in zip(drawn, first_batches(seed=5, start=0)))
+    # A resumed run's workers start a new stream rather than replaying the one already trained on.
+    assert not torch.equal(drawn[0], first_batches(seed=5, start=40)[0])
+
+
+def test_training_with_patch_workers_learns_and_resumes(photos, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args("deblurring", photos, out, "--iters", "1", "--workers", "2")) == 0
+    start_loss = _fixed_batch_loss(out / "last.pt", photos, "deblurring")
+    assert main(_args("deblurring", photos, out, "--iters", "30", "--workers", "2", "--resume")) == 0
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert state["iteration"] == 30 and state["meta"]["workers"] == 2
+    assert _fixed_batch_loss(out / "last.pt", photos, "deblurring") < start_loss
 
 
 def test_half_export_agrees_with_full_precision(photos, tmp_path):
