@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .card import CARD, replace_section
 from .checkpoint import load_model
 from .degradations import add_noise, add_rain, blur, shake_kernel
 from .weights import TASKS, bundled_path
@@ -36,9 +36,7 @@ from .weights import TASKS, bundled_path
 ROOT = Path(__file__).resolve().parents[1]
 KODAK = ROOT.parent / "shared" / "datasets" / "eval" / "Kodak24"
 CBM3D_CACHE = ROOT / "runs" / "eval" / "cbm3d.json"
-CARD = Path(__file__).resolve().parent / "MODEL_CARD.md"
 EVAL_ENTROPY = 20211126  # root of the evaluation seeds; training draws from seed 0 and 1_000_003+
-TABLE_START, TABLE_END = "<!-- eval-table:start -->", "<!-- eval-table:end -->"
 
 
 @dataclass(frozen=True)
@@ -239,11 +237,7 @@ def table(results: dict, cbm3d: dict, n_images: int, threads: int) -> str:
 
 
 def write_card(text: str, card: Path = CARD) -> None:
-    content = card.read_text()
-    pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.S)
-    if not pattern.search(content):
-        raise SystemExit(f"{card} has no {TABLE_START} ... {TABLE_END} section to replace")
-    card.write_text(pattern.sub(lambda _: f"{TABLE_START}\n{text}\n{TABLE_END}", content))
+    replace_section("eval-table", text, card)
 
 
 def main(argv: list[str] | None = None) -> int:

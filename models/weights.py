@@ -22,6 +22,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urljoin, urlparse
 
+from .card import CARD, replace_section
 from .checkpoint import RELEASED_CONFIGS, CheckpointError, infer_config, load_model, load_state_dict, sha256_file
 
 __all__ = ["TASKS", "RELEASED_DRIVE_IDS", "WeightsNotFound", "WeightsInstallError", "bundled_path",
@@ -336,9 +337,10 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
 # Bundling the project's own weights
 # ---------------------------------------------------------------------------------------------
 
-def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False) -> dict:
+def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: Path = CARD) -> dict:
     """Export a training run's ``last.pt`` as the bundled weights of ``task`` and record it in
-    the manifest (with the run's iterations and training time); returns the manifest entry."""
+    the manifest (with the run's iterations and training time) and the model card's files table;
+    returns the manifest entry."""
     import torch
 
     from .train import export, total_training
@@ -360,7 +362,16 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False) -> dict
     listed = manifest()
     listed[task] = entry
     (BUNDLED_DIR / "manifest.json").write_text(json.dumps(dict(sorted(listed.items())), indent=2) + "\n")
+    replace_section("files", files_table(listed), card)
     return entry
+
+
+def files_table(listed: dict) -> str:
+    """The model card's table of bundled files, from the manifest."""
+    lines = ["| Task | File | sha256 | Iterations |", "|---|---|---|---|"]
+    for task, entry in sorted(listed.items()):
+        lines.append(f"| {task} | `{entry['file']}` | `{entry['sha256']}` | {entry['iterations']:,} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from models import evaluate
+from models.card import markers
 from models.checkpoint import MPRNetConfig, save_safetensors
 
 TINY = MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)
@@ -45,7 +46,8 @@ def test_evaluation_seeds_are_fixed_per_setting_and_photo(photos):
 def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_weights, tmp_path, capsys,
                                                                   monkeypatch):
     card = tmp_path / "CARD.md"
-    card.write_text(f"before\n{evaluate.TABLE_START}\nold table\n{evaluate.TABLE_END}\nafter\n")
+    start, end = markers("eval-table")
+    card.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
     monkeypatch.setattr(evaluate, "CBM3D_CACHE", tmp_path / "no-cbm3d.json")
     out = tmp_path / "results.json"
     assert evaluate.main(["--data", str(photos), "--tasks", "deblurring", "--threads", "1",
@@ -62,4 +64,4 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
 
     # --write-card replaces only the marked section of the card.
     evaluate.write_card("new table", card)
-    assert card.read_text() == f"before\n{evaluate.TABLE_START}\nnew table\n{evaluate.TABLE_END}\nafter\n"
+    assert card.read_text() == f"before\n{start}\nnew table\n{end}\nafter\n"

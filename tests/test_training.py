@@ -150,6 +150,24 @@ def test_fine_tuned_weights_count_the_training_they_started_from(photos, tmp_pat
     assert float(metadata["trained_seconds"]) >= start_seconds
 
 
+def test_bundling_a_run_updates_weights_manifest_and_card(photos, tmp_path, monkeypatch):
+    from models import weights
+    from models.card import markers, section
+    out = tmp_path / "run"
+    main(_args("deraining", photos, out, "--iters", "2"))
+    monkeypatch.setattr(weights, "BUNDLED_DIR", tmp_path / "bundled")
+    card = tmp_path / "CARD.md"
+    start, end = markers("files")
+    card.write_text(f"prose\n{start}\nstale\n{end}\nmore prose\n")
+
+    entry = weights.bundle("deraining", out / "last.pt", card=card)
+    assert entry["iterations"] == 2 and entry["config"] == TINY_CONFIG.as_kwargs()
+    assert load_model(tmp_path / "bundled" / "deraining.safetensors").config == TINY_CONFIG
+    assert weights.manifest()["deraining"] == entry
+    assert section("files", card) == weights.files_table({"deraining": entry})
+    assert card.read_text().startswith("prose\n") and card.read_text().endswith("more prose\n")
+
+
 def test_sigterm_saves_a_resumable_checkpoint(photos, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -143,6 +143,11 @@ def test_bundled_weights_match_manifest():
         assert model.config.as_kwargs() == entry["config"]
 
 
+def test_model_card_lists_the_bundled_files():
+    from models.card import section
+    assert section("files") == weights.files_table(weights.manifest())
+
+
 def test_describe_lists_bundled_when_nothing_installed(install_dir):
     rows = {row["task"]: row for row in weights.describe()}
     assert sorted(rows) == sorted(TASKS)
