@@ -61,6 +61,9 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
     for per_image in results["settings"].values():
         assert [r["image"] for r in per_image] == ["kodim00", "kodim01"]
         assert all(0 < r["ssim"] <= 1 and r["input_psnr"] > 10 for r in per_image)
+        assert all(0 < r["classic_ssim"] <= 1 and r["classic_psnr"] > 10 for r in per_image)
+    classic = [line for line in printed.splitlines() if line.startswith("| ") and "unsharp mask" in line]
+    assert len(classic) == 2
 
     # --write-card replaces only the marked section of the card.
     evaluate.write_card("new table", card)
