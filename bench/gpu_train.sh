@@ -15,7 +15,9 @@
 # A short forward benchmark of the bundled network follows (model_bench.json).
 # TASKS="deblurring" trains only the tasks named (one alone gets the GPU to itself: deblurring ran
 # 9.4 steps/s alone against 6.8 sharing); WORKERS overrides each trainer's patch processes (16
-# cores: 12 suit a trainer alone). MINUTES is the training budget of each (default 7).
+# cores: 12 suit a trainer alone). MINUTES is the training budget of each (default 7); INIT_DIR
+# holds the starting TASK.safetensors (default models/weights; carry it if it is ignored); LR sets
+# the peak learning rate of every trainer named.
 # Files written (8 at most): log.txt, gpu_util.csv, model_bench.json, {task}/last.pt, {task}/train.log.
 set -u
 cd "$(dirname "$0")/.."
@@ -34,7 +36,7 @@ monitor=$!
 
 train() {  # task seed batch lr workers
   mkdir -p "$OUT/$1"
-  $PY -m models.train --task "$1" --data "$DATA" --out "$OUT/$1" --init "models/weights/$1.safetensors" \
+  $PY -m models.train --task "$1" --data "$DATA" --out "$OUT/$1" --init "${INIT_DIR:-models/weights}/$1.safetensors" \
     --seed "$2" --batch "$3" --lr "$4" --workers "$5" --patch 128 --minutes "$MINUTES" --bf16 --threads 2 \
     --warmup 200 --val-minutes 1.5 --save-minutes 1 --log-every 200 > /dev/null &
   trainers+=($!)
@@ -42,9 +44,9 @@ train() {  # task seed batch lr workers
 trainers=()
 for task in ${TASKS:-deblurring deraining denoising}; do
   case $task in
-    deblurring) train deblurring 21 32 1e-3 "${WORKERS:-8}" ;;
-    deraining) train deraining 22 16 1e-3 "${WORKERS:-3}" ;;
-    denoising) train denoising 23 16 5e-4 "${WORKERS:-2}" ;;
+    deblurring) train deblurring 21 32 "${LR:-1e-3}" "${WORKERS:-8}" ;;
+    deraining) train deraining 22 16 "${LR:-1e-3}" "${WORKERS:-3}" ;;
+    denoising) train denoising 23 16 "${LR:-5e-4}" "${WORKERS:-2}" ;;
     *) echo "unknown task $task"; exit 2 ;;
   esac
 done

@@ -214,6 +214,12 @@ def _mean(rows, key, names=None) -> float:
     return float(np.mean([r[key] for r in rows if names is None or r["image"] in names]))
 
 
+def _by_task() -> list[Setting]:
+    """Settings grouped by task, in order of each task's first setting."""
+    first_of_task = [setting.task for setting in SETTINGS].index
+    return sorted(SETTINGS, key=lambda setting: first_of_task(setting.task))
+
+
 def table(results: dict, cbm3d: dict, n_images: int, threads: int) -> str:
     lines = [f"Kodak24 ({n_images} photos, 500x500), mean over photos; PSNR in dB on 8-bit RGB; SSIM on RGB "
              f"(11x11 Gaussian window). CPU time: one 512x512 photo through the engine, fp32, "
@@ -221,8 +227,7 @@ def table(results: dict, cbm3d: dict, n_images: int, threads: int) -> str:
              "",
              "| Task | Degradation | Input PSNR / SSIM | MPRNet (ours) PSNR / SSIM | Gain | CPU s / 512x512 |",
              "|---|---|---|---|---|---|"]
-    first_of_task = [setting.task for setting in SETTINGS].index
-    for setting in sorted(SETTINGS, key=lambda setting: first_of_task(setting.task)):
+    for setting in _by_task():
         result = results.get(setting.task)
         if result is None or setting.key not in result["settings"]:
             continue
@@ -232,7 +237,7 @@ def table(results: dict, cbm3d: dict, n_images: int, threads: int) -> str:
                      f"{_mean(rows, 'input_ssim'):.3f} | {_mean(rows, 'psnr'):.2f} / {_mean(rows, 'ssim'):.3f} | "
                      f"{gain:+.2f} dB | {result['seconds_per_512']:.2f} |")
     classic_lines = []
-    for setting in (s for s in SETTINGS if s.classic):
+    for setting in (s for s in _by_task() if s.classic):
         result = results.get(setting.task)
         if result is None or setting.key not in result["settings"]:
             continue
