@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--tile", type=int, default=512, help="tile side in pixels (multiple of 8)")
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per case; the median is reported")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC layout (default: the engine's, on for the CPU, off on CUDA)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    precisions = [p for p in dict.fromkeys(args.precisions.split(",")) if p == "fp32" or device.type == "cuda"]
+    precisions = [p for p in dict.fromkeys(args.precisions.split(",")) if p != "fp16" or device.type == "cuda"]
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         # Rewritten after each configuration, so that a run stopped at a time limit keeps its rows.
         if args.json:
             args.json.write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "tile": args.tile,
-                                             "channels_last": args.channels_last, "compile": args.compile,
+                                             "compile": args.compile,
                                              "rows": rows}, indent=2))
 
     print(f"# model forward on {hardware}, {args.tile}x{args.tile} tiles, torch {torch.__version__}", flush=True)
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             for batch_size in batch_sizes:
                 tiles = _test_tiles(batch_size, args.tile, seed=batch_size)
                 row = {"model": label, "flops_per_pixel": per_pixel, "precision": precision,
-                       "batch_size": batch_size, "tile": args.tile, "hardware": hardware, "peak_unit": unit}
+                       "batch_size": batch_size, "tile": args.tile, "channels_last": engine.channels_last,
+                       "hardware": hardware, "peak_unit": unit}
                 try:
                     batch = torch.from_numpy(tiles).to(device)
                     times = _time_forward(engine, batch, args.repeats)

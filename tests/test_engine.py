@@ -127,7 +127,7 @@ def test_invalid_settings_are_refused(tiny_model):
     with pytest.raises(ValueError, match="precision"):
         Engine(tiny_model, device="cpu", precision="fp8")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="needs a CUDA device"):
+        with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
             Engine(tiny_model, device="cpu", precision="fp16")
         with pytest.raises(ValueError, match="no usable CUDA"):
             Engine(tiny_model, device="cuda")

@@ -32,16 +32,38 @@ def _tiles(count: int, side: int = 32, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((count, 3, side, side), dtype=np.float32)
 
 
-def test_channels_last_gives_the_default_layouts_output(tiny_model):
+def _conv_weight(engine: Engine) -> torch.Tensor:
+    return next(p for p in engine.model.parameters() if p.ndim == 4)
+
+
+def test_channels_last_gives_the_nchw_layouts_output(tiny_model):
     tiles = _tiles(3)
-    default = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8).forward(tiles)
+    nchw = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8, channels_last=False)
+    assert not _conv_weight(nchw).is_contiguous(memory_format=torch.channels_last)
+    expected, image = nchw.forward(tiles), random_image(70, 50, seed=3)
+    expected_image = nchw.restore(image)
     nhwc = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8, channels_last=True)
-    conv_weight = next(p for p in nhwc.model.parameters() if p.ndim == 4)
-    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
-    np.testing.assert_allclose(nhwc.forward(tiles), default, atol=1e-5, rtol=0)
-    image = random_image(70, 50, seed=3)
-    np.testing.assert_array_equal(nhwc.restore(image), Engine(tiny_model, device="cpu", tile_size=32,
-                                                              tile_overlap=8).restore(image))
+    assert _conv_weight(nhwc).is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(nhwc.forward(tiles), expected, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(nhwc.restore(image), expected_image)
+    # The same module handed back to an NCHW engine is converted back, not left in NHWC.
+    again = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8, channels_last=False)
+    assert not _conv_weight(again).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_is_the_cpu_default(tiny_model):
+    engine = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8)
+    assert engine.channels_last and engine.describe()["channels_last"] is True
+    assert _conv_weight(engine).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_runs_on_the_cpu_close_to_fp32(tiny_model):
+    tiles = _tiles(2, seed=7)
+    fp32 = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8).forward(tiles)
+    bf16 = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8, precision="bf16").forward(tiles)
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    # bf16 keeps 8 mantissa bits; a tiny random network's output stays within a few 8-bit levels.
+    assert 0 < np.abs(bf16 - fp32).max() < 0.05
 
 
 class _AllocatorLimit:
@@ -155,7 +177,7 @@ def test_fast_path_settings_parse_from_flags_and_environment(monkeypatch):
     monkeypatch.setenv("MPRNET_CUDA_GRAPHS", "true")
     assert Settings().cuda_graphs is True
     defaults = Settings(_env_file=None, cuda_graphs=False)
-    assert (defaults.channels_last, defaults.compile, defaults.auto_size) == (False, False, False)
+    assert (defaults.channels_last, defaults.compile, defaults.auto_size) == (None, False, False)
 
 
 def test_service_serves_with_channels_last_and_auto_size_on_the_cpu(tmp_path):
