@@ -60,7 +60,9 @@ class Settings(BaseSettings):
                                     "fast only where it has bf16 instructions)")
     tile_size: int = Field(default=512, ge=0, description="tile side in pixels, a multiple of 8; 0 runs whole images")
     tile_overlap: int = Field(default=32, ge=0, description="pixels neighbouring tiles share, under half a tile")
-    max_batch_size: int = Field(default=4, ge=1, le=1024, description="most tiles in one forward pass")
+    max_batch_size: int | None = Field(
+        default=None, ge=1, le=1024, description="most tiles in one forward pass (default: 4 on CUDA; 1 on the CPU, "
+                                                 "where bigger batches of 512 px tiles run slower per pixel)")
     max_batch_wait_ms: float = Field(
         default=10.0, ge=0, le=10_000,
         description="longest a batch waits for more tiles after its first one arrived")
@@ -173,7 +175,20 @@ class Settings(BaseSettings):
                                  f"({self.tile_size})")
         if self.max_queued_tiles is None:
             self.max_queued_tiles = default_queued_tiles(self.max_pixels, self.tile_size, self.tile_overlap)
+        if self.max_batch_size is None:
+            self.max_batch_size = self._default_batch_size()
         return self
+
+    def _default_batch_size(self) -> int:
+        """The first device's default; read from the names, so a CUDA device that is missing is
+        reported when the models load, as before, rather than here."""
+        import torch
+
+        from .engine import default_batch_size  # imported late, as _known_tasks is: engine imports models
+        first = (self.devices or (self.device,))[0]
+        if first in ("auto", "all"):
+            first = "cuda" if torch.cuda.is_available() else "cpu"
+        return default_batch_size(first)
 
     def weights_path(self, task: str) -> Path:
         """The checkpoint configured for ``task``, else the default one (which may raise

@@ -26,7 +26,7 @@ from models import MPRNetConfig, load_model
 from . import tiling
 from .tiling import TilePlan
 
-__all__ = ["Engine", "PRECISIONS", "DEFAULT_TILE_SIZE", "DEFAULT_BATCH_SIZE", "is_out_of_memory",
+__all__ = ["Engine", "PRECISIONS", "DEFAULT_TILE_SIZE", "default_batch_size", "is_out_of_memory",
            "resolve_device", "resolve_devices"]
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,15 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 # What "auto" means where there is no device memory to size from (the CPU), and the service's defaults.
 DEFAULT_TILE_SIZE = 512
-DEFAULT_BATCH_SIZE = 4
+# On the CPU a batch of 512 px tiles runs slower per pixel than one tile at a time (its activations
+# outgrow the caches: 0.25 vs 0.18 MP/s at batch 1 vs 4 on this project's 2-core VM, BENCHMARKS.md),
+# so there tiles go one by one; a GPU needs batches to fill.
+_DEFAULT_BATCH_SIZES = {"cuda": 4, "cpu": 1}
+
+
+def default_batch_size(device: str | torch.device) -> int:
+    """Tiles per forward pass when none is configured: 4 on CUDA, 1 on the CPU."""
+    return _DEFAULT_BATCH_SIZES.get(torch.device(device).type, 1)
 
 # Auto sizing on CUDA: tile sides tried, largest first (bigger tiles re-compute less overlap), the
 # fewest tiles a batch must hold at the chosen side (batching is where a GPU's throughput comes
@@ -82,7 +90,7 @@ class Engine:
         tile_size: largest tile side in pixels, a multiple of 8; 0 runs whole images.
         tile_overlap: pixels shared by neighbouring tiles, cross-faded when stitching.
         max_batch_size: most tiles :meth:`forward` will be given at once; :meth:`warmup` prepares
-            every batch shape up to it.
+            every batch shape up to it. ``None``: :func:`default_batch_size` for the device.
         channels_last: keep weights and activations in NHWC, the layout oneDNN's CPU convolutions
             and cuDNN's tensor-core ones read without transposing. ``None`` (the default) turns it
             on for the CPU, where it halves the bundled network's time (see BENCHMARKS.md), and
@@ -91,18 +99,20 @@ class Engine:
         cuda_graphs: replay one captured CUDA graph per batch shape of the serving tile (CUDA only).
 
     ``tile_size`` and ``max_batch_size`` may be ``"auto"``: on CUDA they are chosen from free
-    device memory (see :meth:`choose_sizes`); on the CPU they are the defaults, 512 and 4.
+    device memory (see :meth:`choose_sizes`); on the CPU they are the defaults, 512 and 1.
     A forward pass that runs out of device memory is split in halves and retried, down to single
     tiles, so callers see only success or a real failure.
     """
 
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device = "auto", precision: str = "fp32",
                  tile_size: int | str = DEFAULT_TILE_SIZE, tile_overlap: int = 32,
-                 max_batch_size: int | str = DEFAULT_BATCH_SIZE, channels_last: bool | None = None,
+                 max_batch_size: int | str | None = None, channels_last: bool | None = None,
                  compile: bool = False, cuda_graphs: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
+        if max_batch_size is None:
+            max_batch_size = default_batch_size(self.device)
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError(f"precision fp16 needs a CUDA device; use fp32 or bf16 on {self.device}")
         if cuda_graphs and self.device.type != "cuda":
@@ -255,7 +265,7 @@ class Engine:
         tiles as fit, up to 64.
         """
         if not self._on_cuda:
-            return DEFAULT_TILE_SIZE, DEFAULT_BATCH_SIZE
+            return DEFAULT_TILE_SIZE, default_batch_size(self.device)
         probe = torch.rand(1, 3, 256, 256, device=self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -283,7 +293,7 @@ class Engine:
     def restore(self, image: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Restore one (H, W, 3) uint8 image; tiles run ``batch_size`` at a time."""
         if batch_size is None:
-            batch_size = 4 if self.device.type == "cuda" else 1
+            batch_size = default_batch_size(self.device)
         plan, tiles = self.cut(image)
         outputs = np.empty_like(tiles)
         for start in range(0, len(tiles), batch_size):

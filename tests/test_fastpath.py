@@ -13,7 +13,7 @@ import torch
 
 from models import MPRNet
 from service.config import Settings, add_serve_arguments, settings_from_args
-from service.engine import DEFAULT_BATCH_SIZE, DEFAULT_TILE_SIZE, Engine, is_out_of_memory
+from service.engine import DEFAULT_TILE_SIZE, Engine, default_batch_size, is_out_of_memory
 
 from service_helpers import TINY_ARCHITECTURE, decode_png, encode, random_image, running_server, tiny_checkpoint
 
@@ -116,9 +116,9 @@ def test_out_of_memory_on_a_single_tile_and_other_errors_are_raised(tiny_model):
 @pytest.mark.skipif(ON_CUDA, reason="checks the CPU's fallback; CUDA sizes from its free memory")
 def test_auto_sizes_are_the_defaults_on_the_cpu(tiny_model):
     engine = Engine(tiny_model, device="cpu", tile_size="auto", max_batch_size="auto")
-    assert (engine.tile_size, engine.max_batch_size) == (DEFAULT_TILE_SIZE, DEFAULT_BATCH_SIZE)
+    assert (engine.tile_size, engine.max_batch_size) == (DEFAULT_TILE_SIZE, 1)
     partly = Engine(tiny_model, device="cpu", tile_size=64, tile_overlap=8, max_batch_size="auto")
-    assert (partly.tile_size, partly.max_batch_size) == (64, DEFAULT_BATCH_SIZE)
+    assert (partly.tile_size, partly.max_batch_size) == (64, default_batch_size("cpu"))
     with pytest.raises(ValueError, match="'auto'"):
         Engine(tiny_model, device="cpu", tile_size="big")
 
@@ -178,6 +178,16 @@ def test_fast_path_settings_parse_from_flags_and_environment(monkeypatch):
     assert Settings().cuda_graphs is True
     defaults = Settings(_env_file=None, cuda_graphs=False)
     assert (defaults.channels_last, defaults.compile, defaults.auto_size) == (None, False, False)
+
+
+def test_batch_size_defaults_to_one_on_the_cpu_and_four_on_cuda(tiny_model):
+    assert Settings(_env_file=None, device="cpu").max_batch_size == 1
+    assert Settings(_env_file=None, device="cuda:1").max_batch_size == 4  # read from the name; not loaded
+    assert Settings(_env_file=None, devices="cpu,cuda:0").max_batch_size == 1  # the first device's
+    assert Settings(_env_file=None, device="auto").max_batch_size == (4 if torch.cuda.is_available() else 1)
+    assert Settings(_env_file=None, device="cpu", max_batch_size=3).max_batch_size == 3
+    engine = Engine(tiny_model, device="cpu", tile_size=32, tile_overlap=8)
+    assert engine.max_batch_size == default_batch_size("cpu") == 1 and default_batch_size("cuda") == 4
 
 
 def test_service_serves_with_channels_last_and_auto_size_on_the_cpu(tmp_path):
