@@ -17,7 +17,9 @@
 # 9.4 steps/s alone against 6.8 sharing); WORKERS overrides each trainer's patch processes (16
 # cores: 12 suit a trainer alone). MINUTES is the training budget of each (default 7); INIT_DIR
 # holds the starting TASK.safetensors (default models/weights; carry it if it is ignored); LR sets
-# the peak learning rate of every trainer named.
+# the peak learning rate of every trainer named. ARCH="20 12 8 3" (n_feat, scale_unetfeats,
+# scale_orsnetfeats, num_cab) trains that configuration from scratch instead of fine-tuning: the
+# channels-last CPU engine has room for it under the 2 s budget (models/MODEL_CARD.md, Architecture).
 # Files written (8 at most): log.txt, gpu_util.csv, model_bench.json, {task}/last.pt, {task}/train.log.
 set -u
 cd "$(dirname "$0")/.."
@@ -34,9 +36,19 @@ exec >>"$OUT/log.txt" 2>&1
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 >"$OUT/gpu_util.csv" 2>&1 &
 monitor=$!
 
+start_from() {  # task -> the trainer's flags for its starting point
+  if [ -n "${ARCH:-}" ]; then
+    read -r feat unet orsnet cab <<<"$ARCH"
+    echo "--n-feat $feat --scale-unetfeats $unet --scale-orsnetfeats $orsnet --num-cab $cab"
+  else
+    echo "--init ${INIT_DIR:-models/weights}/$1.safetensors"
+  fi
+}
+
 train() {  # task seed batch lr workers
   mkdir -p "$OUT/$1"
-  $PY -m models.train --task "$1" --data "$DATA" --out "$OUT/$1" --init "${INIT_DIR:-models/weights}/$1.safetensors" \
+  # shellcheck disable=SC2046  # start_from's flags are meant to split
+  $PY -m models.train --task "$1" --data "$DATA" --out "$OUT/$1" $(start_from "$1") \
     --seed "$2" --batch "$3" --lr "$4" --workers "$5" --patch 128 --minutes "$MINUTES" --bf16 --threads 2 \
     --warmup 200 --val-minutes 1.5 --save-minutes 1 --log-every 200 > /dev/null &
   trainers+=($!)

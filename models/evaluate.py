@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter
 
 from .card import CARD, replace_section
 from .checkpoint import load_model
-from .degradations import add_noise, add_rain, blur, shake_kernel
+from .degradations import add_noise, add_rain, blur, disc_kernel, gaussian_kernel, motion_kernel, shake_kernel
 from .weights import TASKS, bundled_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,15 @@ SETTINGS = (
     # Appended, not inserted: a setting's seeds follow its position in this tuple.
     Setting("mild_shake", "deblurring", "mild camera shake (3-9 px) + sensor noise",
             lambda im, rng: blur(im, rng, kernel=shake_kernel(rng, extent=rng.uniform(3.0, 9.0))), UNSHARP),
+    # The other blurs of the training mixture, at sizes a photo commonly has: how the deblurring
+    # weights do beyond camera shake, which is what held-out checks may bring.
+    Setting("linear_motion", "deblurring", "linear motion (5-25 px, any angle) + sensor noise",
+            lambda im, rng: blur(im, rng, kernel=motion_kernel(rng, length=rng.uniform(5.0, 25.0))), UNSHARP),
+    Setting("defocus", "deblurring", "defocus disc (radius 2-6 px) + sensor noise",
+            lambda im, rng: blur(im, rng, kernel=disc_kernel(rng, radius=rng.uniform(2.0, 6.0))), UNSHARP),
+    Setting("gaussian_blur", "deblurring", "Gaussian blur (sigma 1-3 px) + sensor noise",
+            lambda im, rng: blur(im, rng, kernel=gaussian_kernel(rng, sigma=(rng.uniform(1.0, 3.0),) * 2)),
+            UNSHARP),
 )
 
 

@@ -54,16 +54,17 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
                           "--weights", f"deblurring={tiny_weights}", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| deblurring |")]
-    assert len(rows) == 2 and "camera-shake trajectories" in rows[0] and "mild camera shake" in rows[1]
+    assert len(rows) == 5 and "camera-shake trajectories" in rows[0] and "mild camera shake" in rows[1]
+    assert ["linear motion" in rows[2], "defocus" in rows[3], "Gaussian blur" in rows[4]] == [True] * 3
 
     results = json.loads(out.read_text())["deblurring"]
-    assert set(results["settings"]) == {"shake", "mild_shake"}
+    assert set(results["settings"]) == {"shake", "mild_shake", "linear_motion", "defocus", "gaussian_blur"}
     for per_image in results["settings"].values():
         assert [r["image"] for r in per_image] == ["kodim00", "kodim01"]
         assert all(0 < r["ssim"] <= 1 and r["input_psnr"] > 10 for r in per_image)
         assert all(0 < r["classic_ssim"] <= 1 and r["classic_psnr"] > 10 for r in per_image)
     classic = [line for line in printed.splitlines() if line.startswith("| ") and "unsharp mask" in line]
-    assert len(classic) == 2
+    assert len(classic) == 5
 
     # --write-card replaces only the marked section of the card.
     evaluate.write_card("new table", card)
