@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .tiling import plan_tiles
+from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, check_tiling, plan_tiles
 
 __all__ = ["Settings", "add_serve_arguments", "default_queued_tiles", "settings_from_args"]
 
@@ -58,8 +58,10 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="fp32, or fp16/bf16 autocast (fp16 on CUDA only; bf16 on the CPU is "
                                     "fast only where it has bf16 instructions)")
-    tile_size: int = Field(default=512, ge=0, description="tile side in pixels, a multiple of 8; 0 runs whole images")
-    tile_overlap: int = Field(default=32, ge=0, description="pixels neighbouring tiles share, under half a tile")
+    tile_size: int = Field(default=DEFAULT_TILE_SIZE, ge=0,
+                           description="tile side in pixels, a multiple of 8; 0 runs whole images")
+    tile_overlap: int = Field(default=DEFAULT_TILE_OVERLAP, ge=0,
+                              description="pixels neighbouring tiles share, under half a tile")
     max_batch_size: int | None = Field(
         default=None, ge=1, le=1024, description="most tiles in one forward pass (default: 4 on CUDA; 1 on the CPU, "
                                                  "where bigger batches of 512 px tiles run slower per pixel)")
@@ -167,12 +169,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_tiles_and_fill_in_queue_bound(self) -> "Settings":
-        if self.tile_size:
-            if self.tile_size % 8:
-                raise ValueError(f"tile_size must be a multiple of 8, got {self.tile_size}")
-            if self.tile_overlap * 2 >= self.tile_size:
-                raise ValueError(f"tile_overlap ({self.tile_overlap}) must be under half of tile_size "
-                                 f"({self.tile_size})")
+        check_tiling(self.tile_size, self.tile_overlap)
         if self.max_queued_tiles is None:
             self.max_queued_tiles = default_queued_tiles(self.max_pixels, self.tile_size, self.tile_overlap)
         if self.max_batch_size is None:

@@ -1,40 +1,30 @@
-"""The inference engine: uint8 RGB in, uint8 RGB of the same size out.
+"""The device engine: one MPRNet on one device runs batches of equal tiles.
 
-Three steps, kept separate so that the service's batching queue can interleave them across
-requests: :meth:`Engine.cut` (pad, tile), :meth:`Engine.forward` (one batch of equal tiles
-through the network), :meth:`Engine.stitch` (blend, crop, quantise). :meth:`Engine.restore`
-chains them for offline use.
-
-With tiling off, or an image that fits in one tile, the result is the reference demo's: scale
-to [0, 1], reflect-pad bottom and right to a multiple of 8, take stage 3, clamp, crop, round to
-8 bits with ties to even.
+:meth:`Engine.forward` is the whole job: an (N, 3, h, w) float32 batch in [0, 1] in, stage 3
+clamped to [0, 1] out. The engine also prepares itself for the serving tile shape (warm-up,
+compilation, CUDA graphs) and can measure how large tiles and batches fit in device memory.
+Cutting images into tiles and blending them back is :mod:`service.tiling`'s job.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from models import MPRNetConfig, load_model
+from models import MPRNetConfig, load_checkpoint
 
-from . import tiling
-from .tiling import TilePlan
+from .tiling import DEFAULT_TILE_SIZE, check_tiling
 
-__all__ = ["Engine", "PRECISIONS", "DEFAULT_TILE_SIZE", "default_batch_size", "is_out_of_memory",
-           "resolve_device", "resolve_devices"]
+__all__ = ["Engine", "PRECISIONS", "default_batch_size", "is_out_of_memory", "resolve_device", "resolve_devices"]
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# What "auto" means where there is no device memory to size from (the CPU), and the service's defaults.
-DEFAULT_TILE_SIZE = 512
 # On the CPU a batch of 512 px tiles runs slower per pixel than one tile at a time (its activations
 # outgrow the caches: 0.25 vs 0.18 MP/s at batch 1 vs 4 on this project's 2-core VM, BENCHMARKS.md),
 # so there tiles go one by one; a GPU needs batches to fill.
@@ -80,15 +70,16 @@ def resolve_devices(devices: Sequence[str]) -> list[torch.device]:
 
 
 class Engine:
-    """One MPRNet on one device, with its precision and tiling settings.
+    """One MPRNet on one device, with its precision and the tile shape it is prepared for.
 
     Args:
-        model: an MPRNet (e.g. from :func:`models.load_model`).
+        model: an MPRNet (e.g. ``models.load_checkpoint(path).model``).
+        config: its constructor values, reported by :meth:`describe`.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, or ``fp16``/``bf16`` autocast; fp16 needs CUDA, bf16 also runs on
             CPUs (fast where they have bf16 instructions, e.g. AVX512-BF16 or AMX).
-        tile_size: largest tile side in pixels, a multiple of 8; 0 runs whole images.
-        tile_overlap: pixels shared by neighbouring tiles, cross-faded when stitching.
+        tile_size: the serving tile side, which :meth:`warmup`, compilation and CUDA graphs
+            prepare for; 0 when images run whole.
         max_batch_size: most tiles :meth:`forward` will be given at once; :meth:`warmup` prepares
             every batch shape up to it. ``None``: :func:`default_batch_size` for the device.
         channels_last: keep weights and activations in NHWC, the layout oneDNN's CPU convolutions
@@ -98,16 +89,14 @@ class Engine:
         compile: ``torch.compile`` the network for the serving tile shape (compiled in :meth:`warmup`).
         cuda_graphs: replay one captured CUDA graph per batch shape of the serving tile (CUDA only).
 
-    ``tile_size`` and ``max_batch_size`` may be ``"auto"``: on CUDA they are chosen from free
-    device memory (see :meth:`choose_sizes`); on the CPU they are the defaults, 512 and 1.
     A forward pass that runs out of device memory is split in halves and retried, down to single
     tiles, so callers see only success or a real failure.
     """
 
-    def __init__(self, model: torch.nn.Module, *, device: str | torch.device = "auto", precision: str = "fp32",
-                 tile_size: int | str = DEFAULT_TILE_SIZE, tile_overlap: int = 32,
-                 max_batch_size: int | str | None = None, channels_last: bool | None = None,
-                 compile: bool = False, cuda_graphs: bool = False):
+    def __init__(self, model: torch.nn.Module, *, config: MPRNetConfig | None = None,
+                 device: str | torch.device = "auto", precision: str = "fp32", tile_size: int = DEFAULT_TILE_SIZE,
+                 max_batch_size: int | None = None, channels_last: bool | None = None, compile: bool = False,
+                 cuda_graphs: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
@@ -117,13 +106,13 @@ class Engine:
             raise ValueError(f"precision fp16 needs a CUDA device; use fp32 or bf16 on {self.device}")
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; {self.device} has no graphs to capture")
-        for name, value in (("tile_size", tile_size), ("max_batch_size", max_batch_size)):
-            if isinstance(value, str) and value != "auto":
-                raise ValueError(f"{name} must be a number or 'auto', got {value!r}")
-        if not isinstance(max_batch_size, str) and max_batch_size < 1:
+        if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        check_tiling(tile_size, 0)
+        self.config = config
         self.precision = precision
-        self.tile_overlap = tile_overlap
+        self.tile_size = tile_size
+        self.max_batch_size = max_batch_size
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         self.compile = compile
         self.cuda_graphs = cuda_graphs
@@ -131,44 +120,24 @@ class Engine:
         # Both layouts set explicitly: Module.to works in place, so a model may arrive converted.
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=layout).eval().requires_grad_(False)
-        self.config: MPRNetConfig | None = getattr(model, "config", None)
         self._on_cuda = self.device.type == "cuda"
         if self._on_cuda:
             # The serving tile shape is fixed, so cuDNN's per-shape autotuning pays for itself.
             torch.backends.cudnn.benchmark = True
-        auto_tile, auto_batch = tile_size == "auto", max_batch_size == "auto"
-        if auto_tile or auto_batch:
-            chosen_tile, chosen_batch = self.choose_sizes()
-            tile_size = chosen_tile if auto_tile else tile_size
-            max_batch_size = chosen_batch if auto_batch else max_batch_size
-        tiling.plan_tiles(8, 8, tile_size, tile_overlap)  # validates both up front
-        self.tile_size = int(tile_size)
-        self.max_batch_size = int(max_batch_size)
         # The network as the fast path runs it, for the serving tile shape only; other shapes (a
         # small image's single tile) go through the plain model rather than recompiling or capturing.
         self._fast_model = torch.compile(self.model, dynamic=False) if compile else self.model
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> "Engine":
-        engine = cls(load_model(path), **kwargs)
-        engine.weights_path = Path(path)
-        return engine
+    def from_checkpoint(cls, path, **options) -> Engine:
+        """An engine for the MPRNet in a checkpoint file (any width, inferred from its shapes)."""
+        loaded = load_checkpoint(path)
+        return cls(loaded.model, config=loaded.config, **options)
 
     @property
     def parameter_count(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
-
-    def plan(self, height: int, width: int) -> TilePlan:
-        return tiling.plan_tiles(height, width, self.tile_size, self.tile_overlap)
-
-    def cut(self, image: np.ndarray) -> tuple[TilePlan, np.ndarray]:
-        """(H, W, 3) uint8 -> the tile plan and (N, 3, th, tw) float32 tiles in [0, 1]."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
-        plan = self.plan(image.shape[0], image.shape[1])
-        chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
-        return plan, tiling.cut(tiling.pad_to_multiple(chw), plan)
 
     @property
     def serving_shape(self) -> tuple[int, int, int] | None:
@@ -258,8 +227,8 @@ class Engine:
     def choose_sizes(self) -> tuple[int, int]:
         """(tile side, batch size) that fit in this device's free memory; the defaults on the CPU.
 
-        One warm-up pass of a 256x256 tile measures the activation memory per pixel at this
-        precision and layout. The budget is a share of free memory plus what the allocator already
+        A pass of a 256x256 tile measures the activation memory per pixel at this precision and
+        layout: the second pass, since the first one also holds cuDNN's autotuning workspaces. The budget is a share of free memory plus what the allocator already
         holds unused (the engines of all tasks on a device run one batch at a time and reuse it).
         The largest tile side whose batch of 4 fits is chosen, and the batch is as many of those
         tiles as fit, up to 64.
@@ -267,6 +236,8 @@ class Engine:
         if not self._on_cuda:
             return DEFAULT_TILE_SIZE, default_batch_size(self.device)
         probe = torch.rand(1, 3, 256, 256, device=self.device)
+        with torch.inference_mode():
+            self._run(self.model, probe)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
@@ -283,22 +254,6 @@ class Engine:
         log.info("auto sizing on %s: %.0f bytes per pixel, %.1f GiB budget -> tile %d, batch %d",
                  self.device, per_pixel, budget / 2**30, side, batch)
         return side, batch
-
-    def stitch(self, plan: TilePlan, outputs: np.ndarray) -> np.ndarray:
-        """Restored tiles -> (H, W, 3) uint8 at the original size."""
-        merged = tiling.merge(outputs, plan)
-        # np.rint rounds ties to even, as the reference's img_as_ubyte does.
-        return np.rint(merged.transpose(1, 2, 0) * 255).astype(np.uint8)
-
-    def restore(self, image: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """Restore one (H, W, 3) uint8 image; tiles run ``batch_size`` at a time."""
-        if batch_size is None:
-            batch_size = default_batch_size(self.device)
-        plan, tiles = self.cut(image)
-        outputs = np.empty_like(tiles)
-        for start in range(0, len(tiles), batch_size):
-            outputs[start:start + batch_size] = self.forward(tiles[start:start + batch_size])
-        return self.stitch(plan, outputs)
 
     def warmup(self, batch_size: int = 1) -> None:
         """Forward passes of the serving tile shape, so no request pays for first-call setup.
@@ -319,7 +274,6 @@ class Engine:
             "device": str(self.device),
             "precision": self.precision,
             "tile_size": self.tile_size,
-            "tile_overlap": self.tile_overlap,
             "max_batch_size": self.max_batch_size,
             "channels_last": self.channels_last,
             "compile": self.compile,

@@ -17,10 +17,28 @@ from functools import cached_property
 
 import numpy as np
 
-__all__ = ["MULTIPLE", "TilePlan", "plan_tiles", "pad_to_multiple", "cut", "merge"]
+__all__ = ["MULTIPLE", "DEFAULT_TILE_SIZE", "DEFAULT_TILE_OVERLAP", "Tiling", "TilePlan", "check_tiling",
+           "plan_tiles", "pad_to_multiple", "cut", "merge"]
 
 # MPRNet splits the image into quadrants and down-samples those twice: sides must divide by 8.
 MULTIPLE = 8
+# 512 px tiles keep a CPU forward pass around a second and its memory near 1 GiB (BENCHMARKS.md);
+# 32 px of overlap hide the seams of the bundled and released networks.
+DEFAULT_TILE_SIZE = 512
+DEFAULT_TILE_OVERLAP = 32
+
+
+def check_tiling(tile_size: int, overlap: int) -> None:
+    """The one statement of what tile settings are valid; ``ValueError`` naming the rule broken."""
+    if tile_size < 0:
+        raise ValueError(f"tile_size must be 0 (whole images) or positive, got {tile_size}")
+    if overlap < 0:
+        raise ValueError(f"tile_overlap must be at least 0, got {overlap}")
+    if tile_size:
+        if tile_size % MULTIPLE:
+            raise ValueError(f"tile_size must be a multiple of {MULTIPLE}, got {tile_size}")
+        if overlap * 2 >= tile_size:
+            raise ValueError(f"tile_overlap ({overlap}) must be under half of tile_size ({tile_size})")
 
 
 def _pad_amount(size: int, multiple: int = MULTIPLE) -> int:
@@ -84,17 +102,14 @@ class TilePlan:
 
 def plan_tiles(height: int, width: int, tile_size: int, overlap: int) -> TilePlan:
     """Tiles of at most ``tile_size`` (0: no tiling) overlapping by at least ``overlap`` pixels."""
+    check_tiling(tile_size, overlap)
     if height < 1 or width < 1:
         raise ValueError(f"image must be at least 1x1, got {width}x{height}")
     padded_h = height + _pad_amount(height)
     padded_w = width + _pad_amount(width)
-    if tile_size <= 0:
+    if tile_size == 0:
         tile_h, tile_w = padded_h, padded_w
     else:
-        if tile_size % MULTIPLE:
-            raise ValueError(f"tile_size must be a multiple of {MULTIPLE}, got {tile_size}")
-        if not 0 <= overlap < tile_size // 2:
-            raise ValueError(f"overlap must be at least 0 and under half the tile size, got {overlap}")
         tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
     ys = _starts(padded_h, tile_h, overlap)
     xs = _starts(padded_w, tile_w, overlap)
@@ -140,3 +155,49 @@ def merge(tiles: np.ndarray, plan: TilePlan) -> np.ndarray:
         weight[y:y + th, x:x + tw] += window
     total /= weight
     return np.ascontiguousarray(total[:, :plan.height, :plan.width])
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How images are cut for the network and put back: a value, shared by every request and device.
+
+    Args:
+        tile_size: largest tile side in pixels, a multiple of 8; 0 runs whole images.
+        overlap: pixels shared by neighbouring tiles, cross-faded when stitching; under half a tile.
+
+    With ``tile_size`` 0, or an image that fits in one tile, the result is the reference demo's:
+    scale to [0, 1], reflect-pad bottom and right to a multiple of 8, (network), crop, round to
+    8 bits with ties to even.
+    """
+
+    tile_size: int = DEFAULT_TILE_SIZE
+    overlap: int = DEFAULT_TILE_OVERLAP
+
+    def __post_init__(self) -> None:
+        check_tiling(self.tile_size, self.overlap)
+
+    def plan(self, height: int, width: int) -> TilePlan:
+        return plan_tiles(height, width, self.tile_size, self.overlap)
+
+    def cut(self, image: np.ndarray) -> tuple[TilePlan, np.ndarray]:
+        """(H, W, 3) uint8 -> the tile plan and (N, 3, th, tw) float32 tiles in [0, 1]."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+        plan = self.plan(image.shape[0], image.shape[1])
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
+        return plan, cut(pad_to_multiple(chw), plan)
+
+    @staticmethod
+    def stitch(plan: TilePlan, outputs: np.ndarray) -> np.ndarray:
+        """Restored tiles in [0, 1] -> (H, W, 3) uint8 at the original size."""
+        merged = merge(outputs, plan)
+        # np.rint rounds ties to even, as the reference's img_as_ubyte does.
+        return np.rint(merged.transpose(1, 2, 0) * 255).astype(np.uint8)
+
+    def restore(self, image: np.ndarray, forward, batch_size: int = 1) -> np.ndarray:
+        """Cut, run ``forward`` on ``batch_size`` tiles at a time, stitch: offline, in this thread."""
+        plan, tiles = self.cut(image)
+        outputs = np.empty_like(tiles)
+        for start in range(0, len(tiles), batch_size):
+            outputs[start:start + batch_size] = forward(tiles[start:start + batch_size])
+        return self.stitch(plan, outputs)

@@ -1,0 +1,130 @@
+"""ASGI middleware, one job each: accounting for every request, and admission of restores.
+
+Pure ASGI rather than route dependencies because some answers never reach a route: the 413 for
+a declared oversize body (sent before a byte of it is read), 404s for unknown paths, and 422s
+from FastAPI's own validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ServiceError, error_response
+from .metrics import UNKNOWN_TASK, ServiceMetrics
+
+__all__ = ["RequestAccounting", "AdmissionControl", "REQUEST_ID_HEADER", "RESTORE_PREFIX"]
+
+request_log = logging.getLogger("service.requests")
+
+RESTORE_PREFIX = "/v1/restore/"
+REQUEST_ID_HEADER = "X-Request-ID"
+# Echoed into a response header and the logs, so only a safe alphabet and a bounded length.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+
+
+class RequestAccounting:
+    """Request id, metrics and one log line for every request, whatever layer answered it.
+
+    The request id (the client's ``X-Request-ID`` if it is safe to echo, else a new one) goes
+    into ``scope["state"]`` with the log entry that inner layers add fields to.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, tasks: tuple[str, ...]):
+        self.app = app
+        self.metrics = metrics
+        self.tasks = tasks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        client_id = _headers(scope).get(REQUEST_ID_HEADER.lower(), "")
+        request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
+        path = scope["path"]
+        entry: dict[str, Any] = {"request_id": request_id, "method": scope["method"], "path": path}
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, started=started, log_entry=entry)
+
+        is_restore = path.startswith(RESTORE_PREFIX)
+        task = path[len(RESTORE_PREFIX):]
+        task_label = task if task in self.tasks else UNKNOWN_TASK
+        status = 500  # what the client sees if the app raises before answering
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()),
+                                      (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
+            await send(message)
+
+        if is_restore:
+            self.metrics.in_flight.labels(task_label).inc()
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        finally:
+            seconds = time.monotonic() - started
+            entry.update(status=status, duration_ms=round(seconds * 1000, 2))
+            if is_restore:
+                self.metrics.in_flight.labels(task_label).dec()
+                self.metrics.requests.labels(task_label, str(status)).inc()
+                self.metrics.request_duration.labels(task_label).observe(seconds)
+            level = logging.DEBUG if path in _PROBE_PATHS and status < 400 else logging.INFO
+            request_log.log(level, json.dumps(entry, separators=(",", ":")))
+
+
+class AdmissionControl:
+    """Refuses a restore before its body is read: unknown task (404), declared body over the
+    limit (413), queue full (503). Nothing of a refused upload is buffered.
+
+    Args:
+        app: the application behind it.
+        tasks: the tasks this service restores.
+        max_upload_bytes: the largest body accepted.
+        queue_refusal: returns the 503 to answer now, or None while there is room.
+    """
+
+    def __init__(self, app: ASGIApp, tasks: tuple[str, ...], max_upload_bytes: int,
+                 queue_refusal: Callable[[], ServiceError | None]):
+        self.app = app
+        self.tasks = tasks
+        self.max_upload_bytes = max_upload_bytes
+        self.queue_refusal = queue_refusal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = None
+        if scope["type"] == "http" and scope["path"].startswith(RESTORE_PREFIX):
+            refusal = self._refusal(scope["path"][len(RESTORE_PREFIX):], _headers(scope))
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        entry = scope.get("state", {}).get("log_entry")
+        if entry is not None:
+            entry["error"] = refusal.code
+        await error_response(refusal.status_code, refusal.code, refusal.detail, refusal.headers)(scope, receive, send)
+
+    def _refusal(self, task: str, headers: dict[str, str]) -> ServiceError | None:
+        if task not in self.tasks:
+            return ServiceError(404, "unknown_task",
+                                f"no task {task!r} here; this service restores: {', '.join(self.tasks)}")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_upload_bytes:
+            return ServiceError(413, "payload_too_large",
+                                f"the upload is {int(declared)} bytes; the limit is {self.max_upload_bytes} bytes")
+        # Refusing now, before the upload is read and decoded, is what keeps the cost of a
+        # refusal small while clients far outnumber what the device can take.
+        return self.queue_refusal()

@@ -1,0 +1,148 @@
+"""The HTTP endpoints: restoring images, and the operations an orchestrator and a scraper use.
+
+Handlers speak HTTP only: they read the upload, watch the deadline and the client, and turn
+what :meth:`ServiceState.restore` returns or raises into a response.
+"""
+
+
+import asyncio
+import logging
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Path, Request, UploadFile
+from fastapi.responses import Response
+
+from .config import Settings
+from .errors import ErrorBody, ServiceError, as_service_error, not_ready, timed_out
+from .metrics import CONTENT_TYPE_LATEST
+from .schemas import ModelsResponse
+from .state import ServiceState
+
+__all__ = ["restore_router", "operations_router"]
+
+log = logging.getLogger(__name__)
+
+
+def get_service(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+Service = Annotated[ServiceState, Depends(get_service)]
+
+_RESTORE_ERRORS = {
+    400: "The upload is not a decodable image (`invalid_image`).",
+    404: "No such task on this service (`unknown_task`).",
+    413: "The upload is over the byte limit (`payload_too_large`) or the image over the pixel limit "
+         "(`image_too_large`).",
+    415: "An image format or kind the service does not take (`unsupported_media_type`).",
+    422: "The multipart field `image` is missing, not a file, or sent twice (`validation_error`).",
+    503: "The queue is full (`queue_full`) or the models are not ready (`not_ready`); see `Retry-After`.",
+    504: "The request was not finished within the service's time limit (`timeout`).",
+}
+
+
+async def _until_disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message can only be the client going away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def restore_router(settings: Settings) -> APIRouter:
+    router = APIRouter(tags=["restore"])
+
+    @router.post(
+        "/v1/restore/{task}",
+        response_class=Response,
+        max_body_size=settings.max_upload_bytes,
+        summary="Restore an image",
+        description=(
+            "Send one image as the multipart/form-data file field `image` (PNG, JPEG, WebP, BMP or TIFF, "
+            f"at most {settings.max_upload_bytes} bytes and {settings.max_pixels} pixels). The answer is a PNG "
+            "of the same size: grayscale stays grayscale, alpha is kept, EXIF orientation is applied.\n\n"
+            "Headers: `X-Request-ID` (yours, echoed, or a new one) and `Server-Timing` with `decode`, "
+            "`queue`, `inference`, `encode` and `total` in milliseconds."),
+        responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                         "description": "The restored image as PNG."},
+                   **{status: {"model": ErrorBody, "description": text} for status, text in _RESTORE_ERRORS.items()}},
+    )
+    async def restore(
+        request: Request,
+        service: Service,
+        task: Annotated[str, Path(description="which restoration to run",
+                                  json_schema_extra={"enum": list(settings.tasks)})],
+        image: Annotated[UploadFile, File(description="the image to restore: PNG, JPEG, WebP, BMP or TIFF")],
+    ) -> Response:
+        # Unknown tasks, oversize bodies and a full queue were refused by AdmissionControl
+        # before the upload was read.
+        if service.batcher is None or service.load_error is not None:
+            raise not_ready(service.not_ready_reason())
+        if len((await request.form()).getlist("image")) > 1:
+            # Which of several images to restore is not ours to guess.
+            raise ServiceError(422, "validation_error", "send exactly one multipart file field named 'image'")
+        entry = request.state.log_entry
+        entry["task"] = task
+        timeout_s = service.settings.request_timeout_s
+        deadline = request.state.started + timeout_s
+        data = await image.read()
+        entry["bytes"] = len(data)
+
+        work = asyncio.ensure_future(service.restore(task, data, deadline, entry))
+        client_gone = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.wait({work, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            pass
+        finally:
+            client_gone.cancel()
+        if not work.done():
+            work.cancel()  # drops this request's queued tiles
+            if client_gone.done() and not client_gone.cancelled():
+                entry["error"] = "client_disconnected"
+                return Response(status_code=499)  # nginx's code for it; only the log ever sees it
+            raise timed_out(timeout_s)
+        try:
+            restored = work.result()
+        except Exception as exc:
+            answer = as_service_error(exc, timeout_s)
+            if answer is None:
+                log.error("restoring failed in request %s", request.state.request_id, exc_info=exc)
+                answer = ServiceError(500, "inference_failed",
+                                      f"the model failed on this image (request {request.state.request_id})")
+            raise answer from None
+        timings = {**restored.timings, "total": time.monotonic() - request.state.started}
+        server_timing = ", ".join(f"{name};dur={round(seconds * 1000, 2)}" for name, seconds in timings.items())
+        return Response(content=restored.png, media_type="image/png", headers={"Server-Timing": server_timing})
+
+    return router
+
+
+def operations_router() -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz", summary="Liveness: the process answers HTTP")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="Readiness: every model loaded and warmed up, not shutting down",
+                responses={503: {"model": ErrorBody, "description": "loading, failed to load, or draining"}})
+    async def readyz(service: Service) -> dict[str, str]:
+        if not service.ready:
+            raise not_ready(service.not_ready_reason())
+        return {"status": "ready"}
+
+    @router.get("/v1/models", summary="The model behind each task", response_model=ModelsResponse)
+    async def list_models(service: Service) -> ModelsResponse:
+        settings = service.settings
+        return ModelsResponse(ready=service.ready, workers=list(service.workers),
+                              max_batch_size=settings.max_batch_size,
+                              max_batch_wait_ms=settings.max_batch_wait_ms,
+                              max_queued_tiles=settings.max_queued_tiles, models=service.cards)
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+                responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def metrics(service: Service) -> Response:
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return router

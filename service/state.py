@@ -1,0 +1,211 @@
+"""What the request handlers share: settings, metrics, the engines' batching queue, readiness.
+
+:meth:`ServiceState.load` loads and warms every task's network on every device in the
+background after start-up; readiness turns true only when all are warm and the queue is open.
+:meth:`ServiceState.restore` is one upload's path: decode and cut in a thread, tiles through
+the queue, stitch and encode in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from models import load_checkpoint
+
+from .batching import Batcher
+from .config import Settings, default_queued_tiles
+from .engine import Engine, resolve_devices
+from .errors import ServiceError
+from .metrics import ServiceMetrics
+from .pipeline import RestorePipeline
+from .schemas import ModelCard
+from .tiling import Tiling
+
+__all__ = ["ServiceState", "Restored"]
+
+log = logging.getLogger(__name__)
+
+
+class Restored:
+    """A restored upload: the PNG and the seconds each stage took, in the order they ran."""
+
+    def __init__(self, png: bytes, timings: dict[str, float]):
+        self.png = png
+        self.timings = timings
+
+
+class ServiceState:
+    """Everything the request handlers share; built by ``create_app``, one per app."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = ServiceMetrics(settings.max_batch_size)
+        self.metrics.queue_capacity.set(settings.max_queued_tiles)
+        self.metrics.readiness.set_function(lambda: float(self.ready))
+        self.pipeline = self._pipeline()
+        self.workers: dict[str, dict[str, Engine]] = {}  # worker name -> task -> its engine
+        self.cards: dict[str, ModelCard] = {}
+        self.batcher: Batcher | None = None
+        self.draining = False
+        self.load_error: str | None = None
+        # Called when the models cannot be loaded; `serve` uses it to exit instead of idling unready.
+        self.on_load_failure: Callable[[], None] | None = None
+        # Decoding, cutting, stitching and encoding; sized to the cores so a burst of uploads
+        # cannot starve the inference thread with dozens of busy decoders.
+        self.imaging_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                               thread_name_prefix="mprnet-imaging")
+
+    def _pipeline(self) -> RestorePipeline:
+        settings = self.settings
+        return RestorePipeline(Tiling(settings.tile_size, settings.tile_overlap), max_pixels=settings.max_pixels,
+                               max_tiles=settings.max_queued_tiles)
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None and self.batcher.running and not self.draining and self.load_error is None
+
+    def not_ready_reason(self) -> str:
+        if self.load_error is not None:
+            return f"the models failed to load: {self.load_error}"
+        if self.draining:
+            return "the service is shutting down"
+        if self.batcher is None:
+            return "the models are still loading"
+        return "the inference worker is restarting"
+
+    def queue_refusal(self) -> ServiceError | None:
+        """The 503 to answer before reading an upload, while the queue has no room for a tile."""
+        if self.batcher is not None and self.batcher.full:
+            return ServiceError(503, "queue_full", "the inference queue is full; retry later",
+                                {"Retry-After": str(self.batcher.retry_after_s())})
+        return None
+
+    async def run_in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.imaging_pool, function, *args)
+
+    async def restore(self, task: str, data: bytes, deadline: float, entry: dict) -> Restored:
+        """The upload's bytes -> restored PNG; ``entry`` (the request's log line) gains the image's facts."""
+        metrics = self.metrics
+        timings: dict[str, float] = {}
+        mark = time.monotonic()
+        prepared = await self.run_in_thread(self.pipeline.prepare, data)
+        timings["decode"] = time.monotonic() - mark
+        decoded, tiles = prepared.decoded, prepared.tiles
+        entry.update(width=decoded.width, height=decoded.height, format=decoded.format, tiles=len(tiles))
+        metrics.image_megapixels.labels(task).observe(decoded.width * decoded.height / 1e6)
+        metrics.request_tiles.labels(task).observe(len(tiles))
+
+        result = await self.batcher.submit(task, tiles, deadline)
+        timings["queue"], timings["inference"] = result.queue_seconds, result.inference_seconds
+        metrics.queue_wait.labels(task).observe(result.queue_seconds)
+        entry.update(queue_ms=round(result.queue_seconds * 1000, 2),
+                     inference_ms=round(result.inference_seconds * 1000, 2))
+
+        mark = time.monotonic()
+        png = await self.run_in_thread(self.pipeline.finish, prepared, result.outputs)
+        timings["encode"] = time.monotonic() - mark
+        return Restored(png, timings)
+
+    async def load(self) -> None:
+        """Load and warm every task's engine on every device, then open the queue; readiness follows."""
+        try:
+            await self._load_engines()
+        except Exception as exc:  # reported through readiness and the log instead
+            self.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("cannot serve: %s", self.load_error)
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+            return
+        settings = self.settings
+        batcher = Batcher(workers={name: {task: engine.forward for task, engine in engines.items()}
+                                   for name, engines in self.workers.items()},
+                          max_batch_size=settings.max_batch_size, max_wait_s=settings.max_batch_wait_ms / 1000,
+                          max_queued_tiles=settings.max_queued_tiles, observer=self.metrics)
+        batcher.start()
+        self.metrics.watch_queue(batcher.depth_by_task)
+        self.batcher = batcher
+        log.info("ready: serving %s", ", ".join(self.cards))
+
+    async def _load_engines(self) -> None:
+        devices = resolve_devices(self.settings.devices or (self.settings.device,))
+        names = _worker_names(devices)
+        device_list = [str(device) for device in devices]
+        sized = not (self.settings.auto_size and devices[0].type == "cuda")
+        for task in self.settings.tasks:
+            path = self.settings.weights_path(task)
+            started = time.monotonic()
+            checkpoint = await asyncio.to_thread(load_checkpoint, path)
+            # A copy per worker, made before any is moved: Engine moves its model onto its device in place.
+            models = [checkpoint.model, *(copy.deepcopy(checkpoint.model) for _ in devices[1:])]
+            if not sized:
+                await asyncio.to_thread(self._choose_sizes, models[0], devices[0])
+                sized = True
+            settings = self.settings
+            for name, device, model in zip(names, devices, models):
+                engine = await asyncio.to_thread(functools.partial(
+                    Engine, model, config=checkpoint.config, device=device, precision=settings.precision,
+                    tile_size=settings.tile_size, max_batch_size=settings.max_batch_size,
+                    channels_last=settings.channels_last, compile=settings.compile,
+                    cuda_graphs=settings.cuda_graphs))
+                # A full batch, so that the largest allocation happens now, not under load.
+                await asyncio.to_thread(engine.warmup, settings.max_batch_size)
+                self.workers.setdefault(name, {})[task] = engine
+            engine = self.workers[names[0]][task]
+            description = {**engine.describe(), "tile_overlap": settings.tile_overlap}
+            self.cards[task] = ModelCard(weights_file=path.name, weights_sha256=checkpoint.sha256,
+                                         devices=device_list, **description)
+            self.metrics.add_model(task, {**description.pop("architecture"), **_in_card_order(description),
+                                          "device": ",".join(dict.fromkeys(device_list)),
+                                          "weights_sha256": checkpoint.sha256})
+            log.info("loaded %s from %s (sha256 %s, %d parameters) on %s in %.1f s", task, path,
+                     checkpoint.sha256[:12], engine.parameter_count, ", ".join(names), time.monotonic() - started)
+
+    def _choose_sizes(self, model: torch.nn.Module, device: torch.device) -> None:
+        """Automatic sizing, decided once from the first task on the first device: every worker
+        and task shares the queue's one tile shape and batch limit. max_batch_size stays the
+        ceiling, and the queue grows if the largest upload would no longer fit in it."""
+        settings = self.settings
+        probe = Engine(model, device=device, precision=settings.precision, channels_last=settings.channels_last)
+        tile_size, batch = probe.choose_sizes()
+        batch = min(batch, settings.max_batch_size)
+        queued = max(settings.max_queued_tiles,
+                     default_queued_tiles(settings.max_pixels, tile_size, settings.tile_overlap))
+        self.settings = settings.model_copy(update={"tile_size": tile_size, "max_batch_size": batch,
+                                                    "max_queued_tiles": queued})
+        self.pipeline = self._pipeline()
+        self.metrics.queue_capacity.set(queued)
+        log.info("auto sizing: tile_size %d, max_batch_size %d, max_queued_tiles %d", tile_size, batch, queued)
+
+    async def close(self) -> None:
+        self.draining = True
+        if self.batcher is not None:
+            await self.batcher.close(grace_s=self.settings.graceful_shutdown_s)
+        self.imaging_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _in_card_order(description: dict) -> dict:
+    # The metric's labels keep the order they had before tile_overlap moved out of the engine.
+    order = ("parameters", "device", "precision", "tile_size", "tile_overlap")
+    return {**{key: description[key] for key in order if key in description}, **description}
+
+
+def _worker_names(devices: list) -> list[str]:
+    """Each worker's name: its device, numbered ("cpu#0", "cpu#1") where a device has several,
+    so that metrics tell their batches apart."""
+    counts, seen = Counter(map(str, devices)), Counter()
+    names = []
+    for device in map(str, devices):
+        names.append(device if counts[device] == 1 else f"{device}#{seen[device]}")
+        seen[device] += 1
+    return names
