@@ -8,6 +8,7 @@ loads with no config file. Files are never unpickled as code: ``.pth`` goes thro
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import zipfile
@@ -19,8 +20,8 @@ import torch
 
 from .mprnet import MPRNet
 
-__all__ = ["CheckpointError", "MPRNetConfig", "infer_config", "load_model", "load_state_dict",
-           "save_safetensors", "sha256_file", "RELEASED_CONFIGS"]
+__all__ = ["CheckpointError", "LoadedCheckpoint", "MPRNetConfig", "infer_config", "load_checkpoint", "load_model",
+           "load_state_dict", "save_safetensors", "sha256_file", "RELEASED_CONFIGS"]
 
 
 class CheckpointError(ValueError):
@@ -66,18 +67,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _read_file(path: Path) -> Mapping:
+def _read_file(path: Path) -> tuple[Mapping, str]:
+    """The file's content and the sha256 of the very bytes it was parsed from, so the digest
+    describes the weights loaded even if the file is replaced meanwhile."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
         try:
-            return load_file(str(path))
+            data = path.read_bytes()
+            return load(data), hashlib.sha256(data).hexdigest()
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), hashlib.sha256(data).hexdigest()
     except pickle.UnpicklingError as exc:
         # weights_only refuses any pickle that names code; say so rather than show the traceback.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -88,10 +93,8 @@ def _read_file(path: Path) -> Mapping:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The network's tensors from any supported checkpoint layout, prefixes removed."""
-    path = Path(path)
-    content = _read_file(path)
+def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    content, digest = _read_file(path)
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path}: expected a mapping of tensors, found {type(content).__name__}")
     for wrapper_key in ("state_dict", "model", "params"):
@@ -112,7 +115,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state[name] = value
     if not state:
         raise CheckpointError(f"{path}: the checkpoint holds no tensors")
-    return state
+    return state, digest
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network's tensors from any supported checkpoint layout, prefixes removed."""
+    return _read_state(Path(path))[0]
 
 
 def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
@@ -167,17 +175,26 @@ def _check_fits(model: MPRNet, state: Mapping[str, torch.Tensor], config: MPRNet
         raise CheckpointError(f"does not fit an MPRNet ({config}): " + "; ".join(problems))
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> MPRNet:
-    """An eval-mode :class:`MPRNet` from a checkpoint file, its architecture inferred from shapes.
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """An eval-mode MPRNet (CPU, fp32) and what its file said about it."""
+
+    model: MPRNet
+    config: MPRNetConfig  # inferred from the tensor shapes
+    sha256: str           # of the bytes the weights were read from
+    path: Path
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    """Load any MPRNet checkpoint file, its architecture inferred from shapes.
 
     Reads the released files (``{"state_dict", "epoch", "optimizer"}``, with or without
     ``module.`` prefixes), bare state_dicts and ``.safetensors``. Raises :class:`CheckpointError`
-    with one line saying what is wrong for anything else. ``model.config`` holds the inferred
-    :class:`MPRNetConfig`.
+    with one line saying what is wrong for anything else.
     """
+    path = Path(path)
     try:
-        state = load_state_dict(path)
+        state, digest = _read_state(path)
         config = infer_config(state)
         with torch.device("meta"):
             skeleton = config.build()
@@ -187,8 +204,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     model = config.build()
     model.load_state_dict(state)
-    model.config = config
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return LoadedCheckpoint(model.eval().requires_grad_(False), config, digest, path)
+
+
+def load_model(path: str | os.PathLike) -> MPRNet:
+    """Just the network of :func:`load_checkpoint`."""
+    return load_checkpoint(path).model
 
 
 def save_safetensors(model: MPRNet, path: str | os.PathLike, half: bool = False,

@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urljoin, urlparse
 
 from .card import CARD, replace_section
-from .checkpoint import RELEASED_CONFIGS, CheckpointError, infer_config, load_model, load_state_dict, sha256_file
+from .checkpoint import RELEASED_CONFIGS, CheckpointError, infer_config, load_checkpoint, load_state_dict, sha256_file
 
 __all__ = ["TASKS", "RELEASED_DRIVE_IDS", "WeightsNotFound", "WeightsInstallError", "bundled_path",
            "installed_dir", "resolve", "install", "describe", "manifest"]
@@ -306,18 +306,17 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
         staged = tmp.with_suffix(_suffix_of(tmp))
         os.replace(tmp, staged)
         try:
-            model = load_model(staged)
+            config = load_checkpoint(staged).config
         except CheckpointError as exc:
             raise WeightsInstallError(f"{source}: not an MPRNet checkpoint: "
                                       f"{str(exc).removeprefix(str(staged) + ': ')}") from None
         released = RELEASED_CONFIGS[task]
-        if model.config != released:
-            other = _matching_task(model.config)
+        if config != released:
+            other = _matching_task(config)
             hint = f" (that is the released {other} configuration)" if other else ""
             raise WeightsInstallError(
                 f"{source}: wrong configuration for {task}: the file is an MPRNet with "
-                f"{model.config.as_kwargs()}{hint}, but the released {task} model has {released.as_kwargs()}")
-        del model
+                f"{config.as_kwargs()}{hint}, but the released {task} model has {released.as_kwargs()}")
         final = target_dir / f"{task}{staged.suffix}"
         os.replace(staged, final)
         staged = None

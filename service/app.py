@@ -32,8 +32,6 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models import sha256_file
-
 from . import imaging
 from .batching import Batcher, DeadlineExceeded, QueueClosed, QueueFull, TooManyTiles
 from .config import Settings, default_queued_tiles
@@ -208,7 +206,7 @@ class ServiceState:
                     await asyncio.to_thread(engine.warmup, settings.max_batch_size)
                     self.workers.setdefault(name, {})[task] = engine
                 engine = self.workers[names[0]][task]
-                digest = await asyncio.to_thread(sha256_file, path)
+                digest = engine.weights_sha256
                 description = engine.describe()
                 device_list = [str(device) for device in devices]
                 self.cards[task] = ModelCard(weights_file=path.name, weights_sha256=digest, devices=device_list,

@@ -16,12 +16,11 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from models import MPRNetConfig, load_model
+from models import MPRNetConfig, load_checkpoint
 
 from . import tiling
 from .tiling import TilePlan
@@ -83,7 +82,8 @@ class Engine:
     """One MPRNet on one device, with its precision and tiling settings.
 
     Args:
-        model: an MPRNet (e.g. from :func:`models.load_model`).
+        model: an MPRNet (e.g. from :func:`models.load_checkpoint`).
+        config, weights_sha256: what the model is, for :meth:`describe` and the service's model card.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, or ``fp16``/``bf16`` autocast; fp16 needs CUDA, bf16 also runs on
             CPUs (fast where they have bf16 instructions, e.g. AVX512-BF16 or AMX).
@@ -104,7 +104,8 @@ class Engine:
     tiles, so callers see only success or a real failure.
     """
 
-    def __init__(self, model: torch.nn.Module, *, device: str | torch.device = "auto", precision: str = "fp32",
+    def __init__(self, model: torch.nn.Module, *, config: MPRNetConfig | None = None,
+                 weights_sha256: str | None = None, device: str | torch.device = "auto", precision: str = "fp32",
                  tile_size: int | str = DEFAULT_TILE_SIZE, tile_overlap: int = 32,
                  max_batch_size: int | str | None = None, channels_last: bool | None = None,
                  compile: bool = False, cuda_graphs: bool = False):
@@ -131,7 +132,8 @@ class Engine:
         # Both layouts set explicitly: Module.to works in place, so a model may arrive converted.
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=layout).eval().requires_grad_(False)
-        self.config: MPRNetConfig | None = getattr(model, "config", None)
+        self.config = config
+        self.weights_sha256 = weights_sha256
         self._on_cuda = self.device.type == "cuda"
         if self._on_cuda:
             # The serving tile shape is fixed, so cuDNN's per-shape autotuning pays for itself.
@@ -151,9 +153,8 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> "Engine":
-        engine = cls(load_model(path), **kwargs)
-        engine.weights_path = Path(path)
-        return engine
+        checkpoint = load_checkpoint(path)
+        return cls(checkpoint.model, config=checkpoint.config, weights_sha256=checkpoint.sha256, **kwargs)
 
     @property
     def parameter_count(self) -> int:
