@@ -21,7 +21,7 @@ import re
 import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urljoin, urlparse
+from urllib.parse import parse_qs, urljoin, urlparse
 
 from .checkpoint import RELEASED_CONFIGS, CheckpointError, infer_config, load_checkpoint, load_state_dict, sha256_file
 
