@@ -7,7 +7,7 @@
 #   mkdir -p .gpu_data && cp -r ../shared/datasets/train/CBSD432 .gpu_data/
 #
 # then: run(command="bash bench/gpu_train.sh", carry=[".gpu_data"], timeout_s=570).
-# Here, afterwards: python -m models.weights TASK $FILES_AT/TASK/last.pt, then models.evaluate.
+# Here, afterwards: python -m training.bundle TASK $FILES_AT/TASK/last.pt, then training.evaluate.
 #
 # The three trainers share the GPU: the bundled network is small (n_feat 16), so one trainer
 # leaves most of an H100 idle between its kernel launches. Deblurring, the task furthest from its
@@ -48,7 +48,7 @@ start_from() {  # task -> the trainer's flags for its starting point
 train() {  # task seed batch lr workers
   mkdir -p "$OUT/$1"
   # shellcheck disable=SC2046  # start_from's flags are meant to split
-  $PY -m models.train --task "$1" --data "$DATA" --out "$OUT/$1" $(start_from "$1") \
+  $PY -m training.train --task "$1" --data "$DATA" --out "$OUT/$1" $(start_from "$1") \
     --seed "$2" --batch "$3" --lr "$4" --workers "$5" --patch 128 --minutes "$MINUTES" --bf16 --threads 2 \
     --warmup 200 --val-minutes 1.5 --save-minutes 1 --log-every 200 > /dev/null &
   trainers+=($!)

@@ -1,7 +1,8 @@
 """Which weights each task uses, and installing the paper's released ones.
 
 Two places hold weights. The project's own small models ship inside the package
-(``models/weights/<task>.safetensors``, listed with their sha256 in ``manifest.json``). The
+(``models/weights/<task>.safetensors``, listed with their sha256 in ``manifest.json``, both
+written by ``python -m training.bundle``). The
 paper's released checkpoints, which are larger and better, are installed by the user into
 :func:`installed_dir`; when present they are preferred.
 
@@ -20,10 +21,9 @@ import re
 import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urljoin, urlparse
+from urllib.parse import parse_qs, urljoin, urlparse
 
-from .card import CARD, replace_section
-from .checkpoint import RELEASED_CONFIGS, CheckpointError, infer_config, load_model, load_state_dict, sha256_file
+from .checkpoint import RELEASED_CONFIGS, CheckpointError, infer_config, load_checkpoint, load_state_dict, sha256_file
 
 __all__ = ["TASKS", "RELEASED_DRIVE_IDS", "WeightsNotFound", "WeightsInstallError", "bundled_path",
            "installed_dir", "resolve", "install", "describe", "manifest"]
@@ -306,18 +306,17 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
         staged = tmp.with_suffix(_suffix_of(tmp))
         os.replace(tmp, staged)
         try:
-            model = load_model(staged)
+            config = load_checkpoint(staged).config
         except CheckpointError as exc:
             raise WeightsInstallError(f"{source}: not an MPRNet checkpoint: "
                                       f"{str(exc).removeprefix(str(staged) + ': ')}") from None
         released = RELEASED_CONFIGS[task]
-        if model.config != released:
-            other = _matching_task(model.config)
+        if config != released:
+            other = _matching_task(config)
             hint = f" (that is the released {other} configuration)" if other else ""
             raise WeightsInstallError(
                 f"{source}: wrong configuration for {task}: the file is an MPRNet with "
-                f"{model.config.as_kwargs()}{hint}, but the released {task} model has {released.as_kwargs()}")
-        del model
+                f"{config.as_kwargs()}{hint}, but the released {task} model has {released.as_kwargs()}")
         final = target_dir / f"{task}{staged.suffix}"
         os.replace(staged, final)
         staged = None
@@ -331,61 +330,3 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
         for leftover in (tmp, staged):
             if leftover is not None and leftover.exists():
                 leftover.unlink()
-
-
-# ---------------------------------------------------------------------------------------------
-# Bundling the project's own weights
-# ---------------------------------------------------------------------------------------------
-
-def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: Path = CARD) -> dict:
-    """Export a training run's ``last.pt`` as the bundled weights of ``task`` and record it in
-    the manifest (with the run's iterations and training time) and the model card's files table;
-    returns the manifest entry."""
-    import torch
-
-    from .train import export, total_training
-    _check_task(task)
-    BUNDLED_DIR.mkdir(exist_ok=True)
-    path = bundled_path(task)
-    tmp = path.with_name(f".{task}.partial.safetensors")
-    try:
-        digest = export(checkpoint, tmp, half=half)
-        config = infer_config(load_state_dict(tmp)).as_kwargs()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    run = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    iterations, seconds = total_training(run)
-    entry = {"file": path.name, "sha256": digest, "config": config, "fp16": half,
-             "iterations": iterations, "trained_minutes": round(seconds / 60, 1),
-             "patch": run["meta"]["patch"], "batch": run["meta"]["batch"]}
-    listed = manifest()
-    listed[task] = entry
-    (BUNDLED_DIR / "manifest.json").write_text(json.dumps(dict(sorted(listed.items())), indent=2) + "\n")
-    replace_section("files", files_table(listed), card)
-    return entry
-
-
-def files_table(listed: dict) -> str:
-    """The model card's table of bundled files, from the manifest."""
-    lines = ["| Task | File | sha256 | Iterations |", "|---|---|---|---|"]
-    for task, entry in sorted(listed.items()):
-        lines.append(f"| {task} | `{entry['file']}` | `{entry['sha256']}` | {entry['iterations']:,} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m models.weights",
-                                     description="Bundle a training run's weights into models/weights/.")
-    parser.add_argument("task", choices=TASKS)
-    parser.add_argument("checkpoint", help="the run's last.pt")
-    parser.add_argument("--half", action="store_true", help="store fp16")
-    args = parser.parse_args(argv)
-    entry = bundle(args.task, args.checkpoint, half=args.half)
-    print(json.dumps({args.task: entry}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import degradations as deg
-from models.degradations import DEGRADATIONS
+from training import degradations as deg
+from training.degradations import DEGRADATIONS
 
 
 def _photo(height: int = 96, width: int = 128) -> np.ndarray:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import evaluate
-from models.card import markers
-from models.checkpoint import MPRNetConfig, save_safetensors
+from models import MPRNetConfig, save_safetensors
+from training import evaluate
+from training.card import markers
 
 TINY = MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import RELEASED_CONFIGS, CheckpointError, MPRNet, MPRNetConfig, load_model, save_safetensors
+from models import (RELEASED_CONFIGS, CheckpointError, MPRNet, MPRNetConfig, load_checkpoint, load_model,
+                    save_safetensors, sha256_file)
 from models.mprnet import MPRNet as ContractMPRNet
 
 SMALL_CONFIGS = [
@@ -73,8 +74,9 @@ def test_architecture_is_inferred_for_released_configs(tmp_path, task):
     path = tmp_path / "model.pth"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
                 "optimizer": {"state": {}, "param_groups": []}}, path)
-    loaded = load_model(path)
-    assert loaded.config == RELEASED_CONFIGS[task]
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.config == RELEASED_CONFIGS[task]
+    loaded = checkpoint.model
     assert not loaded.training
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
@@ -95,8 +97,11 @@ def test_every_format_loads_and_gives_the_same_output(tmp_path, config, layout):
     else:
         path = tmp_path / "m.safetensors"
         save_safetensors(model, path, half=layout.endswith("fp16"))
-    loaded = load_model(path)
-    assert loaded.config == config
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.config == config
+    assert checkpoint.sha256 == sha256_file(path) and checkpoint.path == path
+    assert not hasattr(checkpoint.model, "config")
+    loaded = checkpoint.model
     image = torch.rand(1, 3, 32, 32)
     with torch.inference_mode():
         expected, got = model(image)[0], loaded(image)[0]
@@ -105,7 +110,7 @@ def test_every_format_loads_and_gives_the_same_output(tmp_path, config, layout):
 
 
 def test_released_checkpoint_loads_with_its_module_prefix(official_checkpoint):
-    assert load_model(official_checkpoint).config == RELEASED_CONFIGS["deraining"]
+    assert load_checkpoint(official_checkpoint).config == RELEASED_CONFIGS["deraining"]
 
 
 class _RunsCode:

@@ -15,9 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models import load_model
-from models.train import EdgeLoss, MPRNetLoss, PatchSampler, main, patch_batches
-from models.checkpoint import MPRNetConfig
+from models import MPRNetConfig, load_checkpoint, load_model
+from training.train import EdgeLoss, MPRNetLoss, PatchSampler, main, patch_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-feat", "8", "--scale-unetfeats", "4", "--scale-orsnetfeats", "4", "--num-cab", "1"]
@@ -80,8 +79,9 @@ def test_training_reduces_loss_exports_and_resumes(task, precision, photos, tmp_
 
     exported = tmp_path / f"{task}.safetensors"
     assert main(["--out", str(out), "--export", str(exported)]) == 0
-    model = load_model(exported)
-    assert model.config == TINY_CONFIG
+    checkpoint = load_checkpoint(exported)
+    assert checkpoint.config == TINY_CONFIG
+    model = checkpoint.model
     reference = MPRNetConfig(**state["config"]).build().eval()
     reference.load_state_dict(state["model"])
     x = torch.rand(1, 3, 32, 32)
@@ -152,7 +152,8 @@ def test_fine_tuned_weights_count_the_training_they_started_from(photos, tmp_pat
 
 def test_bundling_a_run_updates_weights_manifest_and_card(photos, tmp_path, monkeypatch):
     from models import weights
-    from models.card import markers, section
+    from training import bundle
+    from training.card import markers, section
     out = tmp_path / "run"
     main(_args("deraining", photos, out, "--iters", "2"))
     monkeypatch.setattr(weights, "BUNDLED_DIR", tmp_path / "bundled")
@@ -160,18 +161,18 @@ def test_bundling_a_run_updates_weights_manifest_and_card(photos, tmp_path, monk
     start, end = markers("files")
     card.write_text(f"prose\n{start}\nstale\n{end}\nmore prose\n")
 
-    entry = weights.bundle("deraining", out / "last.pt", card=card)
+    entry = bundle.bundle("deraining", out / "last.pt", card=card)
     assert entry["iterations"] == 2 and entry["config"] == TINY_CONFIG.as_kwargs()
-    assert load_model(tmp_path / "bundled" / "deraining.safetensors").config == TINY_CONFIG
+    assert load_checkpoint(tmp_path / "bundled" / "deraining.safetensors").config == TINY_CONFIG
     assert weights.manifest()["deraining"] == entry
-    assert section("files", card) == weights.files_table({"deraining": entry})
+    assert section("files", card) == bundle.files_table({"deraining": entry})
     assert card.read_text().startswith("prose\n") and card.read_text().endswith("more prose\n")
 
 
 def test_sigterm_saves_a_resumable_checkpoint(photos, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "models.train", *_args("denoising", photos, out, "--minutes", "10")],
+    process = subprocess.Popen([sys.executable, "-m", "training.train", *_args("denoising", photos, out, "--minutes", "10")],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import torch
 
-from models import RELEASED_CONFIGS, MPRNet, load_model, save_safetensors, sha256_file
+from models import RELEASED_CONFIGS, MPRNet, load_checkpoint, load_model, save_safetensors, sha256_file
 from models import weights
 from models.weights import TASKS, WeightsInstallError, WeightsNotFound
 
@@ -139,13 +139,13 @@ def test_bundled_weights_match_manifest():
         entry, path = listed[task], weights.bundled_path(task)
         assert path.name == entry["file"] and path.is_file()
         assert sha256_file(path) == entry["sha256"]
-        model = load_model(path)
-        assert model.config.as_kwargs() == entry["config"]
+        assert load_checkpoint(path).config.as_kwargs() == entry["config"]
 
 
 def test_model_card_lists_the_bundled_files():
-    from models.card import section
-    assert section("files") == weights.files_table(weights.manifest())
+    from training.bundle import files_table
+    from training.card import section
+    assert section("files") == files_table(weights.manifest())
 
 
 def test_describe_lists_bundled_when_nothing_installed(install_dir):
@@ -190,7 +190,7 @@ def test_install_from_url_verifies_hash_and_is_preferred(drive, install_dir, rel
     assert path == install_dir / "deraining.pth"
     assert sha256_file(path) == digest
     assert weights.resolve("deraining") == path
-    assert load_model(path).config == RELEASED_CONFIGS["deraining"]
+    assert load_checkpoint(path).config == RELEASED_CONFIGS["deraining"]
     row = next(r for r in weights.describe() if r["task"] == "deraining")
     assert row["source"] == "installed" and row["sha256"] == digest
     assert row["config"] == RELEASED_CONFIGS["deraining"].as_kwargs()

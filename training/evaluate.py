@@ -1,8 +1,8 @@
 """Evaluate the bundled weights on Kodak24 and regenerate the model card's table.
 
-    python -m models.evaluate --write-card          # all tasks, the bundled weights
-    python -m models.evaluate --cbm3d-only          # fill the CBM3D cache (slow; resumable)
-    python -m models.evaluate --weights denoising=runs/denoising/last.pt --tasks denoising
+    python -m training.evaluate --write-card          # all tasks, the bundled weights
+    python -m training.evaluate --cbm3d-only          # fill the CBM3D cache (slow; resumable)
+    python -m training.evaluate --weights denoising=runs/denoising/last.pt --tasks denoising
 
 Every degraded image comes from a fixed seed per (setting, image), drawn from a seed sequence
 that training never uses, so the numbers are reproducible and the photos and their degradations
@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from models import MPRNetConfig, load_checkpoint
+from models.weights import TASKS, bundled_path
+from service.engine import Engine
+
 from .card import CARD, replace_section
-from .checkpoint import load_model
 from .degradations import add_noise, add_rain, blur, disc_kernel, gaussian_kernel, motion_kernel, shake_kernel
-from .weights import TASKS, bundled_path
 
 ROOT = Path(__file__).resolve().parents[1]
 KODAK = ROOT.parent / "shared" / "datasets" / "eval" / "Kodak24"
@@ -160,9 +162,6 @@ ARCHITECTURES = (
 
 def architecture_table() -> str:
     """Parameters and CPU time per 512x512 of each candidate configuration (random weights)."""
-    from service.engine import Engine
-
-    from .checkpoint import MPRNetConfig
     lines = ["| n_feat | scale_unetfeats | scale_orsnetfeats | num_cab | parameters | CPU s / 512x512 |",
              "|---|---|---|---|---|---|"]
     for keywords in ARCHITECTURES:
@@ -176,10 +175,9 @@ def architecture_table() -> str:
 
 
 def evaluate_task(task: str, weights: Path, images, log) -> dict:
-    from service.engine import Engine
-    model = load_model(weights)
-    engine = Engine(model, device="cpu", tile_size=0)
-    result = {"weights": str(weights), "config": model.config.as_kwargs(), "settings": {}}
+    checkpoint = load_checkpoint(weights)
+    engine = Engine(checkpoint.model, config=checkpoint.config, device="cpu", tile_size=0)
+    result = {"weights": str(weights), "config": checkpoint.config.as_kwargs(), "settings": {}}
     for setting in (s for s in SETTINGS if s.task == task):
         rows = []
         for index, (name, clean) in enumerate(images):
@@ -289,7 +287,7 @@ def write_card(text: str, card: Path = CARD) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=KODAK, help="folder of clean evaluation photos")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--weights", action="append", default=[], metavar="TASK=PATH",

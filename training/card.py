@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-CARD = Path(__file__).resolve().parent / "MODEL_CARD.md"
+import models
+
+# The card ships beside the weights it describes, in the package serving installs.
+CARD = Path(models.__file__).resolve().parent / "MODEL_CARD.md"
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -1,0 +1,71 @@
+"""Bundle a training run's weights into ``models/weights/``, where serving finds them.
+
+    python -m training.bundle TASK runs/TASK/last.pt [--half]
+
+The run's weights become ``models/weights/TASK.safetensors``, its entry in ``manifest.json``
+records the file's sha256, configuration and how much training went into it, and the model
+card's files table is regenerated from the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from models import infer_config, load_state_dict, weights
+
+from .card import CARD, replace_section
+from .train import export, total_training
+
+
+def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: Path = CARD) -> dict:
+    """Export a training run's ``last.pt`` as the bundled weights of ``task`` and record it in
+    the manifest (with the run's iterations and training time) and the model card's files table;
+    returns the manifest entry."""
+    path = weights.bundled_path(task)
+    weights.BUNDLED_DIR.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{task}.partial.safetensors")
+    try:
+        digest = export(checkpoint, tmp, half=half)
+        config = infer_config(load_state_dict(tmp)).as_kwargs()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    run = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    iterations, seconds = total_training(run)
+    entry = {"file": path.name, "sha256": digest, "config": config, "fp16": half,
+             "iterations": iterations, "trained_minutes": round(seconds / 60, 1),
+             "patch": run["meta"]["patch"], "batch": run["meta"]["batch"]}
+    listed = weights.manifest()
+    listed[task] = entry
+    (weights.BUNDLED_DIR / "manifest.json").write_text(json.dumps(dict(sorted(listed.items())), indent=2) + "\n")
+    replace_section("files", files_table(listed), card)
+    return entry
+
+
+def files_table(listed: dict) -> str:
+    """The model card's table of bundled files, from the manifest."""
+    lines = ["| Task | File | sha256 | Iterations |", "|---|---|---|---|"]
+    for task, entry in sorted(listed.items()):
+        lines.append(f"| {task} | `{entry['file']}` | `{entry['sha256']}` | {entry['iterations']:,} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.bundle",
+                                     description="Bundle a training run's weights into models/weights/.")
+    parser.add_argument("task", choices=weights.TASKS)
+    parser.add_argument("checkpoint", help="the run's last.pt")
+    parser.add_argument("--half", action="store_true", help="store fp16")
+    args = parser.parse_args(argv)
+    entry = bundle(args.task, args.checkpoint, half=args.half)
+    print(json.dumps({args.task: entry}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
