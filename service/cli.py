@@ -12,26 +12,9 @@ from pathlib import Path
 
 from models.weights import TASKS
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+from .image_files import find_images
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files as given, and the images inside folders (recursively, sorted); plus problems found."""
-    files: list[Path] = []
-    problems: list[str] = []
-    for entry in map(Path, inputs):
-        if entry.is_dir():
-            found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                problems.append(f"{entry}: no images in this folder")
-            files.extend(found)
-        elif entry.is_file():
-            files.append(entry)
-        else:
-            problems.append(f"{entry}: no such file or folder")
-    return files, problems
 
 
 def _restore_command(args: argparse.Namespace) -> int:
@@ -48,7 +31,7 @@ def _restore_command(args: argparse.Namespace) -> int:
     from . import imaging
     from .engine import Engine
 
-    files, problems = _collect_inputs(args.inputs)
+    files, problems = find_images(args.inputs)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not files:

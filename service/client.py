@@ -36,16 +36,17 @@ from urllib.parse import quote
 import httpx
 from tqdm import tqdm
 
+from .image_files import find_images
+
 __all__ = ["Client", "AsyncClient", "RestoreResult", "FileOutcome", "ServiceError", "InvalidImage", "NotFound",
            "PayloadTooLarge", "UnsupportedMediaType", "ValidationError", "InternalError", "Overloaded", "Timeout",
-           "ConnectionFailed", "image_files"]
+           "ConnectionFailed"]
 
 ImageInput = bytes | str | os.PathLike
 
 # Uploads and inference of a large image take a while; the service's own limit is 120 s by
 # default, so the read timeout leaves room for it to answer 504 itself.
 DEFAULT_TIMEOUT = httpx.Timeout(180.0, connect=10.0)
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 _REQUEST_ID_HEADER = "X-Request-ID"
 
 
@@ -196,17 +197,6 @@ def parse_server_timing(value: str | None) -> dict[str, float]:
                 except ValueError:
                     pass
     return timings
-
-
-def image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and the images inside folders (recursively, sorted by path)."""
-    files: list[Path] = []
-    for entry in map(Path, inputs):
-        if entry.is_dir():
-            files.extend(sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            files.append(entry)  # a missing one is reported as that file's error
-    return files
 
 
 # -- what both clients share ----------------------------------------------------------------------
@@ -430,7 +420,7 @@ class AsyncClient:
         outcomes: list[FileOutcome | None] = []
         work: asyncio.Queue[tuple[int, Path, Path]] = asyncio.Queue()
         claimed: dict[Path, Path] = {}
-        for index, path in enumerate(image_files(inputs)):
+        for index, path in enumerate(_files_to_restore(inputs)):
             target = out / f"{path.stem}.png"
             if target in claimed:
                 outcomes.append(FileOutcome(path, target, error=OutputTaken(
@@ -462,6 +452,15 @@ class AsyncClient:
         return outcomes  # type: ignore[return-value]  # every slot is filled by now
 
 
+def _files_to_restore(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for entry in map(Path, inputs):
+        # Anything but a folder is kept as given, even if missing, so that its outcome carries the
+        # error of reading it instead of the input silently dropping out of the results.
+        files.extend(find_images([entry])[0] if entry.is_dir() else [entry])
+    return files
+
+
 def _write_atomically(target: Path, data: bytes) -> None:
     # A run stopped midway must not leave a truncated PNG under the final name, which a rerun
     # or a downstream job would take for a finished result.
@@ -475,12 +474,12 @@ def _write_atomically(target: Path, data: bytes) -> None:
 def restore_command(url: str, inputs: list[str], out_dir: str, task: str, *, concurrency: int, quiet: bool) -> int:
     """``python -m service restore --url``: the offline command's inputs, output names, messages
     and exit codes, with the work done by the service at ``url``."""
-    from .cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, _collect_inputs
+    from .cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 
     if concurrency < 1:
         print(f"error: --concurrency must be at least 1, got {concurrency}", file=sys.stderr)
         return EXIT_USAGE
-    files, problems = _collect_inputs(inputs)
+    files, problems = find_images(inputs)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not files:
