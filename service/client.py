@@ -22,10 +22,9 @@ import email.utils
 import mimetypes
 import os
 import random
-import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from tqdm import tqdm
 
 from .image_files import find_images
 
@@ -177,6 +175,9 @@ class FileOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+OutcomeCallback = Callable[[FileOutcome], None]
 
 
 class OutputTaken(ValueError):
@@ -332,12 +333,13 @@ class Client:
         return True
 
     def restore_folder(self, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, task: str, *,
-                       concurrency: int = 4, progress: bool = True) -> list[FileOutcome]:
+                       concurrency: int = 4, on_outcome: OutcomeCallback | None = None) -> list[FileOutcome]:
         """See :meth:`AsyncClient.restore_folder`; runs it on a private event loop, so not from
-        inside a running one."""
+        inside a running one (``on_outcome`` is called on this thread)."""
         async def run() -> list[FileOutcome]:
             async with AsyncClient(**self._arguments) as client:
-                return await client.restore_folder(inputs, out_dir, task, concurrency=concurrency, progress=progress)
+                return await client.restore_folder(inputs, out_dir, task, concurrency=concurrency,
+                                                   on_outcome=on_outcome)
         return asyncio.run(run())
 
 
@@ -405,13 +407,15 @@ class AsyncClient:
         return True
 
     async def restore_folder(self, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, task: str, *,
-                             concurrency: int = 4, progress: bool = True) -> list[FileOutcome]:
+                             concurrency: int = 4, on_outcome: OutcomeCallback | None = None) -> list[FileOutcome]:
         """Restore every image in ``inputs`` (files, and folders searched recursively) into
         ``out_dir/<stem>.png``, at most ``concurrency`` requests at a time.
 
         Returns one :class:`FileOutcome` per input file, in input order; a file that failed has
         its ``error`` (a :class:`ServiceError`, an ``OSError`` reading it, or :class:`OutputTaken`
         when an earlier input already claimed the same ``<stem>.png``) and nothing written.
+        ``on_outcome``, if given, receives each outcome as soon as it is known (to drive a
+        progress bar, say), in completion order.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -420,18 +424,17 @@ class AsyncClient:
         outcomes: list[FileOutcome | None] = []
         work: asyncio.Queue[tuple[int, Path, Path]] = asyncio.Queue()
         claimed: dict[Path, Path] = {}
+        report = on_outcome or (lambda outcome: None)
         for index, path in enumerate(_files_to_restore(inputs)):
             target = out / f"{path.stem}.png"
             if target in claimed:
                 outcomes.append(FileOutcome(path, target, error=OutputTaken(
                     f"skipped, its result {target} is already taken by {claimed[target]}")))
+                report(outcomes[-1])
                 continue
             claimed[target] = path
             outcomes.append(None)
             work.put_nowait((index, path, target))
-
-        bar = tqdm(total=len(outcomes), unit="image", disable=not progress, file=sys.stderr)
-        bar.update(len(outcomes) - work.qsize())
 
         async def worker() -> None:
             while not work.empty():
@@ -443,12 +446,9 @@ class AsyncClient:
                     outcomes[index] = FileOutcome(path, target, error=exc)
                 else:
                     outcomes[index] = FileOutcome(path, target, result=result)
-                bar.update(1)
+                report(outcomes[index])
 
-        try:
-            await asyncio.gather(*(worker() for _ in range(min(concurrency, max(1, work.qsize())))))
-        finally:
-            bar.close()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, max(1, work.qsize())))))
         return outcomes  # type: ignore[return-value]  # every slot is filled by now
 
 
@@ -468,52 +468,3 @@ def _write_atomically(target: Path, data: bytes) -> None:
     partial.write_bytes(data)
     partial.replace(target)
 
-
-# -- the CLI's remote mode ----------------------------------------------------------------------
-
-def restore_command(url: str, inputs: list[str], out_dir: str, task: str, *, concurrency: int, quiet: bool) -> int:
-    """``python -m service restore --url``: the offline command's inputs, output names, messages
-    and exit codes, with the work done by the service at ``url``."""
-    from .cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
-
-    if concurrency < 1:
-        print(f"error: --concurrency must be at least 1, got {concurrency}", file=sys.stderr)
-        return EXIT_USAGE
-    files, problems = find_images(inputs)
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
-    if not files:
-        return EXIT_SOME_FAILED if problems else EXIT_USAGE
-    with Client(url) as client:
-        try:
-            served = client.models().get("models", {})
-        except ConnectionFailed as exc:
-            print(f"error: {exc.message}", file=sys.stderr)
-            return EXIT_USAGE
-        except ServiceError as exc:
-            print(f"error: {url}/v1/models answered: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        # Checked once, where a missing checkpoint stops the offline command, rather than
-        # reported once per file. A service still loading lists nothing yet; its 503s are retried.
-        if served and task not in served:
-            print(f"error: the service at {url} does not restore {task}; it serves {', '.join(served)}",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        outcomes = client.restore_folder(files, out_dir, task, concurrency=concurrency,
-                                         progress=len(files) > 1 and not quiet)
-    failures = len(problems)
-    for outcome in outcomes:
-        if outcome.ok:
-            if len(files) < 2 and not quiet:
-                print(f"{outcome.path} -> {outcome.target}", file=sys.stderr)
-            continue
-        failures += 1
-        error = outcome.error
-        if isinstance(error, ServiceError):
-            reason = error.message
-        elif isinstance(error, OSError):
-            reason = error.strerror or str(error)
-        else:
-            reason = str(error)
-        print(f"error: {outcome.path}: {reason}", file=sys.stderr)
-    return EXIT_SOME_FAILED if failures else EXIT_OK
