@@ -44,10 +44,7 @@ def _restore_locally(args: argparse.Namespace) -> int:
         weights = Path(args.weights) if args.weights else resolve(args.task)
         engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision,
                                         tile_size=args.tile, tile_overlap=args.overlap)
-    except WeightsNotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (CheckpointError, ValueError) as exc:
+    except (WeightsNotFound, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
