@@ -18,7 +18,6 @@ asks; everything else is raised at once, since sending the same image again cann
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import mimetypes
 import os
 import random
@@ -26,14 +25,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from types import EllipsisType
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from .client_errors import (REQUEST_ID_HEADER, ConnectionFailed, InternalError, InvalidImage, NotFound, Overloaded,
+                            PayloadTooLarge, ServiceError, Timeout, UnsupportedMediaType, ValidationError,
+                            error_from_response)
 from .image_files import find_images
 
 __all__ = ["Client", "AsyncClient", "RestoreResult", "FileOutcome", "ServiceError", "InvalidImage", "NotFound",
@@ -45,112 +45,6 @@ ImageInput = bytes | str | os.PathLike
 # Uploads and inference of a large image take a while; the service's own limit is 120 s by
 # default, so the read timeout leaves room for it to answer 504 itself.
 DEFAULT_TIMEOUT = httpx.Timeout(180.0, connect=10.0)
-_REQUEST_ID_HEADER = "X-Request-ID"
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-class ServiceError(Exception):
-    """An error answered by the service (``status`` set) or met on the way to it (``status`` None).
-
-    ``code`` is the API's machine-readable code (``invalid_image``, ``queue_full``, ...),
-    ``message`` its sentence for people, ``request_id`` the id the service logged it under.
-    """
-
-    status: int | None = None  # each subclass's usual status; an instance may differ (None: no answer)
-
-    def __init__(self, message: str, *, code: str, status: int | None | EllipsisType = ...,
-                 request_id: str | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        if status is not ...:
-            self.status = status
-        self.request_id = request_id
-        self.retry_after = retry_after
-
-    def __str__(self) -> str:
-        where = f"HTTP {self.status} " if self.status is not None else ""
-        return f"{self.message} ({where}{self.code})"
-
-
-class InvalidImage(ServiceError):
-    status = 400
-
-
-class NotFound(ServiceError):
-    status = 404
-
-
-class PayloadTooLarge(ServiceError):
-    """Over the byte limit (``payload_too_large``) or the pixel limit (``image_too_large``)."""
-
-    status = 413
-
-
-class UnsupportedMediaType(ServiceError):
-    status = 415
-
-
-class ValidationError(ServiceError):
-    status = 422
-
-
-class InternalError(ServiceError):
-    status = 500
-
-
-class Overloaded(ServiceError):
-    """503 after the retries ran out: the queue stayed full (``queue_full``) or the models were
-    not ready (``not_ready``)."""
-
-    status = 503
-
-
-class Timeout(ServiceError):
-    """The service gave up on the image (504, ``timeout``), or no answer came within the client's
-    own timeout (``status`` None, ``client_timeout``)."""
-
-    status = 504
-
-
-class ConnectionFailed(ServiceError):
-    """The service could not be reached, or dropped the connection, on every attempt."""
-
-
-_ERROR_BY_STATUS: dict[int, type[ServiceError]] = {
-    cls.status: cls for cls in (InvalidImage, NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationError,
-                                InternalError, Overloaded, Timeout)}
-
-
-def _error_from_response(response: httpx.Response) -> ServiceError:
-    request_id = response.headers.get(_REQUEST_ID_HEADER)
-    try:
-        detail = response.json()["error"]
-        code, message = str(detail["code"]), str(detail["message"])
-    except (ValueError, KeyError, TypeError):
-        # Not the service's JSON: a proxy or load balancer in between answered.
-        code = f"http_{response.status_code}"
-        message = response.text.strip()[:300] or response.reason_phrase or f"HTTP {response.status_code}"
-    cls = _ERROR_BY_STATUS.get(response.status_code, ServiceError)
-    return cls(message, code=code, status=response.status_code, request_id=request_id,
-               retry_after=_retry_after_seconds(response.headers.get("Retry-After")))
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """``Retry-After`` as seconds from now; it may be a number of seconds or an HTTP date."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -211,7 +105,7 @@ def _upload(image: ImageInput) -> tuple[str, bytes, str]:
 
 
 def _result(response: httpx.Response, attempts: int) -> RestoreResult:
-    return RestoreResult(png=response.content, request_id=response.headers.get(_REQUEST_ID_HEADER, ""),
+    return RestoreResult(png=response.content, request_id=response.headers.get(REQUEST_ID_HEADER, ""),
                          timings=parse_server_timing(response.headers.get("Server-Timing")), attempts=attempts)
 
 
@@ -305,7 +199,7 @@ class Client:
             else:
                 if response.is_success:
                     return response, attempt
-                error = _error_from_response(response)
+                error = error_from_response(response)
                 wait = self._policy.delay(attempt, error.retry_after) if retry and response.status_code == 503 else None
                 if wait is None:
                     raise error
@@ -315,7 +209,7 @@ class Client:
         """Restore one image (its bytes, or a path) with ``task``; the answer is always PNG."""
         name, data, content_type = _upload(image)
         # One id for every attempt, so the service's log ties the retries together.
-        headers = {_REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
+        headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
         response, attempts = self._send("POST", f"/v1/restore/{quote(task, safe='')}", files={"image": (name, data, content_type)},
                                         headers=headers)
         return _result(response, attempts)
@@ -377,7 +271,7 @@ class AsyncClient:
             else:
                 if response.is_success:
                     return response, attempt
-                error = _error_from_response(response)
+                error = error_from_response(response)
                 wait = self._policy.delay(attempt, error.retry_after) if retry and response.status_code == 503 else None
                 if wait is None:
                     raise error
@@ -389,7 +283,7 @@ class AsyncClient:
             name, data, content_type = _upload(image)
         else:
             name, data, content_type = await asyncio.to_thread(_upload, image)
-        headers = {_REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
+        headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
         response, attempts = await self._send("POST", f"/v1/restore/{quote(task, safe='')}",
                                               files={"image": (name, data, content_type)}, headers=headers)
         return _result(response, attempts)
