@@ -12,33 +12,21 @@ from pathlib import Path
 
 from models.weights import TASKS
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+from .image_files import find_images
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files as given, and the images inside folders (recursively, sorted); plus problems found."""
-    files: list[Path] = []
-    problems: list[str] = []
-    for entry in map(Path, inputs):
-        if entry.is_dir():
-            found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                problems.append(f"{entry}: no images in this folder")
-            files.extend(found)
-        elif entry.is_file():
-            files.append(entry)
-        else:
-            problems.append(f"{entry}: no such file or folder")
-    return files, problems
-
-
 def _restore_command(args: argparse.Namespace) -> int:
-    if args.url:
-        from .client import restore_command
-        return restore_command(args.url, args.inputs, args.output, args.task, concurrency=args.concurrency,
-                               quiet=args.quiet)
+    return _restore_remotely(args) if args.url else _restore_locally(args)
+
+
+def _report_problems(problems: list[str]) -> None:
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+
+
+def _restore_locally(args: argparse.Namespace) -> int:
     # Imported here so that `weights list` and `--help` stay fast.
     from tqdm import tqdm
 
@@ -48,19 +36,15 @@ def _restore_command(args: argparse.Namespace) -> int:
     from . import imaging
     from .engine import Engine
 
-    files, problems = _collect_inputs(args.inputs)
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+    files, problems = find_images(args.inputs)
+    _report_problems(problems)
     if not files:
         return EXIT_SOME_FAILED if problems else EXIT_USAGE
     try:
         weights = Path(args.weights) if args.weights else resolve(args.task)
         engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision,
                                         tile_size=args.tile, tile_overlap=args.overlap)
-    except WeightsNotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (CheckpointError, ValueError) as exc:
+    except (WeightsNotFound, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -91,6 +75,56 @@ def _restore_command(args: argparse.Namespace) -> int:
         else:
             if len(files) < 2 and not args.quiet:
                 print(f"{path} -> {target}", file=sys.stderr)
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _restore_remotely(args: argparse.Namespace) -> int:
+    """The local command's inputs, output names, messages and exit codes, with the work done by
+    the service at ``--url``."""
+    from tqdm import tqdm
+
+    from .client import Client, ConnectionFailed, ServiceError
+
+    if args.concurrency < 1:
+        print(f"error: --concurrency must be at least 1, got {args.concurrency}", file=sys.stderr)
+        return EXIT_USAGE
+    files, problems = find_images(args.inputs)
+    _report_problems(problems)
+    if not files:
+        return EXIT_SOME_FAILED if problems else EXIT_USAGE
+    with Client(args.url) as client:
+        try:
+            served = client.models().get("models", {})
+        except ConnectionFailed as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
+        except ServiceError as exc:
+            print(f"error: {args.url}/v1/models answered: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        # Checked once, where a missing checkpoint stops the local command, rather than reported
+        # once per file. A service still loading lists nothing yet; its 503s are retried.
+        if served and args.task not in served:
+            print(f"error: the service at {args.url} does not restore {args.task}; it serves {', '.join(served)}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        with tqdm(total=len(files), unit="image", disable=len(files) < 2 or args.quiet, file=sys.stderr) as bar:
+            outcomes = client.restore_folder(files, args.output, args.task, concurrency=args.concurrency,
+                                             on_outcome=lambda outcome: bar.update(1))
+    failures = len(problems)
+    for outcome in outcomes:
+        if outcome.ok:
+            if len(files) < 2 and not args.quiet:
+                print(f"{outcome.path} -> {outcome.target}", file=sys.stderr)
+            continue
+        failures += 1
+        error = outcome.error
+        if isinstance(error, ServiceError):
+            reason = error.message
+        elif isinstance(error, OSError):
+            reason = error.strerror or str(error)
+        else:
+            reason = str(error)
+        print(f"error: {outcome.path}: {reason}", file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 

@@ -18,140 +18,33 @@ asks; everything else is raised at once, since sending the same image again cann
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import mimetypes
 import os
 import random
-import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from types import EllipsisType
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-from tqdm import tqdm
+
+from .client_errors import (REQUEST_ID_HEADER, ConnectionFailed, InternalError, InvalidImage, NotFound, Overloaded,
+                            PayloadTooLarge, ServiceError, Timeout, UnsupportedMediaType, ValidationError,
+                            error_from_response)
+from .image_files import find_images
 
 __all__ = ["Client", "AsyncClient", "RestoreResult", "FileOutcome", "ServiceError", "InvalidImage", "NotFound",
            "PayloadTooLarge", "UnsupportedMediaType", "ValidationError", "InternalError", "Overloaded", "Timeout",
-           "ConnectionFailed", "image_files"]
+           "ConnectionFailed"]
 
 ImageInput = bytes | str | os.PathLike
 
 # Uploads and inference of a large image take a while; the service's own limit is 120 s by
 # default, so the read timeout leaves room for it to answer 504 itself.
 DEFAULT_TIMEOUT = httpx.Timeout(180.0, connect=10.0)
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
-_REQUEST_ID_HEADER = "X-Request-ID"
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-class ServiceError(Exception):
-    """An error answered by the service (``status`` set) or met on the way to it (``status`` None).
-
-    ``code`` is the API's machine-readable code (``invalid_image``, ``queue_full``, ...),
-    ``message`` its sentence for people, ``request_id`` the id the service logged it under.
-    """
-
-    status: int | None = None  # each subclass's usual status; an instance may differ (None: no answer)
-
-    def __init__(self, message: str, *, code: str, status: int | None | EllipsisType = ...,
-                 request_id: str | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        if status is not ...:
-            self.status = status
-        self.request_id = request_id
-        self.retry_after = retry_after
-
-    def __str__(self) -> str:
-        where = f"HTTP {self.status} " if self.status is not None else ""
-        return f"{self.message} ({where}{self.code})"
-
-
-class InvalidImage(ServiceError):
-    status = 400
-
-
-class NotFound(ServiceError):
-    status = 404
-
-
-class PayloadTooLarge(ServiceError):
-    """Over the byte limit (``payload_too_large``) or the pixel limit (``image_too_large``)."""
-
-    status = 413
-
-
-class UnsupportedMediaType(ServiceError):
-    status = 415
-
-
-class ValidationError(ServiceError):
-    status = 422
-
-
-class InternalError(ServiceError):
-    status = 500
-
-
-class Overloaded(ServiceError):
-    """503 after the retries ran out: the queue stayed full (``queue_full``) or the models were
-    not ready (``not_ready``)."""
-
-    status = 503
-
-
-class Timeout(ServiceError):
-    """The service gave up on the image (504, ``timeout``), or no answer came within the client's
-    own timeout (``status`` None, ``client_timeout``)."""
-
-    status = 504
-
-
-class ConnectionFailed(ServiceError):
-    """The service could not be reached, or dropped the connection, on every attempt."""
-
-
-_ERROR_BY_STATUS: dict[int, type[ServiceError]] = {
-    cls.status: cls for cls in (InvalidImage, NotFound, PayloadTooLarge, UnsupportedMediaType, ValidationError,
-                                InternalError, Overloaded, Timeout)}
-
-
-def _error_from_response(response: httpx.Response) -> ServiceError:
-    request_id = response.headers.get(_REQUEST_ID_HEADER)
-    try:
-        detail = response.json()["error"]
-        code, message = str(detail["code"]), str(detail["message"])
-    except (ValueError, KeyError, TypeError):
-        # Not the service's JSON: a proxy or load balancer in between answered.
-        code = f"http_{response.status_code}"
-        message = response.text.strip()[:300] or response.reason_phrase or f"HTTP {response.status_code}"
-    cls = _ERROR_BY_STATUS.get(response.status_code, ServiceError)
-    return cls(message, code=code, status=response.status_code, request_id=request_id,
-               retry_after=_retry_after_seconds(response.headers.get("Retry-After")))
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """``Retry-After`` as seconds from now; it may be a number of seconds or an HTTP date."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -178,6 +71,9 @@ class FileOutcome:
         return self.error is None
 
 
+OutcomeCallback = Callable[[FileOutcome], None]
+
+
 class OutputTaken(ValueError):
     """Two inputs share a stem, so the second one's ``<stem>.png`` would overwrite the first's."""
 
@@ -198,17 +94,6 @@ def parse_server_timing(value: str | None) -> dict[str, float]:
     return timings
 
 
-def image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and the images inside folders (recursively, sorted by path)."""
-    files: list[Path] = []
-    for entry in map(Path, inputs):
-        if entry.is_dir():
-            files.extend(sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            files.append(entry)  # a missing one is reported as that file's error
-    return files
-
-
 # -- what both clients share ----------------------------------------------------------------------
 
 def _upload(image: ImageInput) -> tuple[str, bytes, str]:
@@ -220,7 +105,7 @@ def _upload(image: ImageInput) -> tuple[str, bytes, str]:
 
 
 def _result(response: httpx.Response, attempts: int) -> RestoreResult:
-    return RestoreResult(png=response.content, request_id=response.headers.get(_REQUEST_ID_HEADER, ""),
+    return RestoreResult(png=response.content, request_id=response.headers.get(REQUEST_ID_HEADER, ""),
                          timings=parse_server_timing(response.headers.get("Server-Timing")), attempts=attempts)
 
 
@@ -314,7 +199,7 @@ class Client:
             else:
                 if response.is_success:
                     return response, attempt
-                error = _error_from_response(response)
+                error = error_from_response(response)
                 wait = self._policy.delay(attempt, error.retry_after) if retry and response.status_code == 503 else None
                 if wait is None:
                     raise error
@@ -324,7 +209,7 @@ class Client:
         """Restore one image (its bytes, or a path) with ``task``; the answer is always PNG."""
         name, data, content_type = _upload(image)
         # One id for every attempt, so the service's log ties the retries together.
-        headers = {_REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
+        headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
         response, attempts = self._send("POST", f"/v1/restore/{quote(task, safe='')}", files={"image": (name, data, content_type)},
                                         headers=headers)
         return _result(response, attempts)
@@ -342,12 +227,13 @@ class Client:
         return True
 
     def restore_folder(self, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, task: str, *,
-                       concurrency: int = 4, progress: bool = True) -> list[FileOutcome]:
+                       concurrency: int = 4, on_outcome: OutcomeCallback | None = None) -> list[FileOutcome]:
         """See :meth:`AsyncClient.restore_folder`; runs it on a private event loop, so not from
-        inside a running one."""
+        inside a running one (``on_outcome`` is called on this thread)."""
         async def run() -> list[FileOutcome]:
             async with AsyncClient(**self._arguments) as client:
-                return await client.restore_folder(inputs, out_dir, task, concurrency=concurrency, progress=progress)
+                return await client.restore_folder(inputs, out_dir, task, concurrency=concurrency,
+                                                   on_outcome=on_outcome)
         return asyncio.run(run())
 
 
@@ -385,7 +271,7 @@ class AsyncClient:
             else:
                 if response.is_success:
                     return response, attempt
-                error = _error_from_response(response)
+                error = error_from_response(response)
                 wait = self._policy.delay(attempt, error.retry_after) if retry and response.status_code == 503 else None
                 if wait is None:
                     raise error
@@ -397,7 +283,7 @@ class AsyncClient:
             name, data, content_type = _upload(image)
         else:
             name, data, content_type = await asyncio.to_thread(_upload, image)
-        headers = {_REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
+        headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
         response, attempts = await self._send("POST", f"/v1/restore/{quote(task, safe='')}",
                                               files={"image": (name, data, content_type)}, headers=headers)
         return _result(response, attempts)
@@ -415,13 +301,15 @@ class AsyncClient:
         return True
 
     async def restore_folder(self, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, task: str, *,
-                             concurrency: int = 4, progress: bool = True) -> list[FileOutcome]:
+                             concurrency: int = 4, on_outcome: OutcomeCallback | None = None) -> list[FileOutcome]:
         """Restore every image in ``inputs`` (files, and folders searched recursively) into
         ``out_dir/<stem>.png``, at most ``concurrency`` requests at a time.
 
         Returns one :class:`FileOutcome` per input file, in input order; a file that failed has
         its ``error`` (a :class:`ServiceError`, an ``OSError`` reading it, or :class:`OutputTaken`
         when an earlier input already claimed the same ``<stem>.png``) and nothing written.
+        ``on_outcome``, if given, receives each outcome as soon as it is known (to drive a
+        progress bar, say), in completion order.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -430,18 +318,17 @@ class AsyncClient:
         outcomes: list[FileOutcome | None] = []
         work: asyncio.Queue[tuple[int, Path, Path]] = asyncio.Queue()
         claimed: dict[Path, Path] = {}
-        for index, path in enumerate(image_files(inputs)):
+        report = on_outcome or (lambda outcome: None)
+        for index, path in enumerate(_files_to_restore(inputs)):
             target = out / f"{path.stem}.png"
             if target in claimed:
                 outcomes.append(FileOutcome(path, target, error=OutputTaken(
                     f"skipped, its result {target} is already taken by {claimed[target]}")))
+                report(outcomes[-1])
                 continue
             claimed[target] = path
             outcomes.append(None)
             work.put_nowait((index, path, target))
-
-        bar = tqdm(total=len(outcomes), unit="image", disable=not progress, file=sys.stderr)
-        bar.update(len(outcomes) - work.qsize())
 
         async def worker() -> None:
             while not work.empty():
@@ -453,13 +340,19 @@ class AsyncClient:
                     outcomes[index] = FileOutcome(path, target, error=exc)
                 else:
                     outcomes[index] = FileOutcome(path, target, result=result)
-                bar.update(1)
+                report(outcomes[index])
 
-        try:
-            await asyncio.gather(*(worker() for _ in range(min(concurrency, max(1, work.qsize())))))
-        finally:
-            bar.close()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, max(1, work.qsize())))))
         return outcomes  # type: ignore[return-value]  # every slot is filled by now
+
+
+def _files_to_restore(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for entry in map(Path, inputs):
+        # Anything but a folder is kept as given, even if missing, so that its outcome carries the
+        # error of reading it instead of the input silently dropping out of the results.
+        files.extend(find_images([entry])[0] if entry.is_dir() else [entry])
+    return files
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
@@ -469,52 +362,3 @@ def _write_atomically(target: Path, data: bytes) -> None:
     partial.write_bytes(data)
     partial.replace(target)
 
-
-# -- the CLI's remote mode ----------------------------------------------------------------------
-
-def restore_command(url: str, inputs: list[str], out_dir: str, task: str, *, concurrency: int, quiet: bool) -> int:
-    """``python -m service restore --url``: the offline command's inputs, output names, messages
-    and exit codes, with the work done by the service at ``url``."""
-    from .cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, _collect_inputs
-
-    if concurrency < 1:
-        print(f"error: --concurrency must be at least 1, got {concurrency}", file=sys.stderr)
-        return EXIT_USAGE
-    files, problems = _collect_inputs(inputs)
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
-    if not files:
-        return EXIT_SOME_FAILED if problems else EXIT_USAGE
-    with Client(url) as client:
-        try:
-            served = client.models().get("models", {})
-        except ConnectionFailed as exc:
-            print(f"error: {exc.message}", file=sys.stderr)
-            return EXIT_USAGE
-        except ServiceError as exc:
-            print(f"error: {url}/v1/models answered: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        # Checked once, where a missing checkpoint stops the offline command, rather than
-        # reported once per file. A service still loading lists nothing yet; its 503s are retried.
-        if served and task not in served:
-            print(f"error: the service at {url} does not restore {task}; it serves {', '.join(served)}",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        outcomes = client.restore_folder(files, out_dir, task, concurrency=concurrency,
-                                         progress=len(files) > 1 and not quiet)
-    failures = len(problems)
-    for outcome in outcomes:
-        if outcome.ok:
-            if len(files) < 2 and not quiet:
-                print(f"{outcome.path} -> {outcome.target}", file=sys.stderr)
-            continue
-        failures += 1
-        error = outcome.error
-        if isinstance(error, ServiceError):
-            reason = error.message
-        elif isinstance(error, OSError):
-            reason = error.strerror or str(error)
-        else:
-            reason = str(error)
-        print(f"error: {outcome.path}: {reason}", file=sys.stderr)
-    return EXIT_SOME_FAILED if failures else EXIT_OK

@@ -13,6 +13,7 @@ from PIL import Image
 
 from models import MPRNet, save_safetensors
 from service.engine import Engine
+from service.image_files import find_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, reduction=2)
@@ -35,6 +36,16 @@ def _write(path, height, width, seed):
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return pixels
+
+
+def test_find_images_lists_files_as_given_and_folders_sorted_and_names_what_yielded_nothing(tmp_path):
+    (tmp_path / "in" / "nested").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    for name in ("in/b.PNG", "in/nested/a.tiff", "in/notes.txt", "given.txt"):
+        (tmp_path / name).write_bytes(b"")
+    files, problems = find_images([tmp_path / "in", tmp_path / "given.txt", tmp_path / "empty", tmp_path / "gone"])
+    assert files == [tmp_path / "in" / "b.PNG", tmp_path / "in" / "nested" / "a.tiff", tmp_path / "given.txt"]
+    assert problems == [f"{tmp_path / 'empty'}: no images in this folder", f"{tmp_path / 'gone'}: no such file or folder"]
 
 
 def test_restores_files_and_folders_and_skips_what_it_cannot_read(tmp_path, weights):

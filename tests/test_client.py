@@ -154,9 +154,12 @@ def test_restore_folder_writes_each_stem_and_reports_each_failure(server, tmp_pa
     Image.fromarray(images["a"]).save(clash)
     out = tmp_path / "out"
 
+    reported = []
     with Client(server.url) as client:
-        outcomes = client.restore_folder([inputs, clash], out, "denoising", concurrency=2, progress=False)
+        outcomes = client.restore_folder([inputs, clash], out, "denoising", concurrency=2,
+                                         on_outcome=reported.append)
 
+    assert sorted(map(id, reported)) == sorted(map(id, outcomes)), "each outcome is reported exactly once"
     by_name = {outcome.path.name: outcome for outcome in outcomes}
     assert [outcome.path.name for outcome in outcomes] == ["a.png", "broken.png", "b.bmp", "c.tiff", "a.jpg"]
     assert [name for name, outcome in by_name.items() if outcome.ok] == ["a.png", "b.bmp", "c.tiff"]
@@ -167,6 +170,19 @@ def test_restore_folder_writes_each_stem_and_reports_each_failure(server, tmp_pa
         assert np.asarray(Image.open(out / f"{stem}.png")).shape == image.shape
     for name, stem in (("a.png", "a"), ("b.bmp", "b"), ("c.tiff", "c")):
         assert by_name[name].result.png == (out / f"{stem}.png").read_bytes()
+
+
+def test_the_client_library_runs_without_the_cli_torch_or_fastapi(server, tmp_path):
+    # In a fresh interpreter, since this one has imported everything; restoring a folder runs
+    # the paths where a lazy import would hide.
+    Image.fromarray(random_image(12, 12, 13)).save(tmp_path / "x.png")
+    script = ("import sys; from service.client import Client\n"
+              f"with Client({server.url!r}) as client:\n"
+              f"    assert client.restore_folder([{str(tmp_path)!r}], {str(tmp_path / 'out')!r}, 'denoising')[0].ok\n"
+              "print(sorted({'service.cli', 'torch', 'fastapi'} & set(sys.modules)))")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
 
 
 # -- the CLI's remote mode ----------------------------------------------------------------------
