@@ -3,14 +3,14 @@
 The rest of the service sees one call, ``await batcher.submit(task, tiles, deadline)``, which
 returns the restored tiles. Inside:
 
-* Tiles wait in one FIFO per (task, tile shape), since only equal shapes stack into a batch.
-  Each request's tiles stay together as one job; a batch takes tiles from the head job and, if
-  there is room, from the jobs behind it, so one forward pass mixes requests.
-* Workers, one per device, share every queue; each takes from the queue whose head job is
-  oldest, so tasks sharing a device take turns by arrival instead of fighting over it. It takes
-  up to ``max_batch_size`` tiles, waiting at most ``max_wait_s`` after the head job arrived for
-  the batch to fill; while it waits, the other workers serve other queues, and tiles it leaves
-  behind go to them. One large job is thus spread over every device.
+* Each request's tiles are one job in a :class:`~service.tile_queue.TileQueue`, which groups
+  them by (task, tile shape), since only equal shapes stack into a batch, and decides which job
+  goes next: fairly, so a small request is not kept waiting behind every tile of a large one.
+* Workers, one per device, share the queue; each takes the group of the job due next, up to
+  ``max_batch_size`` tiles from any of that group's jobs, waiting at most ``max_wait_s`` after
+  the group's oldest job arrived for the batch to fill; while it waits, the other workers serve
+  other groups, and tiles it leaves behind go to them. One large job is thus spread over every
+  device.
 * Each worker's forward passes run in a thread of its own; the event loop only moves arrays around.
 * The queue is bounded in tiles. A submit that would pass the bound fails at once with
   :class:`QueueFull` (the caller answers 503), so memory cannot grow with the backlog.
@@ -26,13 +26,14 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from .tile_queue import Batch, Job, QueueKey, TileQueue
 
 __all__ = ["Batcher", "BatchResult", "BatchObserver", "QueueFull", "QueueClosed", "TooManyTiles",
            "DeadlineExceeded"]
@@ -76,58 +77,12 @@ class BatchResult:
 
 
 @dataclass(eq=False)
-class _Job:
-    task: str
-    tiles: np.ndarray | None
-    outputs: np.ndarray | None
-    future: asyncio.Future
-    deadline: float | None  # time.monotonic()
-    enqueued_at: float
-    taken: int = 0  # tiles [0, taken) have gone into batches
-    finished: int = 0
-    inference_seconds: float = 0.0
-    running_batches: int = 0
-    busy_since: float = 0.0
-
-    @property
-    def count(self) -> int:
-        return len(self.outputs) if self.outputs is not None else 0
-
-    @property
-    def untaken(self) -> int:
-        return self.count - self.taken if not self.future.done() else 0
-
-    @property
-    def key(self) -> tuple[str, tuple[int, ...]]:
-        return self.task, tuple(self.outputs.shape[1:])
-
-    # Inference time is the time any of the job's tiles were in a forward pass, not the sum over
-    # its batches: on several devices they overlap, and the sum would exceed the job's own time.
-    def batch_started(self, now: float) -> None:
-        if self.running_batches == 0:
-            self.busy_since = now
-        self.running_batches += 1
-
-    def batch_ended(self, now: float) -> None:
-        self.running_batches -= 1
-        if self.running_batches == 0:
-            self.inference_seconds += now - self.busy_since
-
-
-@dataclass
-class _Batch:
-    task: str
-    tiles: np.ndarray
-    parts: list[tuple[_Job, int, int]] = field(default_factory=list)  # (job, first tile, count)
-
-
-@dataclass(eq=False)
 class _Worker:
     name: str
     forward_by_task: dict[str, Forward]
     executor: ThreadPoolExecutor | None = None
     loop_task: asyncio.Task | None = None
-    batch: _Batch | None = None  # in its forward pass now; failed if the loop dies
+    batch: Batch | None = None  # in its forward pass now; failed if the loop dies
 
     @property
     def alive(self) -> bool:
@@ -138,23 +93,17 @@ class Batcher:
     """The batching queue and its inference workers.
 
     Args:
-        forward_by_task: per task, a blocking function from an (N, C, H, W) float32 batch to the
-            restored batch of the same shape (``Engine.forward``); for one worker, named ``"0"``.
-        workers: instead of ``forward_by_task``, several workers: worker name (e.g. its device)
-            -> its ``forward_by_task``. Every worker serves every task.
+        workers: worker name (e.g. its device) -> per task, a blocking function from an
+            (N, C, H, W) float32 batch to the restored batch of the same shape (``Engine.forward``).
+            Every worker serves every task.
         max_batch_size: most tiles per forward pass.
         max_wait_s: longest a batch waits to fill after its oldest tile arrived.
         max_queued_tiles: bound on tiles waiting (not yet in a running batch), over all tasks.
         observer: told of every finished batch and the worker that ran it (the service's metrics).
     """
 
-    def __init__(self, forward_by_task: Mapping[str, Forward] | None = None, *,
-                 workers: Mapping[str, Mapping[str, Forward]] | None = None, max_batch_size: int,
-                 max_wait_s: float, max_queued_tiles: int, observer: BatchObserver | None = None):
-        if (forward_by_task is None) == (workers is None):
-            raise TypeError("give either forward_by_task or workers")
-        if workers is None:
-            workers = {"0": forward_by_task}
+    def __init__(self, *, workers: Mapping[str, Mapping[str, Forward]], max_batch_size: int, max_wait_s: float,
+                 max_queued_tiles: int, observer: BatchObserver | None = None):
         if not workers:
             raise ValueError("workers must name at least one worker")
         tasks = None
@@ -179,11 +128,11 @@ class Batcher:
         self._max_wait_s = float(max_wait_s)
         self._max_queued_tiles = max_queued_tiles
         self._observer = observer
-        self._queues: dict[tuple[str, tuple[int, ...]], deque[_Job]] = {}
-        self._filling: set[tuple[str, tuple[int, ...]]] = set()  # queues a worker waits on to fill
-        self._queued_by_task = dict.fromkeys(tasks, 0)
+        self._queue = TileQueue(tasks, on_expired=lambda job: self._fail(
+            job, DeadlineExceeded("the deadline passed while the tiles were queued")))
+        self._filling: set[QueueKey] = set()  # groups a worker waits on to fill
         self._work_arrived = asyncio.Event()
-        self._pending: set[_Job] = set()
+        self._pending: set[Job] = set()
         self._seconds_per_tile = 0.0  # moving average over all workers, for Retry-After
         self._closed = False
         self._started = False
@@ -192,15 +141,11 @@ class Batcher:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(self._queued_by_task)
-
-    @property
-    def worker_names(self) -> tuple[str, ...]:
-        return tuple(worker.name for worker in self._workers)
+        return self._queue.tasks
 
     @property
     def queued_tiles(self) -> int:
-        return sum(self._queued_by_task.values())
+        return self._queue.queued_tiles
 
     @property
     def full(self) -> bool:
@@ -208,7 +153,7 @@ class Batcher:
         return self.queued_tiles >= self._max_queued_tiles
 
     def depth_by_task(self) -> dict[str, int]:
-        return dict(self._queued_by_task)
+        return self._queue.depth_by_task()
 
     @property
     def running(self) -> bool:
@@ -234,7 +179,7 @@ class Batcher:
         forward pass raised for the batch holding these tiles. Cancelling the caller drops the
         tiles that have not yet gone into a batch.
         """
-        if task not in self._queued_by_task:
+        if task not in self.tasks:
             raise KeyError(f"no model for task {task!r}; this batcher serves {', '.join(self.tasks)}")
         if not isinstance(tiles, np.ndarray) or tiles.ndim != 4 or len(tiles) == 0:
             raise ValueError(f"tiles must be a non-empty (N, C, H, W) array, got {getattr(tiles, 'shape', tiles)!r}")
@@ -252,10 +197,9 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("the request's deadline passed before its tiles were queued")
-        job = _Job(task=task, tiles=tiles, outputs=np.empty_like(tiles, dtype=np.float32),
-                   future=asyncio.get_running_loop().create_future(), deadline=deadline, enqueued_at=now)
-        self._queues.setdefault(job.key, deque()).append(job)
-        self._queued_by_task[task] += count
+        job = Job(task=task, tiles=tiles, outputs=np.empty_like(tiles, dtype=np.float32),
+                  future=asyncio.get_running_loop().create_future(), deadline=deadline, enqueued_at=now)
+        self._queue.add(job)
         self._pending.add(job)
         self._work_arrived.set()
         time_limit = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
@@ -311,7 +255,7 @@ class Batcher:
     async def _serve_forever(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            key = self._oldest_queue()
+            key = self._queue.next_key(time.monotonic(), skip=self._filling)
             if key is None:
                 self._work_arrived.clear()
                 await self._work_arrived.wait()
@@ -341,51 +285,23 @@ class Batcher:
             if self._observer is not None:
                 self._observer.batch_finished(batch.task, len(batch.tiles), finished - started, worker.name)
 
-    def _oldest_queue(self) -> tuple[str, tuple[int, ...]] | None:
-        """The queue with the oldest head job, leaving out those another worker waits on."""
-        oldest_key, oldest_time = None, math.inf
-        for key in list(self._queues):
-            if key in self._filling:
-                continue
-            head = self._live_head(key)
-            if head is not None and head.enqueued_at < oldest_time:
-                oldest_key, oldest_time = key, head.enqueued_at
-        return oldest_key
-
-    def _live_head(self, key: tuple[str, tuple[int, ...]]) -> _Job | None:
-        """The first job of a queue that still wants tiles computed; drops the others."""
-        queue = self._queues.get(key)
-        now = time.monotonic()
-        while queue:
-            head = queue[0]
-            if head.deadline is not None and head.deadline <= now and not head.future.done():
-                self._fail(head, DeadlineExceeded("the deadline passed while the tiles were queued"))
-            if head.untaken > 0:
-                return head
-            queue.popleft()
-        self._queues.pop(key, None)
-        return None
-
-    def _untaken_in(self, key: tuple[str, tuple[int, ...]]) -> int:
-        return sum(job.untaken for job in self._queues.get(key, ()))
-
-    async def _fill_and_take(self, key: tuple[str, tuple[int, ...]]) -> _Batch | None:
+    async def _fill_and_take(self, key: QueueKey) -> Batch | None:
         self._filling.add(key)
         try:
             await self._let_batch_fill(key)
-            batch = self._take_batch(key)
+            batch = self._queue.take(key, self._max_batch_size, time.monotonic())
         finally:
             self._filling.discard(key)
-        if self._untaken_in(key):
-            self._work_arrived.set()  # the rest is for an idle worker, which skipped this queue
+        if self._queue.untaken_in(key):
+            self._work_arrived.set()  # the rest is for an idle worker, which skipped this group
         return batch
 
-    async def _let_batch_fill(self, key: tuple[str, tuple[int, ...]]) -> None:
-        head = self._live_head(key)
-        if head is None:
+    async def _let_batch_fill(self, key: QueueKey) -> None:
+        oldest = self._queue.oldest_arrival(key, time.monotonic())
+        if oldest is None:
             return
-        fill_by = head.enqueued_at + self._max_wait_s
-        while self._untaken_in(key) < self._max_batch_size:
+        fill_by = oldest + self._max_wait_s
+        while self._queue.untaken_in(key) < self._max_batch_size:
             remaining = fill_by - time.monotonic()
             if remaining <= 0:
                 return
@@ -396,28 +312,7 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _take_batch(self, key: tuple[str, tuple[int, ...]]) -> _Batch | None:
-        parts: list[tuple[_Job, int, int]] = []
-        room = self._max_batch_size
-        while room:
-            job = self._live_head(key)
-            if job is None:
-                break
-            count = min(room, job.untaken)
-            parts.append((job, job.taken, count))
-            job.taken += count
-            self._queued_by_task[job.task] -= count
-            room -= count
-            if job.untaken == 0:
-                self._queues[key].popleft()
-        if not parts:
-            return None
-        slices = [job.tiles[first:first + count] for job, first, count in parts]
-        # A batch from a single job is a view of its tiles, not a copy.
-        tiles = slices[0] if len(slices) == 1 else np.concatenate(slices)
-        return _Batch(task=key[0], tiles=tiles, parts=parts)
-
-    def _deliver(self, batch: _Batch, outputs: np.ndarray, finished: float) -> None:
+    def _deliver(self, batch: Batch, outputs: np.ndarray, finished: float) -> None:
         offset = 0
         for job, first, count in batch.parts:
             job.batch_ended(finished)
@@ -432,20 +327,19 @@ class Batcher:
 
     # -- bookkeeping --------------------------------------------------------------------------
 
-    def _fail(self, job: _Job, error: BaseException) -> None:
+    def _fail(self, job: Job, error: BaseException) -> None:
         if not job.future.done():
             job.future.set_exception(error)
         self._forget(job)
 
-    def _forget(self, job: _Job) -> None:
+    def _forget(self, job: Job) -> None:
         """Release a job that needs nothing more: its queued tiles stop counting and its arrays go."""
         if job not in self._pending:
             return
         self._pending.discard(job)
         if not job.future.done():
             job.future.cancel()
-        self._queued_by_task[job.task] -= job.count - job.taken
-        job.taken = job.count
+        self._queue.release(job)
         job.tiles = None  # the queue keeps the job object until it reaches the head; not its pixels
 
     def _record_speed(self, tiles: int, seconds: float) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from models.weights import TASKS
 
 from .image_files import find_images
+from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -35,15 +36,18 @@ def _restore_locally(args: argparse.Namespace) -> int:
 
     from . import imaging
     from .engine import Engine
+    from .pipeline import RestorePipeline
+    from .tiling import Tiling
 
     files, problems = find_images(args.inputs)
     _report_problems(problems)
     if not files:
         return EXIT_SOME_FAILED if problems else EXIT_USAGE
     try:
+        pipeline = RestorePipeline(Tiling(args.tile, args.overlap))
         weights = Path(args.weights) if args.weights else resolve(args.task)
-        engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision,
-                                        tile_size=args.tile, tile_overlap=args.overlap)
+        engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision, tile_size=args.tile,
+                                        max_batch_size=args.batch_size)
     except (WeightsNotFound, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -63,9 +67,8 @@ def _restore_locally(args: argparse.Namespace) -> int:
         claimed[target] = path
         progress.set_postfix_str(path.name)
         try:
-            decoded = imaging.read_image(path)
-            restored = engine.restore(decoded.rgb, batch_size=args.batch_size)
-            imaging.save_png(restored, decoded, target)
+            png = pipeline.restore(path.read_bytes(), engine.forward, engine.max_batch_size)
+            target.write_bytes(png)
         except imaging.ImageError as exc:
             tqdm.write(f"error: {path}: {exc}", file=sys.stderr)
             failures += 1
@@ -180,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the restored PNGs")
     restore.add_argument("--task", required=True, choices=TASKS)
     restore.add_argument("--weights", metavar="PATH", help="checkpoint to use instead of the task's default")
-    restore.add_argument("--tile", type=int, default=512, metavar="N",
-                         help="tile side in pixels, a multiple of 8; 0 = whole image (default 512)")
-    restore.add_argument("--overlap", type=int, default=32, metavar="N", help="tile overlap in pixels (default 32)")
+    restore.add_argument("--tile", type=int, default=DEFAULT_TILE_SIZE, metavar="N",
+                         help=f"tile side in pixels, a multiple of 8; 0 = whole image (default {DEFAULT_TILE_SIZE})")
+    restore.add_argument("--overlap", type=int, default=DEFAULT_TILE_OVERLAP, metavar="N",
+                         help=f"tile overlap in pixels (default {DEFAULT_TILE_OVERLAP})")
     restore.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     restore.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                          help="fp16 needs CUDA; bf16 also runs on CPUs, fast where they have bf16 instructions (default fp32)")

@@ -10,13 +10,14 @@ command line runs the same two around an engine of its own, so both give the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import imaging
 from .batching import TooManyTiles
-from .tiling import TilePlan, Tiling
+from .tiling import TilePlan, Tiling, forward_in_batches
 
 __all__ = ["RestorePipeline", "PreparedImage"]
 
@@ -58,3 +59,8 @@ class RestorePipeline:
     def finish(self, prepared: PreparedImage, outputs: np.ndarray) -> bytes:
         """The restored tiles -> PNG bytes at the upload's size, in its kind (grayscale, alpha)."""
         return imaging.encode_png(self.tiling.stitch(prepared.plan, outputs), prepared.decoded)
+
+    def restore(self, data: bytes, forward: Callable[[np.ndarray], np.ndarray], batch_size: int = 1) -> bytes:
+        """Offline, in this thread: ``prepare``, every tile through ``forward``, ``finish``."""
+        prepared = self.prepare(data)
+        return self.finish(prepared, forward_in_batches(forward, prepared.tiles, batch_size))

@@ -12,13 +12,14 @@ tiles meet their contributions cross-fade instead of meeting at a seam.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 __all__ = ["MULTIPLE", "DEFAULT_TILE_SIZE", "DEFAULT_TILE_OVERLAP", "Tiling", "TilePlan", "check_tiling",
-           "plan_tiles", "pad_to_multiple", "cut", "merge"]
+           "plan_tiles", "pad_to_multiple", "cut", "merge", "forward_in_batches"]
 
 # MPRNet splits the image into quadrants and down-samples those twice: sides must divide by 8.
 MULTIPLE = 8
@@ -194,10 +195,16 @@ class Tiling:
         # np.rint rounds ties to even, as the reference's img_as_ubyte does.
         return np.rint(merged.transpose(1, 2, 0) * 255).astype(np.uint8)
 
-    def restore(self, image: np.ndarray, forward, batch_size: int = 1) -> np.ndarray:
-        """Cut, run ``forward`` on ``batch_size`` tiles at a time, stitch: offline, in this thread."""
+    def restore(self, image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray],
+                batch_size: int = 1) -> np.ndarray:
+        """Cut, every tile through ``forward``, stitch: offline, in this thread."""
         plan, tiles = self.cut(image)
-        outputs = np.empty_like(tiles)
-        for start in range(0, len(tiles), batch_size):
-            outputs[start:start + batch_size] = forward(tiles[start:start + batch_size])
-        return self.stitch(plan, outputs)
+        return self.stitch(plan, forward_in_batches(forward, tiles, batch_size))
+
+
+def forward_in_batches(forward: Callable[[np.ndarray], np.ndarray], tiles: np.ndarray, batch_size: int) -> np.ndarray:
+    """``forward`` over ``tiles`` ``batch_size`` at a time, without a queue: for offline use."""
+    outputs = np.empty_like(tiles)
+    for start in range(0, len(tiles), batch_size):
+        outputs[start:start + batch_size] = forward(tiles[start:start + batch_size])
+    return outputs

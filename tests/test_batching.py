@@ -61,7 +61,7 @@ async def until(condition, timeout: float = 5.0) -> None:
 def make_batcher(forward_by_task, **overrides) -> Batcher:
     options = dict(max_batch_size=4, max_wait_s=0.05, max_queued_tiles=16)
     options.update(overrides)
-    return Batcher(forward_by_task, **options)
+    return Batcher(workers={"0": forward_by_task}, **options)
 
 
 def test_concurrent_requests_share_a_batch_and_get_their_own_tiles_back():

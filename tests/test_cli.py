@@ -14,6 +14,7 @@ from PIL import Image
 from models import MPRNet, save_safetensors
 from service.engine import Engine
 from service.image_files import find_images
+from service.tiling import Tiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, reduction=2)
@@ -63,7 +64,7 @@ def test_restores_files_and_folders_and_skips_what_it_cannot_read(tmp_path, weig
     assert "broken.png" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["first.png", "loose.png", "second.png"]
     assert Image.open(out / "second.png").size == (17, 33)
-    expected = Engine.from_checkpoint(weights, device="cpu", tile_size=32, tile_overlap=8).restore(first)
+    expected = Tiling(32, overlap=8).restore(first, Engine.from_checkpoint(weights, device="cpu", tile_size=32).forward)
     assert np.array_equal(np.asarray(Image.open(out / "first.png")), expected)
 
 

@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models import MPRNet, MPRNetConfig, infer_config, load_state_dict, save_safetensors
+from service.image_files import IMAGE_SUFFIXES
 
 from .degradations import DEGRADATIONS, MAX_KERNEL
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Blur kernels and rain streaks reach this far; degrading a larger crop and cutting the border
 # off means the patch's edges see real neighbours, not reflected ones.
 MARGIN = MAX_KERNEL // 2 + 1
