@@ -272,7 +272,7 @@ class Batcher:
                 if getattr(outputs, "shape", None) != batch.tiles.shape:
                     raise ValueError(f"forward returned shape {getattr(outputs, 'shape', None)} for a batch of "
                                      f"shape {batch.tiles.shape}")
-            except Exception as error:  # noqa: BLE001 - delivered to the batch's callers instead
+            except Exception as error:  # delivered to the batch's callers instead
                 log.warning("forward pass failed for a %s batch of %d tiles: %r", batch.task, len(batch.tiles), error)
                 for job, _, _ in batch.parts:
                     self._fail(job, error)
@@ -344,7 +344,8 @@ class Batcher:
 
     def _record_speed(self, tiles: int, seconds: float) -> None:
         per_tile = seconds / tiles
-        self._seconds_per_tile = per_tile if not self._seconds_per_tile else 0.8 * self._seconds_per_tile + 0.2 * per_tile
+        previous = self._seconds_per_tile
+        self._seconds_per_tile = per_tile if not previous else 0.8 * previous + 0.2 * per_tile
 
     def retry_after_s(self) -> int:
         """Seconds until the queued tiles should be done, at the recent speed (at least 1)."""

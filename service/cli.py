@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"tile overlap in pixels (default {DEFAULT_TILE_OVERLAP})")
     restore.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     restore.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
-                         help="fp16 needs CUDA; bf16 also runs on CPUs, fast where they have bf16 instructions (default fp32)")
+                         help="fp16 needs CUDA; bf16 also runs on CPUs, fast where they have bf16 instructions "
+                              "(default fp32)")
     restore.add_argument("--batch-size", type=int, default=None, metavar="N",
                          help="tiles per forward pass (default 4 on CUDA, 1 on CPU)")
     restore.add_argument("-q", "--quiet", action="store_true", help="no progress output")

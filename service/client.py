@@ -31,9 +31,20 @@ from urllib.parse import quote
 
 import httpx
 
-from .client_errors import (REQUEST_ID_HEADER, ConnectionFailed, InternalError, InvalidImage, NotFound, Overloaded,
-                            PayloadTooLarge, ServiceError, Timeout, UnsupportedMediaType, ValidationError,
-                            error_from_response)
+from .client_errors import (
+    REQUEST_ID_HEADER,
+    ConnectionFailed,
+    InternalError,
+    InvalidImage,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    UnsupportedMediaType,
+    ValidationError,
+    error_from_response,
+)
 from .image_files import find_images
 
 __all__ = ["Client", "AsyncClient", "RestoreResult", "FileOutcome", "ServiceError", "InvalidImage", "NotFound",
@@ -210,8 +221,8 @@ class Client:
         name, data, content_type = _upload(image)
         # One id for every attempt, so the service's log ties the retries together.
         headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
-        response, attempts = self._send("POST", f"/v1/restore/{quote(task, safe='')}", files={"image": (name, data, content_type)},
-                                        headers=headers)
+        response, attempts = self._send("POST", f"/v1/restore/{quote(task, safe='')}",
+                                        files={"image": (name, data, content_type)}, headers=headers)
         return _result(response, attempts)
 
     def models(self) -> dict[str, Any]:

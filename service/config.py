@@ -211,8 +211,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         # Values stay strings here; Settings parses and validates them exactly as it does the
         # environment's, so both paths give the same errors.
+        default = field.get_default(call_default_factory=True)
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(),
-                           help=f"{field.description} [env MPRNET_{name.upper()}, default {field.get_default(call_default_factory=True)!r}]")
+                           help=f"{field.description} [env MPRNET_{name.upper()}, default {default!r}]")
 
 
 def settings_from_args(namespace: argparse.Namespace) -> Settings:

@@ -161,7 +161,7 @@ class Engine:
         """
         try:
             return self._forward_once(tiles)
-        except Exception as error:  # noqa: BLE001 - re-raised below unless it is an allocation failure
+        except Exception as error:  # re-raised below unless it is an allocation failure
             if len(tiles) <= 1 or not is_out_of_memory(error):
                 raise
         # Retried outside the except block, so the failed attempt's frames and tensors are freed first.
@@ -228,10 +228,11 @@ class Engine:
         """(tile side, batch size) that fit in this device's free memory; the defaults on the CPU.
 
         A pass of a 256x256 tile measures the activation memory per pixel at this precision and
-        layout: the second pass, since the first one also holds cuDNN's autotuning workspaces. The budget is a share of free memory plus what the allocator already
-        holds unused (the engines of all tasks on a device run one batch at a time and reuse it).
-        The largest tile side whose batch of 4 fits is chosen, and the batch is as many of those
-        tiles as fit, up to 64.
+        layout: the second pass, since the first one also holds cuDNN's autotuning workspaces.
+        The budget is a share of free memory plus what the allocator already holds unused (the
+        engines of all tasks on a device run one batch at a time and reuse it). The largest tile
+        side whose batch of 4 fits is chosen, and the batch is as many of those tiles as fit, up
+        to 64.
         """
         if not self._on_cuda:
             return DEFAULT_TILE_SIZE, default_batch_size(self.device)

@@ -90,7 +90,7 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     except UnidentifiedImageError:
         raise InvalidImage("the data is not an image in a format this service reads "
                            "(PNG, JPEG, WebP, BMP, TIFF)") from None
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any failure of the parser means "not readable"
+    except Exception as exc:  # untrusted bytes: any failure of the parser means "not readable"
         raise InvalidImage(f"the image header cannot be read ({type(exc).__name__}: {exc})") from None
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedImageFormat(f"{image.format} images are not supported; send PNG, JPEG, WebP, BMP or TIFF")
@@ -102,7 +102,7 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     try:
         # Counting frames walks the file (TIFF reads every directory), so it can fail too.
         frames = getattr(image, "n_frames", 1) if image.format != "MPO" else 1
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InvalidImage(f"the {image.format} data is damaged ({type(exc).__name__}: {exc})") from None
     if frames > 1:
         raise UnsupportedImageFormat(f"the {image.format} has {frames} frames; send a single-frame image")
@@ -156,7 +156,7 @@ def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         rgb, alpha, grayscale = _pixels(image)
     except ImageError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         # Truncated data, bad checksums, corrupt compressed streams; and for fuzzed files Pillow's
         # plugins also raise TypeError, KeyError, struct.error and more. Untrusted bytes that the
         # decoder chokes on are a bad upload, whatever the exception's type.

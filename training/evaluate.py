@@ -115,7 +115,9 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     y = torch.from_numpy(b.astype(np.float64)).permute(2, 0, 1)[:, None]
     taps = _gaussian_window()
     window_h, window_v = taps.view(1, 1, 1, -1), taps.view(1, 1, -1, 1)
-    filt = lambda t: F.conv2d(F.conv2d(t, window_h), window_v)
+    def filt(t):
+        return F.conv2d(F.conv2d(t, window_h), window_v)
+
     mu_x, mu_y = filt(x), filt(y)
     var_x = filt(x * x) - mu_x ** 2
     var_y = filt(y * y) - mu_y ** 2
@@ -278,7 +280,8 @@ def table(results: dict, cbm3d: dict, n_images: int, threads: int) -> str:
                   "",
                   "| Method | PSNR | SSIM | CPU s / image |",
                   "|---|---|---|---|",
-                  f"| noisy input | {_mean(rows, 'input_psnr', names):.2f} | {_mean(rows, 'input_ssim', names):.3f} | |",
+                  f"| noisy input | {_mean(rows, 'input_psnr', names):.2f} | "
+                  f"{_mean(rows, 'input_ssim', names):.3f} | |",
                   f"| CBM3D (`bm3d.bm3d_rgb`, true sigma) | {np.mean([e['psnr'] for e in entries]):.2f} | "
                   f"{np.mean([e['ssim'] for e in entries]):.3f} | {cbm3d_seconds:.0f} |",
                   f"| MPRNet (ours, blind) | {_mean(rows, 'psnr', names):.2f} | {_mean(rows, 'ssim', names):.3f} | "
@@ -305,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-card", action="store_true", help=f"replace the table in {CARD.name}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    log = lambda message: print(message, file=sys.stderr, flush=True)
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
     if args.architectures:
         print(architecture_table())
         return 0

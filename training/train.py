@@ -48,6 +48,11 @@ VAL_HOLDOUT = 8       # images kept out of training when no --val folder is give
 VAL_CROP = 192
 
 
+def _batch_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------
@@ -149,8 +154,7 @@ class PatchSampler:
         pairs = [self._pair() for _ in range(size)]
         clean = np.stack([c for c, _ in pairs])
         degraded = np.stack([d for _, d in pairs])
-        to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float().div_(255)
-        return to_tensor(clean), to_tensor(degraded)
+        return _batch_tensor(clean), _batch_tensor(degraded)
 
 
 class _PatchStream(torch.utils.data.IterableDataset):
@@ -192,8 +196,7 @@ def validation_set(images: list[np.ndarray], task: str) -> list[tuple[torch.Tens
         top, left = (h - size) // 2, (w - size) // 2
         clean = image[top:top + size, left:left + size]
         degraded = DEGRADATIONS[task](clean, np.random.default_rng(VAL_SEED + index))
-        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float() / 255
-        pairs.append((as_tensor(clean), as_tensor(degraded)))
+        pairs.append((_batch_tensor(clean[None]), _batch_tensor(degraded[None])))
     return pairs
 
 
