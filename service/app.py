@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ApiKeyGuard, key_hashes=settings.api_key_hashes, protect_health=settings.protect_health,
                        protect_metrics=settings.protect_metrics, error_response=error_response)
     app.add_middleware(AdmissionControl, tasks=settings.tasks, max_upload_bytes=settings.max_upload_bytes,
-                       queue_refusal=service.queue_refusal)
+                       budget=service.budget, queue_refusal=service.queue_refusal)
     app.add_middleware(RequestAccounting, metrics=service.metrics, tasks=settings.tasks)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],

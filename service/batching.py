@@ -174,6 +174,10 @@ class Batcher:
     async def submit(self, task: str, tiles: np.ndarray, deadline: float | None = None) -> BatchResult:
         """Queue ``tiles`` (N, C, H, W) float32 for ``task``; return the restored tiles in order.
 
+        The results are written over ``tiles`` (the result's ``outputs`` is the same array): a
+        large image's tiles are hundreds of megabytes, and a second array for the outputs would
+        double them.
+
         ``deadline`` is a ``time.monotonic()`` value. Raises :class:`QueueFull`,
         :class:`TooManyTiles`, :class:`QueueClosed`, :class:`DeadlineExceeded`, or whatever the
         forward pass raised for the batch holding these tiles. Cancelling the caller drops the
@@ -183,6 +187,7 @@ class Batcher:
             raise KeyError(f"no model for task {task!r}; this batcher serves {', '.join(self.tasks)}")
         if not isinstance(tiles, np.ndarray) or tiles.ndim != 4 or len(tiles) == 0:
             raise ValueError(f"tiles must be a non-empty (N, C, H, W) array, got {getattr(tiles, 'shape', tiles)!r}")
+        tiles = np.asarray(tiles, dtype=np.float32)
         # Not `self.running`: a worker that just died is restarted on the next loop turn, and
         # the queue is still there for the new one.
         if self._closed or not self._started:
@@ -197,7 +202,7 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("the request's deadline passed before its tiles were queued")
-        job = Job(task=task, tiles=tiles, outputs=np.empty_like(tiles, dtype=np.float32),
+        job = Job(task=task, tiles=tiles, outputs=tiles,
                   future=asyncio.get_running_loop().create_future(), deadline=deadline, enqueued_at=now)
         self._queue.add(job)
         self._pending.add(job)
@@ -253,7 +258,6 @@ class Batcher:
         self._spawn_worker(worker)
 
     async def _serve_forever(self, worker: _Worker) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             key = self._queue.next_key(time.monotonic(), skip=self._filling)
             if key is None:
@@ -261,29 +265,39 @@ class Batcher:
                 await self._work_arrived.wait()
                 continue
             batch = await self._fill_and_take(key)
-            if batch is None:
-                continue  # everything in that queue was dropped while it filled
-            worker.batch = batch
-            started = time.monotonic()
+            if batch is not None:  # None: everything in that group was dropped while it filled
+                await self._run_batch(worker, batch)
+            # Nothing of the batch stays referenced while this worker idles, so its pixels are
+            # freed as soon as its requests are done with them.
+            del batch
+
+    async def _run_batch(self, worker: _Worker, batch: Batch) -> None:
+        worker.batch = batch
+        started = time.monotonic()
+        for job, _, _ in batch.parts:
+            job.batch_started(started)
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                worker.executor, worker.forward_by_task[batch.task], batch.tiles)
+            if getattr(outputs, "shape", None) != batch.tiles.shape:
+                raise ValueError(f"forward returned shape {getattr(outputs, 'shape', None)} for a batch of "
+                                 f"shape {batch.tiles.shape}")
+        except Exception as error:  # delivered to the batch's callers instead
+            log.warning("forward pass failed for a %s batch of %d tiles: %r", batch.task, len(batch.tiles), error,
+                        exc_info=error)
+            # Delivered without its traceback, whose frames hold the batch's tensors: each caller
+            # may keep the error a while, and the pixels should not stay with it.
+            error = error.with_traceback(None)
             for job, _, _ in batch.parts:
-                job.batch_started(started)
-            try:
-                outputs = await loop.run_in_executor(worker.executor, worker.forward_by_task[batch.task], batch.tiles)
-                if getattr(outputs, "shape", None) != batch.tiles.shape:
-                    raise ValueError(f"forward returned shape {getattr(outputs, 'shape', None)} for a batch of "
-                                     f"shape {batch.tiles.shape}")
-            except Exception as error:  # delivered to the batch's callers instead
-                log.warning("forward pass failed for a %s batch of %d tiles: %r", batch.task, len(batch.tiles), error)
-                for job, _, _ in batch.parts:
-                    self._fail(job, error)
-                continue
-            finally:
-                worker.batch = None
-            finished = time.monotonic()
-            self._deliver(batch, outputs, finished)
-            self._record_speed(len(batch.tiles), finished - started)
-            if self._observer is not None:
-                self._observer.batch_finished(batch.task, len(batch.tiles), finished - started, worker.name)
+                self._fail(job, error)
+            return
+        finally:
+            worker.batch = None
+        finished = time.monotonic()
+        self._deliver(batch, outputs, finished)
+        self._record_speed(len(batch.tiles), finished - started)
+        if self._observer is not None:
+            self._observer.batch_finished(batch.task, len(batch.tiles), finished - started, worker.name)
 
     async def _fill_and_take(self, key: QueueKey) -> Batch | None:
         self._filling.add(key)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .decoding import available_cpus
 from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, check_tiling, plan_tiles
 
 __all__ = ["Settings", "add_serve_arguments", "default_queued_tiles", "settings_from_args"]
@@ -75,6 +76,18 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=4096 * 4096, ge=1, description="largest accepted image, width times height")
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="a request not answered by then gets 504 and its queued tiles are dropped")
+    max_inflight_bytes: int | None = Field(
+        default=None, ge=1, description="upload bytes all requests in flight may hold together; past it, 503 "
+                                        "before the body is read (default: four uploads of max_upload_bytes)")
+    max_inflight_pixels: int | None = Field(
+        default=None, ge=1, description="image pixels all requests in flight may hold together (about 50 bytes "
+                                        "each); past it, 503 (default: two images of max_pixels)")
+    decode_workers: int | None = Field(
+        default=None, ge=1, description="decoder processes (default: the CPUs this process may use, from its "
+                                        "cgroup quota, at most 4)")
+    decode_timeout_s: float = Field(
+        default=10.0, gt=0, description="longest one image may take to decode; past it the decode is stopped and "
+                                        "the request gets 422 image_too_complex")
     graceful_shutdown_s: float = Field(
         default=30.0, ge=0, description="after SIGTERM, how long in-flight requests get to finish")
     host: str = Field(default="127.0.0.1", description="address to listen on")
@@ -174,6 +187,12 @@ class Settings(BaseSettings):
             self.max_queued_tiles = default_queued_tiles(self.max_pixels, self.tile_size, self.tile_overlap)
         if self.max_batch_size is None:
             self.max_batch_size = self._default_batch_size()
+        if self.max_inflight_bytes is None:
+            self.max_inflight_bytes = 4 * self.max_upload_bytes
+        if self.max_inflight_pixels is None:
+            self.max_inflight_pixels = 2 * self.max_pixels
+        if self.decode_workers is None:
+            self.decode_workers = min(4, available_cpus())
         return self
 
     def _default_batch_size(self) -> int:

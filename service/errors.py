@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batching import DeadlineExceeded, QueueClosed, QueueFull, TooManyTiles
 from .imaging import ImageError
+from .memory import OverBudget
 
 __all__ = ["ServiceError", "ErrorBody", "error_response", "install_error_handlers", "as_service_error",
            "not_ready", "timed_out", "NOT_READY_RETRY_AFTER_S"]
@@ -73,6 +74,8 @@ def as_service_error(error: Exception, request_timeout_s: float) -> ServiceError
         return not_ready(str(error))
     if isinstance(error, DeadlineExceeded):
         return timed_out(request_timeout_s)
+    if isinstance(error, OverBudget):
+        return ServiceError(503, "over_capacity", f"{error}; retry later", {"Retry-After": str(error.retry_after_s)})
     return None
 
 

@@ -22,6 +22,7 @@ The output is always PNG.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,14 +100,49 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         raise InvalidImage(f"the image declares an empty size {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    if image.format in ("JPEG", "MPO"):
+        _check_jpeg_scans(data)
     try:
-        # Counting frames walks the file (TIFF reads every directory), so it can fail too.
-        frames = getattr(image, "n_frames", 1) if image.format != "MPO" else 1
+        # is_animated looks one frame ahead; counting every frame would walk the whole file (a
+        # TIFF with 40,000 tiny directories took 14-25 s to count).
+        animated = image.format != "MPO" and getattr(image, "is_animated", False)
+        frames = image.n_frames if animated and image.format != "TIFF" else None
     except Exception as exc:
         raise InvalidImage(f"the {image.format} data is damaged ({type(exc).__name__}: {exc})") from None
-    if frames > 1:
-        raise UnsupportedImageFormat(f"the {image.format} has {frames} frames; send a single-frame image")
+    if animated:
+        count = f"{frames} frames" if frames else "more than one frame"
+        raise UnsupportedImageFormat(f"the {image.format} has {count}; send a single-frame image")
     return image
+
+
+# Progressive JPEGs as encoders write them have up to a few dozen scans (libjpeg's default script
+# has 10); each scan is a pass over every coefficient, so a file repeating a tiny scan thousands
+# of times costs seconds of CPU per kilobyte.
+MAX_JPEG_SCANS = 100
+_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any fill bytes; FF00 is stuffing
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI, EOI: no length field
+
+
+def _check_jpeg_scans(data: bytes) -> None:
+    """Refuse a JPEG with more scans than any encoder writes, by walking its markers (no decoding)."""
+    scans, position = 0, 2
+    while (match := _JPEG_MARKER.search(data, position)) is not None:
+        marker = match.group(1)[0]
+        position = match.end()
+        if marker == 0xD9:  # end of image
+            return
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise InvalidImage(f"the JPEG has more than {MAX_JPEG_SCANS} scans; no encoder writes that many")
+        if position + 2 > len(data):
+            return
+        # Skip the segment by its length, so that bytes inside headers (EXIF thumbnails, ICC
+        # profiles) are never mistaken for markers; entropy-coded data after a scan header is
+        # searched for the next marker.
+        position += int.from_bytes(data[position:position + 2], "big")
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:

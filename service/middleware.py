@@ -18,6 +18,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ServiceError, error_response
+from .memory import MemoryBudget, OverBudget
 from .metrics import UNKNOWN_TASK, ServiceMetrics
 
 __all__ = ["RequestAccounting", "AdmissionControl", "REQUEST_ID_HEADER", "RESTORE_PREFIX"]
@@ -89,29 +90,42 @@ class RequestAccounting:
 
 class AdmissionControl:
     """Refuses a restore before its body is read: unknown task (404), declared body over the
-    limit (413), queue full (503). Nothing of a refused upload is buffered.
+    limit (413), queue full (503), no room in the memory budget for the body (503). Nothing of a
+    refused upload is buffered. An admitted request holds its body's bytes in the budget until
+    it is answered.
 
     Args:
         app: the application behind it.
         tasks: the tasks this service restores.
-        max_upload_bytes: the largest body accepted.
-        queue_refusal: returns the 503 to answer now, or None while there is room.
+        max_upload_bytes: the largest body accepted; what a body of undeclared length may hold.
+        budget: bytes and pixels all requests in flight may hold.
+        queue_refusal: returns the 503 to answer now, or None while the queue has room.
     """
 
-    def __init__(self, app: ASGIApp, tasks: tuple[str, ...], max_upload_bytes: int,
+    def __init__(self, app: ASGIApp, tasks: tuple[str, ...], max_upload_bytes: int, budget: MemoryBudget,
                  queue_refusal: Callable[[], ServiceError | None]):
         self.app = app
         self.tasks = tasks
         self.max_upload_bytes = max_upload_bytes
+        self.budget = budget
         self.queue_refusal = queue_refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = None
-        if scope["type"] == "http" and scope["path"].startswith(RESTORE_PREFIX):
-            refusal = self._refusal(scope["path"][len(RESTORE_PREFIX):], _headers(scope))
-        if refusal is None:
+        if scope["type"] != "http" or not scope["path"].startswith(RESTORE_PREFIX):
             await self.app(scope, receive, send)
             return
+        headers = _headers(scope)
+        declared = headers.get("content-length", "")
+        body_bytes = int(declared) if declared.isdigit() else self.max_upload_bytes
+        refusal = self._refusal(scope["path"][len(RESTORE_PREFIX):], headers)
+        if refusal is None:
+            try:
+                with self.budget.holding_bytes(body_bytes):
+                    await self.app(scope, receive, send)
+                return
+            except OverBudget as exc:
+                refusal = ServiceError(503, "over_capacity", f"{exc}; retry later",
+                                       {"Retry-After": str(exc.retry_after_s)})
         entry = scope.get("state", {}).get("log_entry")
         if entry is not None:
             entry["error"] = refusal.code

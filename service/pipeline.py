@@ -1,11 +1,12 @@
 """One restore's stages around the batched forward pass: bytes -> tiles, restored tiles -> PNG.
 
-    prepared = pipeline.prepare(upload_bytes)        # decode, refuse what cannot fit, cut
+    prepared = pipeline.prepare(upload_bytes)        # decode (or pipeline.cut(decoded)), cut
     outputs = <every tile through the network>       # the batching queue, or an engine directly
     png = pipeline.finish(prepared, outputs)         # stitch, back to the upload's kind, encode
 
-The HTTP service runs ``prepare`` and ``finish`` in worker threads around the queue; the
-command line runs the same two around an engine of its own, so both give the same bytes.
+The HTTP service decodes in a decoder process (:mod:`service.decoding`), then runs ``cut`` and
+``finish`` in worker threads around the queue; the command line runs the same stages around an
+engine of its own, so both give the same bytes.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from .tiling import TilePlan, Tiling, forward_in_batches
 __all__ = ["RestorePipeline", "PreparedImage"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreparedImage:
     """A decoded upload cut into tiles, with what ``finish`` needs to put it back."""
 
     decoded: imaging.DecodedImage
     plan: TilePlan
-    tiles: np.ndarray  # (N, 3, th, tw) float32 in [0, 1]
+    tiles: np.ndarray | None  # (N, 3, th, tw) float32 in [0, 1]; None once handed on
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ class RestorePipeline:
     def prepare(self, data: bytes) -> PreparedImage:
         """Raises :class:`imaging.ImageError` for a bad upload, :class:`TooManyTiles` for one
         whose tiles could never fit in the queue."""
-        decoded = imaging.decode(data, self.max_pixels)
+        return self.cut(imaging.decode(data, self.max_pixels))
+
+    def cut(self, decoded: imaging.DecodedImage) -> PreparedImage:
         # Planned before cutting so that an image with too many tiles (a 1 x 10^6 strip, say)
         # is refused before its tiles are allocated.
         planned = len(self.tiling.plan(decoded.height, decoded.width))
@@ -57,7 +60,8 @@ class RestorePipeline:
         return PreparedImage(decoded, plan, tiles)
 
     def finish(self, prepared: PreparedImage, outputs: np.ndarray) -> bytes:
-        """The restored tiles -> PNG bytes at the upload's size, in its kind (grayscale, alpha)."""
+        """The restored tiles -> PNG bytes at the upload's size, in its kind (grayscale, alpha).
+        ``outputs`` is consumed (stitched in place)."""
         return imaging.encode_png(self.tiling.stitch(prepared.plan, outputs), prepared.decoded)
 
     def restore(self, data: bytes, forward: Callable[[np.ndarray], np.ndarray], batch_size: int = 1) -> bytes:

@@ -17,7 +17,7 @@ from .config import Settings
 from .errors import ErrorBody, ServiceError, as_service_error, not_ready, timed_out
 from .metrics import CONTENT_TYPE_LATEST
 from .schemas import ModelsResponse
-from .state import ServiceState
+from .state import ServiceState, Upload
 
 __all__ = ["restore_router", "operations_router"]
 
@@ -46,6 +46,15 @@ async def _until_disconnected(request: Request) -> None:
     # The body has been read, so the next ASGI message can only be the client going away.
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _answer_to(failed: asyncio.Future, request_id: str, timeout_s: float) -> ServiceError:
+    error = failed.exception()
+    answer = as_service_error(error, timeout_s)
+    if answer is None:
+        log.error("restoring failed in request %s", request_id, exc_info=error)
+        answer = ServiceError(500, "inference_failed", f"the model failed on this image (request {request_id})")
+    return answer
 
 
 def restore_router(settings: Settings) -> APIRouter:
@@ -84,10 +93,12 @@ def restore_router(settings: Settings) -> APIRouter:
         entry["task"] = task
         timeout_s = service.settings.request_timeout_s
         deadline = request.state.started + timeout_s
-        data = await image.read()
-        entry["bytes"] = len(data)
+        upload = Upload(await image.read())
+        await image.close()  # its spooled copy on disk or in memory is no longer needed
+        entry["bytes"] = upload.size
 
-        work = asyncio.ensure_future(service.restore(task, data, deadline, entry))
+        work = asyncio.ensure_future(service.restore(task, upload, deadline, entry))
+        del upload
         client_gone = asyncio.ensure_future(_until_disconnected(request))
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -102,15 +113,13 @@ def restore_router(settings: Settings) -> APIRouter:
                 entry["error"] = "client_disconnected"
                 return Response(status_code=499)  # nginx's code for it; only the log ever sees it
             raise timed_out(timeout_s)
-        try:
-            restored = work.result()
-        except Exception as exc:
-            answer = as_service_error(exc, timeout_s)
-            if answer is None:
-                log.error("restoring failed in request %s", request.state.request_id, exc_info=exc)
-                answer = ServiceError(500, "inference_failed",
-                                      f"the model failed on this image (request {request.state.request_id})")
-            raise answer from None
+        if work.exception() is not None:
+            # Raised from a function, so that no local of this frame holds the error: its
+            # traceback refers to this frame, and such a cycle would keep the request's arrays
+            # alive until the garbage collector happened to run.
+            raise _answer_to(work, request.state.request_id, timeout_s) from None
+        restored = work.result()
+        del work
         timings = {**restored.timings, "total": time.monotonic() - request.state.started}
         server_timing = ", ".join(f"{name};dur={round(seconds * 1000, 2)}" for name, seconds in timings.items())
         return Response(content=restored.png, media_type="image/png", headers={"Server-Timing": server_timing})

@@ -12,7 +12,6 @@ import asyncio
 import copy
 import functools
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,16 +24,33 @@ from models import load_checkpoint
 
 from .batching import Batcher
 from .config import Settings, default_queued_tiles
+from .decoding import DecoderPool, available_cpus
 from .engine import Engine, resolve_devices
 from .errors import ServiceError
+from .memory import MemoryBudget
 from .metrics import ServiceMetrics
 from .pipeline import RestorePipeline
 from .schemas import ModelCard
 from .tiling import Tiling
 
-__all__ = ["ServiceState", "Restored"]
+__all__ = ["ServiceState", "Restored", "Upload"]
 
 log = logging.getLogger(__name__)
+
+
+class Upload:
+    """An upload's bytes, handed on exactly once, so that no frame keeps a 32 MiB body alive
+    while the request goes on."""
+
+    def __init__(self, data: bytes):
+        self._data: bytes | None = data
+        self.size = len(data)
+
+    def take(self) -> bytes:
+        data, self._data = self._data, None
+        if data is None:
+            raise RuntimeError("the upload was already taken")
+        return data
 
 
 class Restored:
@@ -61,10 +77,11 @@ class ServiceState:
         self.load_error: str | None = None
         # Called when the models cannot be loaded; `serve` uses it to exit instead of idling unready.
         self.on_load_failure: Callable[[], None] | None = None
-        # Decoding, cutting, stitching and encoding; sized to the cores so a burst of uploads
-        # cannot starve the inference thread with dozens of busy decoders.
-        self.imaging_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
-                                               thread_name_prefix="mprnet-imaging")
+        self.budget = MemoryBudget(settings.max_inflight_bytes, settings.max_inflight_pixels)
+        self.decoders: DecoderPool | None = None  # started with the models: spawning takes a moment
+        # Cutting, stitching and encoding; sized to the CPUs this process may use (its cgroup
+        # quota, not the host's count), so a burst cannot starve the inference thread.
+        self.imaging_pool = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="mprnet-imaging")
 
     def _pipeline(self) -> RestorePipeline:
         settings = self.settings
@@ -94,32 +111,45 @@ class ServiceState:
     async def run_in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.imaging_pool, function, *args)
 
-    async def restore(self, task: str, data: bytes, deadline: float, entry: dict) -> Restored:
-        """The upload's bytes -> restored PNG; ``entry`` (the request's log line) gains the image's facts."""
+    async def restore(self, task: str, upload: Upload, deadline: float, entry: dict) -> Restored:
+        """The upload's bytes -> restored PNG; ``entry`` (the request's log line) gains the image's facts.
+
+        Raises the domain errors of each stage (:mod:`service.errors` maps them to HTTP). Every
+        array of the request is released when this returns or raises, with no reference cycle
+        left to wait for the garbage collector.
+        """
         metrics = self.metrics
         timings: dict[str, float] = {}
         mark = time.monotonic()
-        prepared = await self.run_in_thread(self.pipeline.prepare, data)
-        timings["decode"] = time.monotonic() - mark
-        decoded, tiles = prepared.decoded, prepared.tiles
-        entry.update(width=decoded.width, height=decoded.height, format=decoded.format, tiles=len(tiles))
-        metrics.image_megapixels.labels(task).observe(decoded.width * decoded.height / 1e6)
-        metrics.request_tiles.labels(task).observe(len(tiles))
-
-        result = await self.batcher.submit(task, tiles, deadline)
-        timings["queue"], timings["inference"] = result.queue_seconds, result.inference_seconds
-        metrics.queue_wait.labels(task).observe(result.queue_seconds)
-        entry.update(queue_ms=round(result.queue_seconds * 1000, 2),
-                     inference_ms=round(result.inference_seconds * 1000, 2))
-
-        mark = time.monotonic()
-        png = await self.run_in_thread(self.pipeline.finish, prepared, result.outputs)
-        timings["encode"] = time.monotonic() - mark
+        decoded = await self.decoders.decode(upload.take())
+        with self.budget.holding_pixels(decoded.width * decoded.height):
+            prepared = await self.run_in_thread(self.pipeline.cut, decoded)
+            del decoded
+            timings["decode"] = time.monotonic() - mark
+            image, tiles = prepared.decoded, prepared.tiles
+            entry.update(width=image.width, height=image.height, format=image.format, tiles=len(tiles))
+            metrics.image_megapixels.labels(task).observe(image.width * image.height / 1e6)
+            metrics.request_tiles.labels(task).observe(len(tiles))
+            del image
+            # The queue holds the tiles from here on, and writes the outputs over them.
+            prepared.tiles = None
+            result = await self.batcher.submit(task, tiles, deadline)
+            del tiles
+            timings["queue"], timings["inference"] = result.queue_seconds, result.inference_seconds
+            metrics.queue_wait.labels(task).observe(result.queue_seconds)
+            entry.update(queue_ms=round(result.queue_seconds * 1000, 2),
+                         inference_ms=round(result.inference_seconds * 1000, 2))
+            mark = time.monotonic()
+            png = await self.run_in_thread(self.pipeline.finish, prepared, result.outputs)
+            timings["encode"] = time.monotonic() - mark
         return Restored(png, timings)
 
     async def load(self) -> None:
         """Load and warm every task's engine on every device, then open the queue; readiness follows."""
         try:
+            settings = self.settings
+            self.decoders = await asyncio.to_thread(DecoderPool, settings.decode_workers, settings.max_pixels,
+                                                    settings.decode_timeout_s)
             await self._load_engines()
         except Exception as exc:  # reported through readiness and the log instead
             self.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -191,6 +221,8 @@ class ServiceState:
         self.draining = True
         if self.batcher is not None:
             await self.batcher.close(grace_s=self.settings.graceful_shutdown_s)
+        if self.decoders is not None:
+            self.decoders.close()
         self.imaging_pool.shutdown(wait=False, cancel_futures=True)
 
 

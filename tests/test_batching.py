@@ -87,7 +87,7 @@ def test_a_large_job_is_split_into_batches_in_order():
         batcher = make_batcher({"denoising": forward})
         batcher.start()
         tiles = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((1, 3, 8, 8), np.float32)
-        result = await batcher.submit("denoising", tiles)
+        result = await batcher.submit("denoising", tiles.copy())  # the results are written over the tiles
         await batcher.close()
         return tiles, result
 

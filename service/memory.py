@@ -1,0 +1,106 @@
+"""Memory: what the requests in flight may hold, and giving freed memory back to the system.
+
+An upload's cost is known in two steps: its declared body size before a byte is read, its pixel
+count once its header is parsed. :class:`MemoryBudget` admits a request at each step only while
+the sum over requests in flight stays within its limit; past it the request gets 503 with
+Retry-After, before the expensive step, so a burst cannot decode in full before being refused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from contextlib import contextmanager
+
+__all__ = ["MemoryBudget", "OverBudget", "release_memory_promptly", "trim_free_memory"]
+
+# glibc's mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 1 << 20
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_memory_promptly() -> None:
+    """Make large freed blocks go back to the system at once.
+
+    glibc serves blocks over 128 KiB by mmap and unmaps them when freed, but after each such free
+    it raises that threshold up to 32 MiB, after which image-sized buffers come from the heap and
+    stay in the process after use. Fixing the threshold (1 MiB) keeps every image buffer mapped
+    and returned when freed.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD)
+
+
+def trim_free_memory() -> None:
+    """Return the heap's free pages to the system (glibc), e.g. after a large request ends."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+class OverBudget(RuntimeError):
+    """Admitting this request now would pass the memory budget; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class MemoryBudget:
+    """Bytes of bodies and pixels of images held by the requests in flight, each bounded.
+
+    Args:
+        max_bytes: upload bytes that requests in flight may hold together.
+        max_pixels: image pixels that requests in flight may hold together (each pixel costs the
+            service about 50 bytes between decoding and encoding: the pixels, float tiles, and
+            the blend).
+        retry_after_s: what a refused client is told to wait.
+    """
+
+    def __init__(self, max_bytes: int, max_pixels: int, retry_after_s: int = 2):
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.retry_after_s = retry_after_s
+        self.bytes = 0
+        self.pixels = 0
+
+    def room_for_bytes(self, count: int) -> bool:
+        # One request always fits, however large: the byte and pixel limits of a single upload
+        # are the service's other settings; the budget only stops requests piling up.
+        return self.bytes == 0 or self.bytes + count <= self.max_bytes
+
+    @contextmanager
+    def holding_bytes(self, count: int):
+        if not self.room_for_bytes(count):
+            raise OverBudget(f"uploads in flight hold {self.bytes} bytes; another {count} would pass the "
+                             f"limit of {self.max_bytes}", self.retry_after_s)
+        self.bytes += count
+        try:
+            yield
+        finally:
+            self.bytes -= count
+
+    @contextmanager
+    def holding_pixels(self, count: int):
+        if self.pixels and self.pixels + count > self.max_pixels:
+            raise OverBudget(f"images in flight hold {self.pixels} pixels; another {count} would pass the "
+                             f"limit of {self.max_pixels}", self.retry_after_s)
+        self.pixels += count
+        try:
+            yield
+        finally:
+            self.pixels -= count
