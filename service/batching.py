@@ -208,16 +208,23 @@ class Batcher:
         self._pending.add(job)
         self._work_arrived.set()
         time_limit = asyncio.timeout(None if deadline is None else deadline - time.monotonic())
+        missed = None
         try:
             async with time_limit:
                 return await job.future
         except TimeoutError:
             if not time_limit.expired():
                 raise  # the forward pass's own error, or the worker's DeadlineExceeded
-            raise DeadlineExceeded(f"the deadline passed with {job.count - job.finished} of {job.count} tiles "
-                                   f"not computed") from None
+            missed = f"the deadline passed with {job.count - job.finished} of {job.count} tiles not computed"
         finally:
             self._forget(job)
+            # Any error raised here holds this frame in its traceback, and is itself held by the
+            # job's future and by the calling task (which the timeout refers to): without these
+            # deletions they would keep each other, and the job's pixels, alive until the garbage
+            # collector ran.
+            del job, time_limit
+        # Raised outside the except block, so that it carries no context pointing back at the timeout.
+        raise DeadlineExceeded(missed)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Take no new work, give queued work ``grace_s`` to finish, then stop the workers."""

@@ -79,6 +79,7 @@ class _Decoder:
             self.process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         self.connection = Connection(ours.detach())
+        self.killed = False
 
     def exchange(self, data: bytes, max_pixels: int | None, timeout_s: float) -> imaging.DecodedImage:
         """Blocking: send one upload, wait for its pixels at most ``timeout_s``."""
@@ -96,9 +97,11 @@ class _Decoder:
 
     @property
     def alive(self) -> bool:
-        return self.process.poll() is None
+        # A killed process may not have been reaped yet, so poll() alone could still say alive.
+        return not self.killed and self.process.poll() is None
 
     def kill(self) -> None:
+        self.killed = True
         self.process.kill()
         self.connection.close()
 

@@ -1,0 +1,232 @@
+"""Hostile and heavy uploads against the real server: decode bombs, a slow decode, memory that
+must be given back on every path, and a small request beside a large one."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+import logging
+import re
+import struct
+import threading
+import time
+import weakref
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from service_helpers import encode, running_server, tiny_checkpoint
+
+from service.config import Settings
+from service.pipeline import RestorePipeline
+
+_MARKER = re.compile(rb"\xff+([^\x00\xff])")
+_SCAN_END = re.compile(rb"\xff+([^\x00\xff\xd0-\xd7])")
+
+
+def scan_bomb(side: int = 4096, repeats: int = 5000) -> bytes:
+    """A grey progressive JPEG whose smallest scan is repeated ``repeats`` times: ~230 KB that
+    Pillow decodes in tens of seconds."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side), 128, np.uint8), "L").save(buffer, "JPEG", progressive=True, quality=75)
+    data = buffer.getvalue()
+    scans, position = [], 2
+    while True:
+        match = _MARKER.search(data, position)
+        marker, start, position = match.group(1)[0], match.start(), match.end()
+        if marker == 0xD9:
+            break
+        if marker in (0x01, *range(0xD0, 0xD9)):
+            continue
+        length = int.from_bytes(data[position:position + 2], "big")
+        if marker == 0xDA:
+            end = _SCAN_END.search(data, position + length).start()
+            scans.append(data[start:end])
+            position = end
+        else:
+            position += length
+    smallest = min(scans[1:], key=len)
+    return data[:start] + smallest * repeats + data[start:]
+
+
+def ifd_bomb(directories: int = 40_000) -> bytes:
+    """A 1x1 TIFF followed by ``directories`` chained copies of its directory: 4.5 MB whose
+    frames take Pillow most of a minute to count."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    first = struct.unpack_from("<I", data, 4)[0]
+    entries = struct.unpack_from("<H", data, first)[0]
+    directory = bytes(data[first:first + 2 + 12 * entries])
+    next_pointer = first + 2 + 12 * entries
+    for _ in range(directories):
+        offset = len(data)
+        struct.pack_into("<I", data, next_pointer, offset)
+        data += directory + b"\0\0\0\0"
+        next_pointer = offset + len(directory)
+    return bytes(data)
+
+
+def smooth_image(height: int, width: int) -> np.ndarray:
+    """A photo-like gradient: compresses as photos do, unlike noise."""
+    y, x = np.ogrid[0:height, 0:width]
+    red = (x * 255 // max(1, width - 1)) + 0 * y
+    green = (y * 255 // max(1, height - 1)) + 0 * x
+    blue = ((x + y) % 256) + 0 * y
+    return np.stack([red, green, blue], axis=-1).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("hostile") / "denoising.safetensors", seed=3)
+
+
+def _settings(weights, **overrides) -> Settings:
+    values = dict(tasks="denoising", weights_denoising=weights, device="cpu", tile_size=64, tile_overlap=8)
+    values.update(overrides)
+    return Settings(**values)
+
+
+def test_decode_bombs_are_refused_quickly_and_a_small_request_beside_them_is_served(weights):
+    jpeg, tiff = scan_bomb(), ifd_bomb()
+    assert len(jpeg) < 300_000 and len(tiff) < 5_000_000
+    small = encode(smooth_image(64, 64))
+    with running_server(_settings(weights)) as server:
+        url = f"{server.url}/v1/restore/denoising"
+
+        async def post(name: str, data: bytes, delay: float = 0.0):
+            await asyncio.sleep(delay)
+            async with httpx.AsyncClient(timeout=60) as client:
+                started = time.monotonic()
+                response = await client.post(url, files={"image": (name, data)})
+                return name, response.status_code, response.json() if response.status_code != 200 else None, \
+                    time.monotonic() - started
+
+        async def attack():
+            return await asyncio.gather(post("a.jpg", jpeg), post("b.jpg", jpeg), post("c.tif", tiff),
+                                        post("small.png", small, delay=0.2))
+
+        results = {name: rest for name, *rest in asyncio.run(attack())}
+    for name in ("a.jpg", "b.jpg"):
+        status, body, seconds = results[name]
+        assert status == 400 and "scans" in body["error"]["message"] and seconds < 3, results[name]
+    status, body, seconds = results["c.tif"]
+    assert status == 415 and "more than one frame" in body["error"]["message"] and seconds < 3, results["c.tif"]
+    status, _, seconds = results["small.png"]
+    assert status == 200 and seconds < 3, results["small.png"]
+
+
+def test_a_decode_past_the_time_limit_is_stopped_and_the_service_goes_on(weights):
+    slow = encode(smooth_image(1500, 1500))
+    with running_server(_settings(weights, decode_timeout_s=0.01, max_pixels=2000 * 2000)) as server:
+        url = f"{server.url}/v1/restore/denoising"
+        pids = {decoder.process.pid for decoder in server.service.decoders._decoders}
+        response = httpx.post(url, files={"image": ("slow.png", slow)}, timeout=60)
+        assert response.status_code == 422 and response.json()["error"]["code"] == "image_too_complex"
+        assert "0.01 s" in response.json()["error"]["message"]
+        # The stopped decoder was replaced by a fresh process, which serves the next upload (given
+        # the time a small image needs on a loaded machine).
+        server.service.decoders.timeout_s = 30
+        ok = httpx.post(url, files={"image": ("small.png", encode(smooth_image(32, 32)))}, timeout=60)
+        assert ok.status_code == 200
+        assert {decoder.process.pid for decoder in server.service.decoders._decoders} != pids
+
+
+class _Gate:
+    """Wraps a real network's forward pass so the test decides when it runs, or makes it fail."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail = False
+
+    def __call__(self, tiles):
+        self.entered.set()
+        assert self.release.wait(60), "the test never released the forward pass"
+        if self.fail:
+            raise RuntimeError("the network failed on this batch")
+        return self.forward(tiles)
+
+
+def test_every_way_a_request_ends_releases_its_arrays_without_the_garbage_collector(weights, monkeypatch):
+    held: list[weakref.ref] = []
+    real_cut = RestorePipeline.cut
+
+    def recording_cut(self, decoded):
+        held.append(weakref.ref(decoded.rgb))
+        prepared = real_cut(self, decoded)
+        held.append(weakref.ref(prepared.tiles))
+        return prepared
+
+    monkeypatch.setattr(RestorePipeline, "cut", recording_cut)
+    # pytest keeps every log record, tracebacks and their frames included, for its report; a
+    # logging handler in a deployment formats a record and lets it go.
+    monkeypatch.setattr(logging.getLogger("service"), "propagate", False)
+    image = encode(smooth_image(150, 150))
+    settings = _settings(weights, request_timeout_s=30, max_queued_tiles=20)
+    gc.collect()
+    gc.disable()
+    try:
+        with running_server(settings) as server:
+            url = f"{server.url}/v1/restore/denoising"
+            worker = server.service.batcher._workers[0]
+            gate = _Gate(worker.forward_by_task["denoising"])
+            worker.forward_by_task["denoising"] = gate
+
+            def all_released() -> bool:
+                return all(ref() is None for ref in held)
+
+            def expect_released(what: str) -> None:
+                deadline = time.monotonic() + 10
+                while not all_released():
+                    assert time.monotonic() < deadline, f"{what}: arrays still alive with the collector off"
+                    time.sleep(0.02)
+                held.clear()
+
+            # Success.
+            gate.release.set()
+            assert httpx.post(url, files={"image": ("ok.png", image)}, timeout=30).status_code == 200
+            expect_released("success")
+            # Too many tiles for the queue: refused after decoding, before cutting.
+            big = encode(smooth_image(64 * 6, 64 * 6))
+            assert httpx.post(url, files={"image": ("big.png", big)}, timeout=30).status_code == 413
+            expect_released("413")
+            # The batch fails.
+            gate.fail = True
+            assert httpx.post(url, files={"image": ("fail.png", image)}, timeout=30).status_code == 500
+            gate.fail = False
+            expect_released("batch failure")
+            # The client leaves while its tiles are in a forward pass.
+            gate.release.clear()
+            gate.entered.clear()
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, files={"image": ("gone.png", image)}, timeout=httpx.Timeout(30, read=1.0))
+            assert gate.entered.wait(10)
+            gate.release.set()
+            expect_released("client gone")
+            # No room in the memory budget for a second image while the first is held.
+            gate.release.clear()
+            gate.entered.clear()
+            server.service.budget.max_pixels = 150 * 150
+            first = threading.Thread(target=lambda: httpx.post(url, files={"image": ("1.png", image)}, timeout=30))
+            first.start()
+            assert gate.entered.wait(10)
+            refused = httpx.post(url, files={"image": ("2.png", image)}, timeout=30)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "over_capacity"
+            assert refused.headers["Retry-After"]
+            gate.release.set()
+            first.join(30)
+            expect_released("503 over capacity")
+            # Past the deadline while queued behind a held pass.
+            gate.release.clear()
+            gate.entered.clear()
+            server.service.settings = server.service.settings.model_copy(update={"request_timeout_s": 1.0})
+            response = httpx.post(url, files={"image": ("late.png", image)}, timeout=30)
+            assert response.status_code == 504
+            gate.release.set()
+            expect_released("504")
+    finally:
+        gc.enable()
