@@ -157,7 +157,7 @@ class ServiceState:
                     Engine, model, config=checkpoint.config, device=device, precision=settings.precision,
                     tile_size=settings.tile_size, max_batch_size=settings.max_batch_size,
                     channels_last=settings.channels_last, compile=settings.compile,
-                    cuda_graphs=settings.cuda_graphs))
+                    cuda_graphs=settings.cuda_graphs, allow_emulated_precision=settings.allow_emulated_precision))
                 # A full batch, so that the largest allocation happens now, not under load.
                 await asyncio.to_thread(engine.warmup, settings.max_batch_size)
                 self.workers.setdefault(name, {})[task] = engine
@@ -176,7 +176,8 @@ class ServiceState:
         and task shares the queue's one tile shape and batch limit. max_batch_size stays the
         ceiling, and the queue grows if the largest upload would no longer fit in it."""
         settings = self.settings
-        probe = Engine(model, device=device, precision=settings.precision, channels_last=settings.channels_last)
+        probe = Engine(model, device=device, precision=settings.precision, channels_last=settings.channels_last,
+                       allow_emulated_precision=settings.allow_emulated_precision)
         tile_size, batch = probe.choose_sizes()
         batch = min(batch, settings.max_batch_size)
         queued = max(settings.max_queued_tiles,
