@@ -135,6 +135,8 @@ class SlowClientProtocol(H11Protocol):
         self._start_rate_window()
 
     def _cut(self, reason: str, answer: bool) -> None:
+        if self.transport.is_closing():
+            return  # closed for another reason (keep-alive expiry, a 400) between the timer and now
         client = "%s:%d" % self.client if self.client else "a client"
         log.info("closing the connection from %s: %s", client, reason)
         if answer:
