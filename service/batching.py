@@ -18,6 +18,9 @@ returns the restored tiles. Inside:
   once; if some of its tiles are already in a running batch, their results are discarded.
 * An exception from a forward pass fails the jobs in that batch only; the worker goes on. A
   worker whose loop dies fails the batch it held and is restarted; the others are untouched.
+* A forward pass that runs past ``stall_after_s`` (a hung device or driver) cannot be stopped from
+  here, but it is reported: :meth:`Batcher.stalled_workers` names the worker (the service turns
+  readiness off on it) and the log says when it stalled and when it came back.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class _Worker:
     executor: ThreadPoolExecutor | None = None
     loop_task: asyncio.Task | None = None
     batch: Batch | None = None  # in its forward pass now; failed if the loop dies
+    batch_started: float | None = None  # time.monotonic() when that forward pass began
+    stall_alarm: asyncio.TimerHandle | None = None  # logs the stall once the pass passes the limit
 
     @property
     def alive(self) -> bool:
@@ -100,10 +105,12 @@ class Batcher:
         max_wait_s: longest a batch waits to fill after its oldest tile arrived.
         max_queued_tiles: bound on tiles waiting (not yet in a running batch), over all tasks.
         observer: told of every finished batch and the worker that ran it (the service's metrics).
+        stall_after_s: a forward pass running longer than this makes its worker stalled (see
+            :meth:`stalled_workers`); None: never.
     """
 
     def __init__(self, *, workers: Mapping[str, Mapping[str, Forward]], max_batch_size: int, max_wait_s: float,
-                 max_queued_tiles: int, observer: BatchObserver | None = None):
+                 max_queued_tiles: int, observer: BatchObserver | None = None, stall_after_s: float | None = None):
         if not workers:
             raise ValueError("workers must name at least one worker")
         tasks = None
@@ -123,11 +130,14 @@ class Batcher:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
             raise ValueError(f"max_wait_s must be a finite number >= 0, got {max_wait_s!r}")
+        if stall_after_s is not None and not 0 < stall_after_s < math.inf:
+            raise ValueError(f"stall_after_s must be a finite number > 0 or None, got {stall_after_s!r}")
         self._workers = [_Worker(str(name), dict(by_task)) for name, by_task in workers.items()]
         self._max_batch_size = max_batch_size
         self._max_wait_s = float(max_wait_s)
         self._max_queued_tiles = max_queued_tiles
         self._observer = observer
+        self._stall_after_s = stall_after_s
         self._queue = TileQueue(tasks, on_expired=lambda job: self._fail(
             job, DeadlineExceeded("the deadline passed while the tiles were queued")))
         self._filling: set[QueueKey] = set()  # groups a worker waits on to fill
@@ -159,6 +169,19 @@ class Batcher:
     def running(self) -> bool:
         """Whether every worker is alive; false before :meth:`start` and after :meth:`close`."""
         return self._started and all(worker.alive for worker in self._workers)
+
+    @property
+    def worker_names(self) -> tuple[str, ...]:
+        return tuple(worker.name for worker in self._workers)
+
+    def stalled_workers(self) -> dict[str, float]:
+        """Workers whose forward pass now running began more than ``stall_after_s`` ago, and the
+        seconds it has run; read at call time, so a pass that returns is no longer listed."""
+        if self._stall_after_s is None:
+            return {}
+        now = time.monotonic()
+        return {worker.name: now - worker.batch_started for worker in self._workers
+                if worker.batch_started is not None and now - worker.batch_started > self._stall_after_s}
 
     def start(self) -> None:
         """Start the workers; call from the event loop that will submit."""
@@ -262,6 +285,7 @@ class Batcher:
             for job, _, _ in worker.batch.parts:
                 self._fail(job, error)
             worker.batch = None
+        self._forward_pass_ended(worker)
         self._spawn_worker(worker)
 
     async def _serve_forever(self, worker: _Worker) -> None:
@@ -281,6 +305,7 @@ class Batcher:
     async def _run_batch(self, worker: _Worker, batch: Batch) -> None:
         worker.batch = batch
         started = time.monotonic()
+        self._forward_pass_began(worker, batch, started)
         for job, _, _ in batch.parts:
             job.batch_started(started)
         try:
@@ -300,11 +325,34 @@ class Batcher:
             return
         finally:
             worker.batch = None
+            self._forward_pass_ended(worker)
         finished = time.monotonic()
         self._deliver(batch, outputs, finished)
         self._record_speed(len(batch.tiles), finished - started)
         if self._observer is not None:
             self._observer.batch_finished(batch.task, len(batch.tiles), finished - started, worker.name)
+
+    # -- the stall watchdog ---------------------------------------------------------------------
+
+    def _forward_pass_began(self, worker: _Worker, batch: Batch, started: float) -> None:
+        worker.batch_started = started
+        if self._stall_after_s is not None:
+            worker.stall_alarm = asyncio.get_running_loop().call_later(
+                self._stall_after_s, self._report_stall, worker, batch.task, len(batch.tiles))
+
+    def _report_stall(self, worker: _Worker, task: str, tiles: int) -> None:
+        worker.stall_alarm = None
+        log.error("inference worker %s: a forward pass of %d %s tile(s) has run for more than %g s; readiness is "
+                  "off until it returns", worker.name, tiles, task, self._stall_after_s)
+
+    def _forward_pass_ended(self, worker: _Worker) -> None:
+        if worker.stall_alarm is not None:
+            worker.stall_alarm.cancel()
+            worker.stall_alarm = None
+        elif worker.batch_started is not None and self._stall_after_s is not None:
+            log.warning("inference worker %s: the stalled forward pass returned after %.1f s; readiness is back",
+                        worker.name, time.monotonic() - worker.batch_started)
+        worker.batch_started = None
 
     async def _fill_and_take(self, key: QueueKey) -> Batch | None:
         self._filling.add(key)

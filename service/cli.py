@@ -47,7 +47,8 @@ def _restore_locally(args: argparse.Namespace) -> int:
         pipeline = RestorePipeline(Tiling(args.tile, args.overlap))
         weights = Path(args.weights) if args.weights else resolve(args.task)
         engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision, tile_size=args.tile,
-                                        max_batch_size=args.batch_size)
+                                        max_batch_size=args.batch_size,
+                                        allow_emulated_precision=args.allow_emulated_precision)
     except (WeightsNotFound, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -189,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"tile overlap in pixels (default {DEFAULT_TILE_OVERLAP})")
     restore.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     restore.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
-                         help="fp16 needs CUDA; bf16 also runs on CPUs, fast where they have bf16 instructions "
-                              "(default fp32)")
+                         help="fp16 needs CUDA; bf16 needs bf16 instructions (CPUs with AVX512-BF16 or AMX, "
+                              "CUDA 8.0+) unless --allow-emulated-precision (default fp32)")
+    restore.add_argument("--allow-emulated-precision", action="store_true",
+                         help="run a precision the device only emulates (bf16 on an AVX2 CPU: about 9x slower) "
+                              "instead of refusing")
     restore.add_argument("--batch-size", type=int, default=None, metavar="N",
                          help="tiles per forward pass (default 4 on CUDA, 1 on CPU)")
     restore.add_argument("-q", "--quiet", action="store_true", help="no progress output")

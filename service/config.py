@@ -114,6 +114,24 @@ class Settings(BaseSettings):
     limit_concurrency: int | None = Field(
         default=None, ge=1, description="connections plus tasks past which the server answers 503 at once "
                                         "(default: no limit)")
+    request_head_timeout_s: float = Field(
+        default=20.0, gt=0, description="a request's line and headers must arrive within this many seconds of the "
+                                        "connection opening (or of the previous response); past it the connection "
+                                        "is closed, with 408 if part of a head had come")
+    request_body_min_rate: float = Field(
+        default=1024.0, ge=0, description="slowest accepted upload in bytes per second, averaged over each "
+                                          "request_body_rate_window_s; a slower body is cut (408, connection "
+                                          "closed) and its spooled file removed; 0: no floor")
+    request_body_rate_window_s: float = Field(
+        default=20.0, gt=0, description="seconds over which request_body_min_rate is averaged: a body that "
+                                        "stalls is cut within one to two of these")
+    allow_emulated_precision: bool = Field(
+        default=False, description="run a precision the device has no instructions for (bf16 on a CPU without "
+                                   "AVX512-BF16/AMX: about 9x slower than fp32) instead of refusing to start")
+    worker_stall_timeout_s: float | None = Field(
+        default=None, gt=0, description="a forward pass running longer than this turns readiness off until it "
+                                        "returns (default: request_timeout_s, past which its requests have all "
+                                        "timed out anyway)")
 
     @field_validator("tasks", mode="before")
     @classmethod

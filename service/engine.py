@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from models import MPRNetConfig, load_checkpoint
 
 from .tiling import DEFAULT_TILE_SIZE, check_tiling
 
-__all__ = ["Engine", "PRECISIONS", "default_batch_size", "is_out_of_memory", "resolve_device", "resolve_devices"]
+__all__ = ["Engine", "PRECISIONS", "default_batch_size", "emulated_precision_problem", "is_out_of_memory",
+           "resolve_device", "resolve_devices"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,66 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 # outgrow the caches: 0.25 vs 0.18 MP/s at batch 1 vs 4 on this project's 2-core VM, BENCHMARKS.md),
 # so there tiles go one by one; a GPU needs batches to fill.
 _DEFAULT_BATCH_SIZES = {"cuda": 4, "cpu": 1}
+
+
+# CPU instruction sets that run bf16 natively, as /proc/cpuinfo names them: AVX512-BF16 (Cooper
+# Lake, Zen 4), AMX-BF16 (Sapphire Rapids), AVX-NE-CONVERT (oneDNN's avx2_vnni_2 path) on x86, and
+# FEAT_BF16 on Arm. Without one, oneDNN and ATen emulate bf16 through fp32 conversions: the
+# service measured a 256x256 photo at 3.5 s against 0.4 s in fp32 on an AVX2-only CPU.
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert", "bf16")
+
+
+def _cpuinfo_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def _cpu_bf16_problem(device: torch.device) -> str | None:
+    # torch's own probes first (private, hence looked up rather than assumed), then the kernel's view.
+    native = set()
+    for flag, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            native.add(flag)
+    native |= _cpuinfo_flags() & set(_CPU_BF16_FLAGS)
+    if native:
+        return None
+    return (f"this CPU has no bf16 instructions ({', '.join(_CPU_BF16_FLAGS)} are all missing), so bf16 would be "
+            f"emulated, about 9x slower than fp32")
+
+
+def _cuda_bf16_problem(device: torch.device) -> str | None:
+    # Tensor cores take bf16 from Ampere (compute capability 8.0) on; older GPUs emulate it.
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return None
+    return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 tensor cores "
+            f"(8.0 or later needed), so bf16 would be emulated, slower than fp16")
+
+
+# (precision, device type) -> why that precision would run emulated there, or None when it runs
+# natively. A pair not listed needs no check (fp32 everywhere, fp16 on CUDA); a new precision
+# adds its rows here.
+_NATIVE_PRECISION_CHECKS = {
+    ("bf16", "cpu"): _cpu_bf16_problem,
+    ("bf16", "cuda"): _cuda_bf16_problem,
+}
+
+
+def emulated_precision_problem(precision: str, device: str | torch.device) -> str | None:
+    """Why ``precision`` would be emulated (slowly) on ``device``, or None when it runs natively."""
+    device = torch.device(device)
+    check = _NATIVE_PRECISION_CHECKS.get((precision, device.type))
+    return check(device) if check is not None else None
 
 
 def default_batch_size(device: str | torch.device) -> int:
@@ -77,7 +139,7 @@ class Engine:
         config: its constructor values, reported by :meth:`describe`.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, or ``fp16``/``bf16`` autocast; fp16 needs CUDA, bf16 also runs on
-            CPUs (fast where they have bf16 instructions, e.g. AVX512-BF16 or AMX).
+            CPUs that have bf16 instructions (AVX512-BF16, AMX) and on CUDA from compute capability 8.0.
         tile_size: the serving tile side, which :meth:`warmup`, compilation and CUDA graphs
             prepare for; 0 when images run whole.
         max_batch_size: most tiles :meth:`forward` will be given at once; :meth:`warmup` prepares
@@ -88,6 +150,8 @@ class Engine:
             leaves it off on CUDA, where it has not been measured yet.
         compile: ``torch.compile`` the network for the serving tile shape (compiled in :meth:`warmup`).
         cuda_graphs: replay one captured CUDA graph per batch shape of the serving tile (CUDA only).
+        allow_emulated_precision: run a precision this device has no instructions for (bf16 on a
+            CPU without AVX512-BF16 or AMX), with a warning, instead of raising ``ValueError``.
 
     A forward pass that runs out of device memory is split in halves and retried, down to single
     tiles, so callers see only success or a real failure.
@@ -96,7 +160,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, *, config: MPRNetConfig | None = None,
                  device: str | torch.device = "auto", precision: str = "fp32", tile_size: int = DEFAULT_TILE_SIZE,
                  max_batch_size: int | None = None, channels_last: bool | None = None, compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, allow_emulated_precision: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
@@ -104,6 +168,13 @@ class Engine:
             max_batch_size = default_batch_size(self.device)
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError(f"precision fp16 needs a CUDA device; use fp32 or bf16 on {self.device}")
+        emulated = emulated_precision_problem(precision, self.device)
+        if emulated is not None:
+            if not allow_emulated_precision:
+                raise ValueError(f"precision {precision} on {self.device}: {emulated}. Use fp32, or run it anyway "
+                                 f"with --allow-emulated-precision (serve also reads "
+                                 f"MPRNET_ALLOW_EMULATED_PRECISION=1)")
+            log.warning("precision %s on %s runs emulated, as allowed: %s", precision, self.device, emulated)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; {self.device} has no graphs to capture")
         if max_batch_size < 1:

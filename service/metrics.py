@@ -99,6 +99,8 @@ class ServiceMetrics:
         self.readiness = Gauge("mprnet_ready", "1 while /readyz answers 200 (models warm, not draining), else 0.",
                                registry=registry)
         self._queue_depth: Callable[[], Mapping[str, int]] = dict
+        self._worker_names: tuple[str, ...] = ()
+        self._stalled_workers: Callable[[], Mapping[str, float]] = dict
         self._cuda_devices: list[torch.device] = []
         registry.register(_ScrapeTimeGauges(self._scrape_time_gauges))
         ProcessCollector(registry=registry)
@@ -114,6 +116,12 @@ class ServiceMetrics:
     def watch_queue(self, depth_by_task: Callable[[], Mapping[str, int]]) -> None:
         """Report ``depth_by_task()`` (queued tiles per task) as a gauge on every scrape."""
         self._queue_depth = depth_by_task
+
+    def watch_workers(self, names: Iterable[str], stalled: Callable[[], Mapping[str, float]]) -> None:
+        """Report, per worker in ``names``, whether ``stalled()`` (worker -> seconds its forward
+        pass has run past the limit) lists it, on every scrape."""
+        self._worker_names = tuple(names)
+        self._stalled_workers = stalled
 
     def add_model(self, task: str, description: Mapping[str, object]) -> None:
         """Publish an engine's description (``device`` may list several, comma-separated); on
@@ -133,6 +141,15 @@ class ServiceMetrics:
         for task, tiles in sorted(self._queue_depth().items()):
             depth.add_metric([task], tiles)
         yield depth
+        # Says why mprnet_ready went to 0 when a forward pass hangs; `device` names the worker,
+        # as in the batch metrics.
+        stalled_now = self._stalled_workers()
+        stalled = GaugeMetricFamily("mprnet_worker_stalled",
+                                    "1 while the worker's forward pass has run past worker_stall_timeout_s "
+                                    "(readiness is off then), else 0.", labels=["device"])
+        for name in self._worker_names:
+            stalled.add_metric([name], float(name in stalled_now))
+        yield stalled
         if not self._cuda_devices:
             return
         allocated = GaugeMetricFamily("mprnet_cuda_memory_allocated_bytes",

@@ -1,22 +1,27 @@
 """Running the app under uvicorn, with the shutdown an orchestrator expects.
 
+Clients too slow to send a request head or its body are cut (:mod:`service.slow_clients`).
 SIGTERM (or Ctrl-C): readiness turns false, the listening socket closes, requests in flight get
 ``graceful_shutdown_s`` to finish, the batching queue drains, and the process exits 0. Models
-that fail to load make the process exit 1 instead of idling unready.
+that fail to load make the process exit 1 instead of idling unready; missing weights, or a
+precision the device would only emulate, exit 2 before the port is bound.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from .app import create_app
 from .config import Settings
+from .slow_clients import SlowClientLimits, SlowClientProtocol
 
-__all__ = ["serve"]
+__all__ = ["serve", "uvicorn_config"]
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +55,49 @@ def _check_weights(settings: Settings) -> None:
             raise SystemExit(2)
 
 
+def _check_precision(settings: Settings) -> None:
+    """Fail before binding the port when the precision would run emulated and that is not allowed."""
+    from .engine import emulated_precision_problem, resolve_devices  # torch and the models, only when serving
+
+    try:
+        devices = resolve_devices(settings.devices or (settings.device,))
+    except ValueError:
+        return  # a missing CUDA device is reported when the models load, as before
+    for device in dict.fromkeys(devices):
+        problem = emulated_precision_problem(settings.precision, device)
+        if problem is None:
+            continue
+        if settings.allow_emulated_precision:
+            log.warning("precision %s on %s runs emulated, as allowed: %s", settings.precision, device, problem)
+            continue
+        log.error("cannot serve with precision %s on %s: %s. Use --precision fp32, or allow it anyway with "
+                  "--allow-emulated-precision (MPRNET_ALLOW_EMULATED_PRECISION=1)", settings.precision, device, problem)
+        raise SystemExit(2)
+
+
+def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
+    """How ``serve`` runs ``app``: address, shutdown grace, connection limits and the slow-client
+    cut (a deadline on request heads, a floor on body rates). Tests start servers from it too."""
+    limits = SlowClientLimits(head_timeout_s=settings.request_head_timeout_s,
+                              body_min_rate=settings.request_body_min_rate,
+                              body_rate_window_s=settings.request_body_rate_window_s)
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          log_config=None, access_log=False, lifespan="on",
+                          timeout_graceful_shutdown=settings.graceful_shutdown_s,
+                          # Past this many connections and tasks uvicorn answers 503 without
+                          # running the app, so a flood of idle or slow clients cannot pile up.
+                          limit_concurrency=settings.limit_concurrency,
+                          http=functools.partial(SlowClientProtocol, limits=limits))
+
+
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return; ``SystemExit`` (1 or 2) if models cannot load."""
     configure_logging(settings.log_level)
     _check_weights(settings)
+    _check_precision(settings)
     app = create_app(settings)
     service = app.state.service
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=settings.graceful_shutdown_s,
-                            # Past this many connections and tasks uvicorn answers 503 without
-                            # running the app, so a flood of idle or slow clients cannot pile up.
-                            limit_concurrency=settings.limit_concurrency)
+    config = uvicorn_config(settings, app)
 
     def begin_draining() -> None:
         if not service.draining:

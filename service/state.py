@@ -90,7 +90,10 @@ class ServiceState:
 
     @property
     def ready(self) -> bool:
-        return self.batcher is not None and self.batcher.running and not self.draining and self.load_error is None
+        # A stalled worker still answers nothing while its forward pass hangs: every request
+        # routed here would time out, so readiness goes off until the pass returns.
+        return (self.batcher is not None and self.batcher.running and not self.batcher.stalled_workers()
+                and not self.draining and self.load_error is None)
 
     def not_ready_reason(self) -> str:
         if self.load_error is not None:
@@ -99,7 +102,17 @@ class ServiceState:
             return "the service is shutting down"
         if self.batcher is None:
             return "the models are still loading"
+        stalled = self.batcher.stalled_workers()
+        if stalled:
+            running = ", ".join(f"{name} for {seconds:.0f} s" for name, seconds in stalled.items())
+            return (f"inference worker stalled: a forward pass has been running on {running}, past the "
+                    f"{self.stall_limit_s:g} s limit (worker_stall_timeout_s)")
         return "the inference worker is restarting"
+
+    @property
+    def stall_limit_s(self) -> float:
+        """How long one forward pass may run before its worker counts as stalled."""
+        return self.settings.worker_stall_timeout_s or self.settings.request_timeout_s
 
     def queue_refusal(self) -> ServiceError | None:
         """The 503 to answer before reading an upload, while the queue has no room for a tile."""
@@ -161,9 +174,11 @@ class ServiceState:
         batcher = Batcher(workers={name: {task: engine.forward for task, engine in engines.items()}
                                    for name, engines in self.workers.items()},
                           max_batch_size=settings.max_batch_size, max_wait_s=settings.max_batch_wait_ms / 1000,
-                          max_queued_tiles=settings.max_queued_tiles, observer=self.metrics)
+                          max_queued_tiles=settings.max_queued_tiles, observer=self.metrics,
+                          stall_after_s=self.stall_limit_s)
         batcher.start()
         self.metrics.watch_queue(batcher.depth_by_task)
+        self.metrics.watch_workers(batcher.worker_names, batcher.stalled_workers)
         self.batcher = batcher
         log.info("ready: serving %s", ", ".join(self.cards))
 
@@ -187,7 +202,7 @@ class ServiceState:
                     Engine, model, config=checkpoint.config, device=device, precision=settings.precision,
                     tile_size=settings.tile_size, max_batch_size=settings.max_batch_size,
                     channels_last=settings.channels_last, compile=settings.compile,
-                    cuda_graphs=settings.cuda_graphs))
+                    cuda_graphs=settings.cuda_graphs, allow_emulated_precision=settings.allow_emulated_precision))
                 # A full batch, so that the largest allocation happens now, not under load.
                 await asyncio.to_thread(engine.warmup, settings.max_batch_size)
                 self.workers.setdefault(name, {})[task] = engine
@@ -206,7 +221,8 @@ class ServiceState:
         and task shares the queue's one tile shape and batch limit. max_batch_size stays the
         ceiling, and the queue grows if the largest upload would no longer fit in it."""
         settings = self.settings
-        probe = Engine(model, device=device, precision=settings.precision, channels_last=settings.channels_last)
+        probe = Engine(model, device=device, precision=settings.precision, channels_last=settings.channels_last,
+                       allow_emulated_precision=settings.allow_emulated_precision)
         tile_size, batch = probe.choose_sizes()
         batch = min(batch, settings.max_batch_size)
         queued = max(settings.max_queued_tiles,
