@@ -37,6 +37,7 @@ from typing import Protocol
 import numpy as np
 
 from .tile_queue import Batch, Job, QueueKey, TileQueue
+from .watchdog import StallWatch
 
 __all__ = ["Batcher", "BatchResult", "BatchObserver", "QueueFull", "QueueClosed", "TooManyTiles",
            "DeadlineExceeded"]
@@ -86,8 +87,6 @@ class _Worker:
     executor: ThreadPoolExecutor | None = None
     loop_task: asyncio.Task | None = None
     batch: Batch | None = None  # in its forward pass now; failed if the loop dies
-    batch_started: float | None = None  # time.monotonic() when that forward pass began
-    stall_alarm: asyncio.TimerHandle | None = None  # logs the stall once the pass passes the limit
 
     @property
     def alive(self) -> bool:
@@ -130,14 +129,12 @@ class Batcher:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
             raise ValueError(f"max_wait_s must be a finite number >= 0, got {max_wait_s!r}")
-        if stall_after_s is not None and not 0 < stall_after_s < math.inf:
-            raise ValueError(f"stall_after_s must be a finite number > 0 or None, got {stall_after_s!r}")
         self._workers = [_Worker(str(name), dict(by_task)) for name, by_task in workers.items()]
         self._max_batch_size = max_batch_size
         self._max_wait_s = float(max_wait_s)
         self._max_queued_tiles = max_queued_tiles
         self._observer = observer
-        self._stall_after_s = stall_after_s
+        self._stall_watch = StallWatch(stall_after_s)
         self._queue = TileQueue(tasks, on_expired=lambda job: self._fail(
             job, DeadlineExceeded("the deadline passed while the tiles were queued")))
         self._filling: set[QueueKey] = set()  # groups a worker waits on to fill
@@ -170,18 +167,9 @@ class Batcher:
         """Whether every worker is alive; false before :meth:`start` and after :meth:`close`."""
         return self._started and all(worker.alive for worker in self._workers)
 
-    @property
-    def worker_names(self) -> tuple[str, ...]:
-        return tuple(worker.name for worker in self._workers)
-
     def stalled_workers(self) -> dict[str, float]:
-        """Workers whose forward pass now running began more than ``stall_after_s`` ago, and the
-        seconds it has run; read at call time, so a pass that returns is no longer listed."""
-        if self._stall_after_s is None:
-            return {}
-        now = time.monotonic()
-        return {worker.name: now - worker.batch_started for worker in self._workers
-                if worker.batch_started is not None and now - worker.batch_started > self._stall_after_s}
+        """Workers in a forward pass for longer than ``stall_after_s``, and its seconds so far."""
+        return self._stall_watch.stalled()
 
     def start(self) -> None:
         """Start the workers; call from the event loop that will submit."""
@@ -285,7 +273,7 @@ class Batcher:
             for job, _, _ in worker.batch.parts:
                 self._fail(job, error)
             worker.batch = None
-        self._forward_pass_ended(worker)
+        self._stall_watch.ended(worker.name)
         self._spawn_worker(worker)
 
     async def _serve_forever(self, worker: _Worker) -> None:
@@ -305,7 +293,7 @@ class Batcher:
     async def _run_batch(self, worker: _Worker, batch: Batch) -> None:
         worker.batch = batch
         started = time.monotonic()
-        self._forward_pass_began(worker, batch, started)
+        self._stall_watch.began(worker.name, f"{len(batch.tiles)} {batch.task} tile(s)")
         for job, _, _ in batch.parts:
             job.batch_started(started)
         try:
@@ -325,34 +313,12 @@ class Batcher:
             return
         finally:
             worker.batch = None
-            self._forward_pass_ended(worker)
+            self._stall_watch.ended(worker.name)
         finished = time.monotonic()
         self._deliver(batch, outputs, finished)
         self._record_speed(len(batch.tiles), finished - started)
         if self._observer is not None:
             self._observer.batch_finished(batch.task, len(batch.tiles), finished - started, worker.name)
-
-    # -- the stall watchdog ---------------------------------------------------------------------
-
-    def _forward_pass_began(self, worker: _Worker, batch: Batch, started: float) -> None:
-        worker.batch_started = started
-        if self._stall_after_s is not None:
-            worker.stall_alarm = asyncio.get_running_loop().call_later(
-                self._stall_after_s, self._report_stall, worker, batch.task, len(batch.tiles))
-
-    def _report_stall(self, worker: _Worker, task: str, tiles: int) -> None:
-        worker.stall_alarm = None
-        log.error("inference worker %s: a forward pass of %d %s tile(s) has run for more than %g s; readiness is "
-                  "off until it returns", worker.name, tiles, task, self._stall_after_s)
-
-    def _forward_pass_ended(self, worker: _Worker) -> None:
-        if worker.stall_alarm is not None:
-            worker.stall_alarm.cancel()
-            worker.stall_alarm = None
-        elif worker.batch_started is not None and self._stall_after_s is not None:
-            log.warning("inference worker %s: the stalled forward pass returned after %.1f s; readiness is back",
-                        worker.name, time.monotonic() - worker.batch_started)
-        worker.batch_started = None
 
     async def _fill_and_take(self, key: QueueKey) -> Batch | None:
         self._filling.add(key)

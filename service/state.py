@@ -178,7 +178,7 @@ class ServiceState:
                           stall_after_s=self.stall_limit_s)
         batcher.start()
         self.metrics.watch_queue(batcher.depth_by_task)
-        self.metrics.watch_workers(batcher.worker_names, batcher.stalled_workers)
+        self.metrics.watch_workers(tuple(self.workers), batcher.stalled_workers)
         self.batcher = batcher
         log.info("ready: serving %s", ", ".join(self.cards))
 
