@@ -230,3 +230,27 @@ def test_every_way_a_request_ends_releases_its_arrays_without_the_garbage_collec
             expect_released("504")
     finally:
         gc.enable()
+
+
+def test_a_small_request_is_served_while_a_large_one_is_still_being_restored(weights):
+    large = encode(smooth_image(1200, 1200))  # 484 tiles of 64 px
+    small = encode(smooth_image(64, 64))
+    with running_server(_settings(weights)) as server:
+        url = f"{server.url}/v1/restore/denoising"
+        finished: list[str] = []
+
+        def post(name: str, data: bytes) -> None:
+            response = httpx.post(url, files={"image": (name, data)}, timeout=300)
+            assert response.status_code == 200, response.text
+            finished.append(name)
+
+        large_client = threading.Thread(target=post, args=("large", large))
+        large_client.start()
+        deadline = time.monotonic() + 120
+        while server.service.metrics.request_tiles.labels("denoising")._sum.get() == 0:
+            assert time.monotonic() < deadline, "the large image never reached the queue"
+            time.sleep(0.02)
+        post("small", small)
+        large_client.join(300)
+    # Served oldest-first, the small one would wait for all 484 tiles of the large one.
+    assert finished == ["small", "large"]
