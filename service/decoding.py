@@ -116,6 +116,11 @@ class _DecoderLost(Exception):
     """The process went away mid-decode: killed because its request left, or crashed."""
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class DecoderPool:
     """``await decode(data)`` in one of ``workers`` decoder processes.
 
@@ -144,6 +149,7 @@ class DecoderPool:
         loop = asyncio.get_running_loop()
         try:
             exchange = loop.run_in_executor(self._waiters, decoder.exchange, data, self.max_pixels, self.timeout_s)
+            exchange.add_done_callback(_retrieve)  # its outcome is nobody's once the caller has left
             del data
             try:
                 return await asyncio.shield(exchange)

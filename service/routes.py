@@ -98,6 +98,8 @@ def restore_router(settings: Settings) -> APIRouter:
         entry["bytes"] = upload.size
 
         work = asyncio.ensure_future(service.restore(task, upload, deadline, entry))
+        # Marked as seen even when nobody reads it: a handler cancelled at shutdown never does.
+        work.add_done_callback(lambda done: done.cancelled() or done.exception())
         del upload
         client_gone = asyncio.ensure_future(_until_disconnected(request))
         try:
