@@ -118,7 +118,7 @@ def _sample(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-def memory(url: str, server: psutil.Process) -> dict:
+def memory(url: str, server: psutil.Process, client_timeout: float) -> dict:
     upload = _png(4096, 4096)
     time.sleep(2)
     before = _tree_rss(server)
@@ -134,7 +134,7 @@ def memory(url: str, server: psutil.Process) -> dict:
     sampler.start()
 
     async def run():
-        return await asyncio.gather(*(_post(url, f"{i}.png", upload, timeout=4) for i in range(4)))
+        return await asyncio.gather(*(_post(url, f"{i}.png", upload, timeout=client_timeout) for i in range(4)))
 
     outcomes = asyncio.run(run())
     left = time.monotonic()
@@ -163,7 +163,8 @@ def slow_clients(port: int) -> dict:
 
     head = b"POST /v1/restore/denoising HTTP/1.1\r\nHost: localhost\r\nContent-Ty"
     body = (b"POST /v1/restore/denoising HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
-            b"boundary=x\r\nContent-Length: 31457280\r\n\r\n" + b"-" * 1024)
+            b"boundary=x\r\nContent-Length: 31457280\r\n\r\n--x\r\nContent-Disposition: form-data; "
+            b"name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n" + b"\x89" * 1024)
     return {"half_head_s": cut_after(head), "stalled_body_s": cut_after(body)}
 
 
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results["decode_bombs"] = decode_bombs(url)
         results["small_beside_large"] = small_beside_large(base, url)
-        results["memory"] = memory(url, psutil.Process(server.pid))
+        results["memory"] = memory(url, psutil.Process(server.pid), client_timeout=4)
+        results["memory_served"] = memory(url, psutil.Process(server.pid), client_timeout=600)
         if args.slow:
             results["slow_clients"] = slow_clients(port)
     finally:
@@ -193,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     m = results["memory"]
     print(f"| four 16 MP uploads, clients gone after 4 s | peak RSS growth {m['peak_growth_mb']:.0f} MB; 10 s later "
           f"{m['after_minus_before_mb']:+.0f} MB from the start ({m['rss_before_mb']:.0f} MB) |")
+    m = results["memory_served"]
+    print(f"| four 16 MP uploads, clients wait for their answers ({', '.join(map(str, m['statuses']))}) | peak RSS "
+          f"growth {m['peak_growth_mb']:.0f} MB; 10 s later {m['after_minus_before_mb']:+.0f} MB |")
     if "slow_clients" in results:
         slow = results["slow_clients"]
         print(f"| request head stopped half-way | cut after {slow['half_head_s']:.1f} s |")
