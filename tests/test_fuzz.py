@@ -8,7 +8,6 @@ machine; the seeds are fixed (``derandomize``) so a failure found in CI reproduc
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +31,9 @@ FUZZ_MAX_PIXELS = 64 * 64
 @pytest.fixture(scope="module")
 def server(tiny_weights):
     settings = Settings(tasks="denoising", weights_denoising=tiny_weights(5), device="cpu", tile_size=32,
-                        tile_overlap=8, max_batch_size=4, max_batch_wait_ms=5, max_queued_tiles=64, max_upload_bytes=200_000,
-                        max_pixels=FUZZ_MAX_PIXELS, request_timeout_s=30, log_level="warning")
+                        tile_overlap=8, max_batch_size=4, max_batch_wait_ms=5, max_queued_tiles=64,
+                        max_upload_bytes=200_000, max_pixels=FUZZ_MAX_PIXELS, request_timeout_s=30,
+                        log_level="warning")
     with running_server(settings) as running:
         yield running
 
