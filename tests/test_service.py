@@ -158,8 +158,11 @@ def test_grayscale_stays_grayscale_and_alpha_is_kept(server):
     np.testing.assert_array_equal(np.asarray(rgba_result)[:, :, 3], rgba[:, :, 3])
 
 
-def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_result(server, offline_engines):
-    # One-tile images, so that any forward pass over more than one tile mixes requests.
+def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_result(checkpoints, offline_engines,
+                                                                               start_server):
+    # One-tile images, so that any forward pass over more than one tile mixes requests. A batch
+    # waits (far longer than the requests take to arrive) until all eight are in it.
+    server = start_server(service_settings(checkpoints, max_batch_wait_ms=10_000))
     images = [random_image(24, 24, seed=100 + i) for i in range(8)]
     before = server.metrics()
 
@@ -180,7 +183,7 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_result(s
         return metric_value(after, name, task="denoising") - metric_value(before, name, task="denoising")
 
     assert growth("mprnet_batch_size_sum") == len(images)
-    assert growth("mprnet_batch_size_count") < len(images), "every request got a forward pass of its own"
+    assert growth("mprnet_batch_size_count") == 1, "the requests did not share one forward pass"
 
 
 def test_request_id_is_echoed_or_created_and_server_timing_is_reported(server):
