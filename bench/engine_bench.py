@@ -2,9 +2,9 @@
 
 Each case runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its own.
 
-    .venv/bin/python bench/engine_bench.py                     # bundled denoising weights
-    .venv/bin/python bench/engine_bench.py --config deblurring --released   # released size, random weights
-    .venv/bin/python bench/engine_bench.py --config deblurring --released --max-tiles 4
+    .venv/bin/python -m bench.engine_bench                     # bundled denoising weights
+    .venv/bin/python -m bench.engine_bench --config deblurring --released   # released size, random weights
+    .venv/bin/python -m bench.engine_bench --config deblurring --released --max-tiles 4
 
 ``--max-tiles`` runs only the first N tiles of the big image (then stitches what it has); the
 megapixels per second it prints are for the tiles run, and the peak memory is the run's real
@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 KODAK = ROOT.parent / "shared" / "datasets" / "eval" / "Kodak24"
 
 
@@ -75,16 +73,16 @@ def _case(args) -> dict:
 
 
 def _run_case(args, size: str, tile: int, max_tiles: int | None) -> dict:
-    command = [sys.executable, __file__, "--_case", "--config", args.config, "--size", size, "--tile", str(tile),
-               "--overlap", str(args.overlap), "--batch", str(args.batch), "--threads", str(args.threads),
-               "--device", args.device]
+    command = [sys.executable, "-m", "bench.engine_bench", "--_case", "--config", args.config, "--size", size,
+               "--tile", str(tile), "--overlap", str(args.overlap), "--batch", str(args.batch),
+               "--threads", str(args.threads), "--device", args.device]
     if args.weights:
         command += ["--weights", args.weights]
     if args.released:
         command.append("--released")
     if max_tiles is not None:
         command += ["--max-tiles", str(max_tiles)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
         return {"size": size, "tile": tile, "failed": last, "exit": done.returncode}

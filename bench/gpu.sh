@@ -117,14 +117,14 @@ step environment
   nproc; } | tee "$OUT/env.txt"
 
 step "model forward: every configuration, precision and batch size"
-timeout 200 $PY bench/model_bench.py --device $DEVICE --configs $CONFIGS --precisions $PRECISIONS \
+timeout 200 $PY -m bench.model_bench --device $DEVICE --configs $CONFIGS --precisions $PRECISIONS \
   --batch-sizes $BATCHES --tile $TILE --repeats $REPEATS --json "$OUT/model_bench.json" | tee "$WORK/model_bench.md"
 summarise
 
 loadgen() {  # name, then loadgen's arguments
   local name=$1; shift
   # Its own session, so that a service left behind by a timed-out loadgen dies with its group.
-  setsid timeout 75 $PY bench/loadgen.py --task deblurring "${NET[@]}" --device $DEVICE --precision $HALF \
+  setsid timeout 75 $PY -m bench.loadgen --task deblurring "${NET[@]}" --device $DEVICE --precision $HALF \
     --warmup 2 --duration $DURATION --engine-seconds $ENGINE_S --images 8 --tile-overlap $OVERLAP \
     --json "$WORK/$name.json" "$@" \
     > "$WORK/$name.log" 2>&1 &
@@ -149,12 +149,12 @@ done
 summarise
 
 step "tiling overhead and best tile size"
-timeout 90 $PY bench/tiling_bench.py --device $DEVICE --config $TILING_CONFIG --precision $HALF --size $BIG \
+timeout 90 $PY -m bench.tiling_bench --device $DEVICE --config $TILING_CONFIG --precision $HALF --size $BIG \
   --tiles $TILES --overlap $OVERLAP --batch 8 --repeats $REPEATS --json "$OUT/tiling.json" | tee "$WORK/tiling.md"
 summarise
 
 step "model forward, channels-last"
-timeout 60 $PY bench/model_bench.py --device $DEVICE --configs ${CONFIGS%%,*} --precisions fp32,$HALF \
+timeout 60 $PY -m bench.model_bench --device $DEVICE --configs ${CONFIGS%%,*} --precisions fp32,$HALF \
   --batch-sizes ${BATCHES##*,} --tile $TILE --repeats $REPEATS --channels-last \
   --json "$OUT/model_bench_channels_last.json" | tee "$WORK/model_bench_cl.md"
 

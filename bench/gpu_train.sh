@@ -66,7 +66,7 @@ wait "${trainers[@]}"
 echo "training done at ${SECONDS}s"
 tail -n 2 "$OUT"/*/train.log
 
-timeout 45 $PY bench/model_bench.py --device ${BENCH_DEVICE:-cuda} --configs bundled --precisions fp32,bf16 --batch-sizes 1,8 \
+timeout 45 $PY -m bench.model_bench --device ${BENCH_DEVICE:-cuda} --configs bundled --precisions fp32,bf16 --batch-sizes 1,8 \
   --tile 512 --repeats 5 --json "$OUT/model_bench.json"
 kill $monitor 2>/dev/null
 echo "total ${SECONDS}s"

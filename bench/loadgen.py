@@ -16,7 +16,7 @@ One run measures, on the same images and settings:
 Throughput counts only 200 responses completed inside the measured window. Batch statistics
 come from the service's own ``/metrics``.
 
-    python bench/loadgen.py --clients 8 --duration 60 --size 128x128 --tile-size 128
+    python -m bench.loadgen --clients 8 --duration 60 --size 128x128 --tile-size 128
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ import os
 import platform
 import re
 import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,17 +41,15 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models import MPRNet, save_safetensors  # noqa: E402
-from service.engine import Engine  # noqa: E402
+from models import MPRNet, save_safetensors
+from service.engine import Engine
+from tests.service_helpers import ROOT, TINY_ARCHITECTURE, serving_process
 
 KODAK = ROOT.parent / "shared" / "datasets" / "eval" / "Kodak24"
 # Widths for a randomly initialised network when no trained weights are at hand; the speed of a
 # forward pass depends on the architecture, not on the values of the weights.
 RANDOM_CONFIGS = {
-    "tiny": dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, reduction=2),
+    "tiny": TINY_ARCHITECTURE,
     "small": dict(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=2),
     "deraining": dict(n_feat=40, scale_unetfeats=20, scale_orsnetfeats=16),
 }
@@ -126,26 +122,6 @@ def engine_full_batches(engine: Engine, images: list[np.ndarray], batch_size: in
 
 
 # -- the service --------------------------------------------------------------------------------
-
-def start_service(settings_env: dict[str, str]) -> tuple[subprocess.Popen, str, list[str]]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MPRNET_")}
-    env.update(settings_env, MPRNET_LOG_LEVEL="info", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", "0"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit("the service exited during start-up:\n" + "".join(lines))
-        for line in list(lines):
-            if match := re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line):
-                return process, match.group(1), lines
-        time.sleep(0.05)
-    process.kill()
-    raise SystemExit("the service did not start within 600 s")
-
 
 def wait_ready(url: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
@@ -275,52 +251,56 @@ def main(argv: list[str] | None = None) -> int:
         "MPRNET_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms),
         "MPRNET_MAX_QUEUED_TILES": str(args.max_queued_tiles),
         "MPRNET_REQUEST_TIMEOUT_S": str(args.request_timeout),
-        "MPRNET_MAX_PIXELS": str(max(args.size[0] * args.size[1], 1)),
+        "MPRNET_MAX_PIXELS": str(max(args.size[0] * args.size[1], 1)), "MPRNET_LOG_LEVEL": "info",
     }
     for setting in args.serve_setting:
         name, _, value = setting.partition("=")
         settings_env[f"MPRNET_{name.upper().replace('-', '_')}"] = value
     if args.torch_threads:
         settings_env["OMP_NUM_THREADS"] = str(args.torch_threads)
-    process = None
-    url = args.url
-    if url is None:
-        print("starting the service ...", flush=True)
-        process, url, _ = start_service(settings_env)
-    wait_ready(url)
-
-    # Engine and service phases alternate, and each service phase is compared with the engine
-    # phases on either side of it, so that load from other processes that comes and goes
-    # lands on both sides of the comparison.
-    engine_runs = [measure_engine()]
-    rounds = []
-    for round_index in range(args.rounds):
-        print(f"round {round_index + 1}/{args.rounds}: driving {url} with {args.clients} clients for "
-              f"{args.warmup:g} + {args.duration:g} s ...", flush=True)
-        load, window_start, window_end, (batches_0, tiles_0), (batches_1, tiles_1) = asyncio.run(
-            drive(url, args.task, uploads, args.clients, args.warmup, args.duration, args.request_timeout))
-        engine_runs.append(measure_engine())
-        ok = [end - start for start, end, status in load.completed
-              if window_start <= end <= window_end and status == 200]
-        statuses: dict[str, int] = {}
-        for _, _, status in load.completed:
-            statuses[str(status)] = statuses.get(str(status), 0) + 1
-        rate = len(ok) / (window_end - window_start)
-        batches = batches_1 - batches_0
-        engine_rate = {kind: (engine_runs[-2][kind]["images_per_s"] + engine_runs[-1][kind]["images_per_s"]) / 2
-                       for kind in ("per_image", "full_batches")}
-        rounds.append({
-            "images_per_s": rate, "completed_in_window": len(ok), "latencies_s": ok,
-            "p50_ms": percentile_ms(ok, 50), "p95_ms": percentile_ms(ok, 95), "p99_ms": percentile_ms(ok, 99),
-            "statuses": statuses, "transport_errors": load.errors,
-            "mean_batch_size": (tiles_1 - tiles_0) / batches if batches else None,
-            "vs_engine_per_image": rate / engine_rate["per_image"],
-            "vs_engine_full_batches": rate / engine_rate["full_batches"],
-        })
     exit_code = None
-    if process is not None:
-        process.send_signal(signal.SIGTERM)
-        exit_code = process.wait(timeout=120)
+    with ExitStack() as stack:
+        url = args.url
+        if url is None:
+            print("starting the service ...", flush=True)
+            served = stack.enter_context(serving_process(settings_env, wait_ready=False))
+            url = served.url
+            served.wait_ready(timeout=600)
+        else:
+            served = None
+            wait_ready(url)
+
+        # Engine and service phases alternate, and each service phase is compared with the engine
+        # phases on either side of it, so that load from other processes that comes and goes
+        # lands on both sides of the comparison.
+        engine_runs = [measure_engine()]
+        rounds = []
+        for round_index in range(args.rounds):
+            print(f"round {round_index + 1}/{args.rounds}: driving {url} with {args.clients} clients for "
+                  f"{args.warmup:g} + {args.duration:g} s ...", flush=True)
+            load, window_start, window_end, (batches_0, tiles_0), (batches_1, tiles_1) = asyncio.run(
+                drive(url, args.task, uploads, args.clients, args.warmup, args.duration, args.request_timeout))
+            engine_runs.append(measure_engine())
+            ok = [end - start for start, end, status in load.completed
+                  if window_start <= end <= window_end and status == 200]
+            statuses: dict[str, int] = {}
+            for _, _, status in load.completed:
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+            rate = len(ok) / (window_end - window_start)
+            batches = batches_1 - batches_0
+            engine_rate = {kind: (engine_runs[-2][kind]["images_per_s"] + engine_runs[-1][kind]["images_per_s"]) / 2
+                           for kind in ("per_image", "full_batches")}
+            rounds.append({
+                "images_per_s": rate, "completed_in_window": len(ok), "latencies_s": ok,
+                "p50_ms": percentile_ms(ok, 50), "p95_ms": percentile_ms(ok, 95), "p99_ms": percentile_ms(ok, 99),
+                "statuses": statuses, "transport_errors": load.errors,
+                "mean_batch_size": (tiles_1 - tiles_0) / batches if batches else None,
+                "vs_engine_per_image": rate / engine_rate["per_image"],
+                "vs_engine_full_batches": rate / engine_rate["full_batches"],
+            })
+        if served is not None:
+            served.process.send_signal(signal.SIGTERM)
+            exit_code = served.process.wait(timeout=120)
 
     all_latencies = [latency for result in rounds for latency in result.pop("latencies_s")]
     service_rate = float(np.mean([result["images_per_s"] for result in rounds]))

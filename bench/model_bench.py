@@ -7,8 +7,8 @@ FLOPs per pixel (``torch.utils.flop_counter`` on a small input; 2 FLOPs per mult
 sets achieved FLOP/s against the device's peak for that precision. fp16 and bf16 outputs are
 compared with fp32's on the same tiles, as PSNR in dB over [0, 1].
 
-    .venv/bin/python bench/model_bench.py --tile 64 --batch-sizes 1,2 --repeats 3      # CPU, small
-    python bench/model_bench.py --device cuda --tile 512 --batch-sizes 1,4,16 --json out.json
+    .venv/bin/python -m bench.model_bench --tile 64 --batch-sizes 1,2 --repeats 3      # CPU, small
+    python -m bench.model_bench --device cuda --tile 512 --batch-sizes 1,4,16 --json out.json
 
 Peak rates are the vendor's dense figures, leads rather than measured ceilings; fp32 convolutions
 on CUDA run as TF32 on the tensor cores while ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's
@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,11 +30,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models import RELEASED_CONFIGS, MPRNetConfig, load_model  # noqa: E402
-from service.engine import Engine, is_out_of_memory  # noqa: E402
+from models import RELEASED_CONFIGS, MPRNetConfig, load_model
+from service.engine import Engine, is_out_of_memory
 
 # The architecture MODEL_CARD.md gives for the bundled weights, used when no file is at hand.
 BUNDLED_CONFIG = MPRNetConfig(n_feat=16, scale_unetfeats=12, scale_orsnetfeats=4, num_cab=2)

@@ -18,7 +18,7 @@ accepted requests, peak memory, the deepest queue seen, and whether each promise
 
 The exit status is 1 when one of them did not. Traffic goes to 127.0.0.1 only.
 
-    python bench/overload.py --clients 64 --duration 40
+    python -m bench.overload --clients 64 --duration 40
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,12 +48,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models import MPRNet, save_safetensors  # noqa: E402
-
-TINY = dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, reduction=2)
+from tests.service_helpers import TINY_ARCHITECTURE, ServingProcess, serving_process, tiny_checkpoint
 
 
 @dataclass
@@ -117,37 +113,22 @@ class Sampler(threading.Thread):
                 self.stopping.wait(self.interval)
 
 
-def start_server(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Popen, str, list[str]]:
-    torch.manual_seed(0)
-    weights = folder / "tiny-denoising.safetensors"
-    save_safetensors(MPRNet(**TINY), weights)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MPRNET_")}
-    env.update(PYTHONUNBUFFERED="1", MPRNET_TASKS="denoising", MPRNET_WEIGHTS_DENOISING=str(weights),
-               MPRNET_DEVICE="cpu", MPRNET_TILE_SIZE=str(args.tile_size), MPRNET_TILE_OVERLAP="8",
-               MPRNET_MAX_BATCH_SIZE=str(args.max_batch_size), MPRNET_MAX_BATCH_WAIT_MS="10",
-               MPRNET_MAX_QUEUED_TILES=str(args.max_queued_tiles), MPRNET_REQUEST_TIMEOUT_S=str(args.request_timeout),
-               MPRNET_LOG_LEVEL="warning")
-    # A free port chosen here rather than --port 0, so that the server can log at warning level:
-    # per-request info lines would cost the server CPU under this load.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
+@contextmanager
+def started_server(args: argparse.Namespace, folder: Path) -> Iterator[ServingProcess]:
+    """`python -m service serve` with a tiny random network (the tests' own), until it is ready."""
+    weights = tiny_checkpoint(folder / "tiny-denoising.safetensors", seed=0)
+    # Logging at warning level: per-request info lines would cost the server CPU under this load.
+    settings = dict(MPRNET_TASKS="denoising", MPRNET_WEIGHTS_DENOISING=str(weights), MPRNET_DEVICE="cpu",
+                    MPRNET_TILE_SIZE=str(args.tile_size), MPRNET_TILE_OVERLAP="8",
+                    MPRNET_MAX_BATCH_SIZE=str(args.max_batch_size), MPRNET_MAX_BATCH_WAIT_MS="10",
+                    MPRNET_MAX_QUEUED_TILES=str(args.max_queued_tiles),
+                    MPRNET_REQUEST_TIMEOUT_S=str(args.request_timeout), MPRNET_LOG_LEVEL="warning")
+    with serving_process(settings, wait_ready=False) as served:
         try:
-            if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the server never became ready:\n" + "".join(lines))
-        time.sleep(0.1)
-    return process, url, lines
+            served.wait_ready(timeout=120)
+        except AssertionError as error:
+            raise SystemExit(f"the server never became ready: {error}") from None
+        yield served
 
 
 def make_uploads(size: int, count: int = 8) -> list[bytes]:
@@ -201,8 +182,8 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 def run(args: argparse.Namespace) -> dict:
     uploads = make_uploads(args.size)
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="mprnet-overload-") as folder:
-        process, url, lines = start_server(args, Path(folder))
+    with tempfile.TemporaryDirectory(prefix="mprnet-overload-") as folder, started_server(args, Path(folder)) as served:
+        process, url = served.process, served.url
         try:
             asyncio.run(drive(url, args.capacity_clients, args.warmup, uploads, args.pause_after_refusal))
             # CPU seconds of server and load generator per phase: on a shared machine they say
@@ -255,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
                      "capacity_duration_s": args.capacity_duration, "image": f"{args.size}x{args.size} PNG",
                      "tile_size": args.tile_size, "max_batch_size": args.max_batch_size,
                      "max_queued_tiles": args.max_queued_tiles, "request_timeout_s": args.request_timeout,
-                     "pause_after_503_s": args.pause_after_refusal, "model": TINY},
+                     "pause_after_503_s": args.pause_after_refusal, "model": TINY_ARCHITECTURE},
         "cpu_share_of_one_core": {
             phase: {"server": round(server / length, 2), "load_generator": round(client / length, 2)}
             for (phase, (server, client)), length in zip(cpu.items(), (args.capacity_duration, args.duration))},

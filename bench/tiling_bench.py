@@ -4,8 +4,8 @@ The whole-image pass is the reference; each tile size reports megapixels per sec
 (not of the tiles, so re-computed overlap counts against it), the overhead against the whole
 image, and the tile count. The best tile size is the one with the highest throughput.
 
-    .venv/bin/python bench/tiling_bench.py --config bundled --size 96x160 --tiles 32,64 --repeats 2
-    python bench/tiling_bench.py --device cuda --config deblurring --size 720x1280 --tiles 256,384,512,768
+    .venv/bin/python -m bench.tiling_bench --config bundled --size 96x160 --tiles 32,64 --overlap 8 --repeats 2
+    python -m bench.tiling_bench --device cuda --config deblurring --size 720x1280 --tiles 256,384,512,768
 """
 
 from __future__ import annotations
@@ -13,21 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models import RELEASED_CONFIGS  # noqa: E402
-from service.engine import Engine, is_out_of_memory  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from model_bench import BUNDLED_CONFIG  # noqa: E402
+from bench.model_bench import BUNDLED_CONFIG
+from models import RELEASED_CONFIGS
+from service.engine import Engine, is_out_of_memory
 
 
 def _timed_restore(engine: Engine, image: np.ndarray, batch_size: int, repeats: int) -> list[float]:

@@ -46,19 +46,28 @@ async def hold_worker(batcher: Batcher, forward: RecordingForward, task: str = "
     forward.gate.clear()
     forward.entered.clear()
     blocker = asyncio.create_task(batcher.submit(task, tiles_of(-1.0)))
-    while not forward.entered.is_set():
-        await asyncio.sleep(0.005)
+    assert await asyncio.to_thread(forward.entered.wait, 30), "the held tile never reached the forward pass"
     return blocker
 
 
-async def until(condition, timeout: float = 5.0) -> None:
+async def until(condition, timeout: float = 30.0) -> None:
+    """Poll ``condition`` on the event loop; the timeout only turns a hang into a failure."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition never became true"
         await asyncio.sleep(0.005)
 
 
+async def finished(awaitable, what: str, timeout: float = 30.0):
+    """The result of ``awaitable``; the timeout is a guard far above any wait these tests allow for."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        pytest.fail(f"{what} did not finish within {timeout:g} s")
+
+
 def make_batcher(forward_by_task, **overrides) -> Batcher:
+    """One worker serving ``forward_by_task``."""
     options = dict(max_batch_size=4, max_wait_s=0.05, max_queued_tiles=16)
     options.update(overrides)
     return Batcher(workers={"0": forward_by_task}, **options)
@@ -96,24 +105,34 @@ def test_a_large_job_is_split_into_batches_in_order():
     np.testing.assert_array_equal(result.outputs, tiles * 2)
 
 
-def test_a_full_batch_does_not_wait_and_a_partial_one_waits_at_most_max_wait():
+def test_a_full_batch_does_not_wait():
+    forward = RecordingForward()
+
+    async def scenario():
+        # A wait far past the guard below: a full batch that waited for company would fail it.
+        batcher = make_batcher({"denoising": forward}, max_wait_s=3600)
+        batcher.start()
+        result = await finished(batcher.submit("denoising", tiles_of(1.0, count=4)), "a full batch")
+        await batcher.close()
+        return result
+
+    result = asyncio.run(scenario())
+    assert float(result.outputs.max()) == 2.0 and [len(b) for b in forward.batches] == [4]
+
+
+def test_a_partial_batch_waits_for_company_then_runs_without_it():
     forward = RecordingForward()
 
     async def scenario():
         batcher = make_batcher({"denoising": forward}, max_wait_s=0.3)
         batcher.start()
-        started = time.monotonic()
-        await batcher.submit("denoising", tiles_of(1.0, count=4))
-        full = time.monotonic() - started
-        started = time.monotonic()
-        await batcher.submit("denoising", tiles_of(1.0, count=1))
-        partial = time.monotonic() - started
+        result = await finished(batcher.submit("denoising", tiles_of(1.0, count=1)), "a partial batch")
         await batcher.close()
-        return full, partial
+        return result
 
-    full, partial = asyncio.run(scenario())
-    assert full < 0.2
-    assert 0.25 <= partial < 2.0
+    result = asyncio.run(scenario())
+    assert [len(b) for b in forward.batches] == [1]  # no company came, and it ran anyway
+    assert result.queue_seconds >= 0.25  # after waiting (max_wait_s) for company
 
 
 def test_tiles_of_different_shapes_never_share_a_batch():
@@ -197,7 +216,8 @@ def test_a_cancelled_caller_frees_its_queued_tiles_and_they_are_never_computed()
         kept = asyncio.create_task(batcher.submit("denoising", tiles_of(1.0)))
         await until(lambda: batcher.queued_tiles == 4)
         abandoned.cancel()
-        await asyncio.sleep(0)
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
         depth_after_cancel = batcher.queued_tiles
         forward.gate.set()
         await asyncio.gather(blocker, kept)
@@ -251,28 +271,26 @@ def test_a_failing_batch_fails_only_its_own_callers_and_the_worker_goes_on():
 
 
 def test_the_event_loop_keeps_running_during_a_forward_pass():
-    def slow_forward(batch):
-        time.sleep(0.5)
+    # The forward pass ends only when the event loop has done something while it ran: run on the
+    # loop's own thread, it would block the loop and wait in vain.
+    entered, loop_ran = threading.Event(), threading.Event()
+
+    def forward(batch):
+        entered.set()
+        assert loop_ran.wait(30), "the event loop stood still while the forward pass ran"
         return batch
 
     async def scenario():
-        batcher = make_batcher({"denoising": slow_forward}, max_wait_s=0)
+        batcher = make_batcher({"denoising": forward}, max_wait_s=0)
         batcher.start()
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        counting = asyncio.create_task(ticker())
-        await batcher.submit("denoising", tiles_of(1.0))
-        counting.cancel()
+        submitted = asyncio.create_task(batcher.submit("denoising", tiles_of(1.0)))
+        await until(entered.is_set)  # polled on the loop, so the loop is running
+        loop_ran.set()
+        result = await submitted
         await batcher.close()
-        return ticks
+        return result
 
-    assert asyncio.run(scenario()) >= 20
+    assert float(asyncio.run(scenario()).outputs.max()) == 1.0
 
 
 def test_a_worker_that_dies_is_restarted():
@@ -310,10 +328,11 @@ def test_close_finishes_queued_work_within_the_grace_and_refuses_new_work():
         blocker = await hold_worker(batcher, forward)
         queued = asyncio.create_task(batcher.submit("denoising", tiles_of(1.0)))
         await until(lambda: batcher.queued_tiles == 1)
-        closing = asyncio.create_task(batcher.close(grace_s=5))
-        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(batcher.close(grace_s=30))
+        # Tasks start in the order they were made, so close() has begun when this submit runs.
+        late = asyncio.create_task(batcher.submit("denoising", tiles_of(2.0)))
         with pytest.raises(QueueClosed):
-            await batcher.submit("denoising", tiles_of(2.0))
+            await late
         forward.gate.set()
         await closing
         return await blocker, await queued, batcher.running
@@ -325,6 +344,8 @@ def test_close_finishes_queued_work_within_the_grace_and_refuses_new_work():
 def test_arguments_are_checked_up_front():
     with pytest.raises(ValueError):
         make_batcher({})
+    with pytest.raises(ValueError):
+        Batcher(workers={}, max_batch_size=4, max_wait_s=0, max_queued_tiles=16)
     with pytest.raises(TypeError):
         make_batcher({"denoising": "not callable"})
     with pytest.raises(ValueError):

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from models.checkpoint import RELEASED_CONFIGS
 from service.config import Settings
 from service.metrics import ServiceMetrics
 
-from service_helpers import encode, metric_samples, random_image, running_server, tiny_checkpoint
+from service_helpers import encode, free_port, metric_samples, random_image, running_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -85,12 +84,6 @@ def module(name: str, package: str):
 
 def run(command: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def load_yaml(path: Path) -> list:
@@ -461,11 +454,10 @@ def test_dashboard_and_provisioning_fit_together():
 # -- against the real service ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tiny_weights):
     """The real app under uvicorn on loopback, with a tiny checkpoint, after two requests."""
-    weights = tiny_checkpoint(tmp_path_factory.mktemp("weights") / "denoising.safetensors", seed=3)
-    settings = Settings(tasks="denoising", weights_denoising=weights, device="cpu", tile_size=32, tile_overlap=8,
-                        max_batch_size=4, max_batch_wait_ms=5, max_queued_tiles=64, max_pixels=64 * 64,
+    settings = Settings(tasks="denoising", weights_denoising=tiny_weights(3), device="cpu", tile_size=32,
+                        tile_overlap=8, max_batch_size=4, max_batch_wait_ms=5, max_queued_tiles=64, max_pixels=64 * 64,
                         request_timeout_s=30, graceful_shutdown_s=2, log_level="warning")
     with running_server(settings) as running:
         for seed in range(2):

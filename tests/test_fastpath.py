@@ -15,7 +15,7 @@ from models import MPRNet
 from service.config import Settings, add_serve_arguments, settings_from_args
 from service.engine import DEFAULT_TILE_SIZE, Engine, default_batch_size, is_out_of_memory
 
-from service_helpers import TINY_ARCHITECTURE, decode_png, encode, random_image, running_server, tiny_checkpoint
+from service_helpers import TINY_ARCHITECTURE, decode_png, encode, random_image
 
 pytestmark = pytest.mark.timeout(300)  # hangs fail; a slow shared CI machine does not
 
@@ -190,20 +190,20 @@ def test_batch_size_defaults_to_one_on_the_cpu_and_four_on_cuda(tiny_model):
     assert engine.max_batch_size == default_batch_size("cpu") == 1 and default_batch_size("cuda") == 4
 
 
-def test_service_serves_with_channels_last_and_auto_size_on_the_cpu(tmp_path):
-    checkpoint = tiny_checkpoint(tmp_path / "denoising.safetensors", seed=5)
+def test_service_serves_with_channels_last_and_auto_size_on_the_cpu(tiny_weights, start_server):
+    checkpoint = tiny_weights(5)
     settings = Settings(tasks="denoising", weights_denoising=checkpoint, device="cpu", tile_size=32,
                         tile_overlap=8, max_batch_size=4, max_pixels=64 * 64, max_queued_tiles=64,
                         channels_last=True, auto_size=True)
     image = random_image(40, 56, seed=6)
-    with running_server(settings) as running:
-        engine = running.service.engines["denoising"]
-        # On the CPU auto sizing leaves the configured sizes alone.
-        assert (engine.tile_size, engine.max_batch_size, engine.channels_last) == (32, 4, True)
-        response = httpx.post(f"{running.url}/v1/restore/denoising",
-                              files={"image": ("a.png", encode(image), "application/octet-stream")}, timeout=60)
-        assert response.status_code == 200, response.text
-        served = np.asarray(decode_png(response.content))
+    running = start_server(settings)
+    engine = running.service.engines["denoising"]
+    # On the CPU auto sizing leaves the configured sizes alone.
+    assert (engine.tile_size, engine.max_batch_size, engine.channels_last) == (32, 4, True)
+    response = httpx.post(f"{running.url}/v1/restore/denoising",
+                          files={"image": ("a.png", encode(image), "application/octet-stream")}, timeout=60)
+    assert response.status_code == 200, response.text
+    served = np.asarray(decode_png(response.content))
     reference = Engine.from_checkpoint(checkpoint, device="cpu", tile_size=32, tile_overlap=8).restore(image)
     assert np.abs(served.astype(int) - reference).max() <= 1
 

@@ -8,7 +8,6 @@ machine; the seeds are fixed (``derandomize``) so a failure found in CI reproduc
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from PIL import Image
 from service import imaging
 from service.config import Settings
 
-from service_helpers import random_image, running_server, tiny_checkpoint
+from service_helpers import random_image, running_server
 
 pytestmark = [pytest.mark.timeout(180),
               # Pillow warns about each damaged TIFF tag it skips; the outcome is what is checked.
@@ -30,11 +29,11 @@ FUZZ_MAX_PIXELS = 64 * 64
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    weights = tiny_checkpoint(tmp_path_factory.mktemp("weights") / "denoising.safetensors", seed=5)
-    settings = Settings(tasks="denoising", weights_denoising=weights, device="cpu", tile_size=32, tile_overlap=8,
-                        max_batch_size=4, max_batch_wait_ms=5, max_queued_tiles=64, max_upload_bytes=200_000,
-                        max_pixels=FUZZ_MAX_PIXELS, request_timeout_s=30, log_level="warning")
+def server(tiny_weights):
+    settings = Settings(tasks="denoising", weights_denoising=tiny_weights(5), device="cpu", tile_size=32,
+                        tile_overlap=8, max_batch_size=4, max_batch_wait_ms=5, max_queued_tiles=64,
+                        max_upload_bytes=200_000, max_pixels=FUZZ_MAX_PIXELS, request_timeout_s=30,
+                        log_level="warning")
     with running_server(settings) as running:
         yield running
 

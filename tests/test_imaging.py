@@ -61,6 +61,26 @@ def test_grayscale_is_restored_as_rgb_and_returned_as_grayscale():
     assert out.mode == "L" and np.array_equal(np.asarray(out), grey)
 
 
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma, the weights Pillow's RGB -> L conversion uses."""
+    red, green, blue = rgb.astype(np.float64).transpose(2, 0, 1)
+    return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
+@pytest.mark.parametrize("mode", ["L", "LA"])
+def test_grayscale_output_is_the_luma_of_the_restored_colour(mode):
+    # The network gives a grey upload's three channels back unequal; the answer is their luma,
+    # not any one channel. Channels drawn independently differ by far more than rounding.
+    grey = np.dstack([RGB[:, :, 0], RGB[:, :, 1]])[:, :, :len(mode)].squeeze()
+    decoded = imaging.decode(_encode(Image.fromarray(grey, mode)))
+    restored = np.random.default_rng(4).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    out = Image.open(io.BytesIO(imaging.encode_png(restored, decoded)))
+    assert out.mode == mode
+    luma = np.asarray(out.getchannel("L")).astype(np.float64)
+    assert np.abs(luma - _luma(restored)).max() <= 0.51  # rounded to the nearest level
+    assert np.abs(luma - restored[:, :, 0]).max() > 50
+
+
 def test_alpha_is_kept_and_reattached():
     alpha = np.random.default_rng(1).integers(0, 256, (20, 30), dtype=np.uint8)
     rgba = np.dstack([RGB, alpha])
@@ -93,6 +113,16 @@ def test_sixteen_bit_grey_is_scaled_to_eight_bits():
     decoded = imaging.decode(_encode(Image.fromarray(values)))
     assert decoded.grayscale
     assert decoded.rgb[0, :, 0].tolist() == [0, 1, 255, 128]
+
+
+def test_sixteen_bit_grey_is_rounded_to_the_nearest_eight_bit_level():
+    # One 8-bit level is 257 16-bit steps. Values 200 steps past a multiple of 257 round up and
+    # values 56 steps past it round down, so flooring and ceiling each get half of them wrong.
+    levels = np.arange(255)
+    values = np.concatenate([257 * levels + 200, 257 * levels + 56, [0, 65535]]).astype(np.uint16)
+    decoded = imaging.decode(_encode(Image.fromarray(values[None, :])))
+    assert decoded.grayscale
+    assert decoded.rgb[0, :, 0].tolist() == np.rint(values / 257).astype(int).tolist()
 
 
 def test_sixteen_bit_rgb_is_reduced_to_eight_bits():

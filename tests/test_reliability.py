@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -32,20 +33,19 @@ from service.config import Settings
 from service.engine import Engine
 from service.security import hash_key
 
-from service_helpers import (decode_png, encode, metric_samples, metric_value, multipart_body, random_image,
-                             running_server, tiny_checkpoint)
+from service_helpers import (ROOT, decode_png, encode, metric_samples, metric_value, multipart_body, random_image,
+                             running_server, serving_process, wait_until)
 
 pytestmark = pytest.mark.timeout(300)  # hangs fail; a slow shared CI machine does not
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_UPLOAD_BYTES = 100_000
 MAX_PIXELS = 96 * 96
 KEYS = ("first-client-key", "second-clé-ключ")  # the second sent as UTF-8 bytes
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("weights") / "denoising.safetensors", seed=3)
+def weights(tiny_weights) -> Path:
+    return tiny_weights(3)
 
 
 def settings_for(weights: Path, **overrides) -> Settings:
@@ -78,10 +78,10 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
     return body
 
 
-def assert_still_serving(url: str) -> None:
-    response = restore(url, encode(random_image(16, 24, seed=99)))
+def assert_still_serving(url: str, height: int = 16, width: int = 24) -> None:
+    response = restore(url, encode(random_image(height, width, seed=99)))
     assert response.status_code == 200, response.text
-    assert decode_png(response.content).size == (24, 16)
+    assert decode_png(response.content).size == (width, height)
 
 
 # -- files, built here so that each is exactly the hostile shape it is named for ----------------
@@ -284,12 +284,15 @@ def test_a_client_that_vanishes_mid_upload_leaves_nothing_behind(server):
     with socket.create_connection((url.host, url.port), timeout=10) as connection:
         connection.sendall(f"POST /v1/restore/denoising HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: {content_type}"
                            f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
-        time.sleep(0.3)  # the server is now waiting for the rest
-    deadline = time.monotonic() + 10
-    while metric_value(metrics := server.metrics(), "mprnet_requests_total") == metric_value(
-            before, "mprnet_requests_total"):
-        assert time.monotonic() < deadline, "the abandoned upload was never finished with"
-        time.sleep(0.05)
+        # In flight: the server has taken the request and is waiting for the rest of the body.
+        wait_until(lambda: metric_value(server.metrics(), "mprnet_requests_in_flight") == 1, "the upload to start")
+
+    def finished_with() -> str | None:
+        text = server.metrics()
+        return text if metric_value(text, "mprnet_requests_total") > metric_value(before, "mprnet_requests_total") \
+            else None
+
+    metrics = wait_until(finished_with, "the abandoned upload to be finished with")
     assert metric_value(metrics, "mprnet_requests_in_flight") == 0
     assert metric_value(metrics, "mprnet_queue_depth_tiles") == 0
     assert metric_value(metrics, "mprnet_batch_size_count") == metric_value(before, "mprnet_batch_size_count")
@@ -300,51 +303,31 @@ def test_a_client_that_vanishes_mid_upload_leaves_nothing_behind(server):
     assert_still_serving(server.url)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_idle_connections_past_the_concurrency_limit_get_503_from_the_server(weights):
     """Slow or idle clients (half-sent headers) hold connections; past ``limit_concurrency`` the
     server itself turns new ones away instead of letting them pile up."""
-    port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MPRNET_")}
-    env.update(MPRNET_TASKS="denoising", MPRNET_WEIGHTS_DENOISING=str(weights), MPRNET_DEVICE="cpu",
-               MPRNET_TILE_SIZE="32", MPRNET_TILE_OVERLAP="8", MPRNET_LIMIT_CONCURRENCY="3", MPRNET_LOG_LEVEL="warning")
-    process = subprocess.Popen([sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    settings = dict(MPRNET_TASKS="denoising", MPRNET_WEIGHTS_DENOISING=str(weights), MPRNET_DEVICE="cpu",
+                    MPRNET_TILE_SIZE="32", MPRNET_TILE_OVERLAP="8", MPRNET_LIMIT_CONCURRENCY="3",
+                    MPRNET_LOG_LEVEL="warning")
     idle: list[socket.socket] = []
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
-        for _ in range(3):
-            connection = socket.create_connection(("127.0.0.1", port), timeout=10)
-            connection.sendall(b"POST /v1/restore/denoising HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-            idle.append(connection)
-        time.sleep(0.3)
-        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 503
-        for connection in idle:
-            connection.close()
-        idle.clear()
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{url}/healthz", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "closed connections never freed their places"
-            time.sleep(0.05)
-    finally:
-        for connection in idle:
-            connection.close()
-        process.terminate()
-        assert process.wait(timeout=60) == 0
+    with serving_process(settings) as served:
+        url = httpx.URL(served.url)
+        try:
+            for _ in range(3):
+                connection = socket.create_connection((url.host, url.port), timeout=10)
+                connection.sendall(b"POST /v1/restore/denoising HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                idle.append(connection)
+            # Each probe is a connection of its own, so it is turned away once the three idle
+            # ones have been taken in.
+            wait_until(lambda: httpx.get(f"{served.url}/healthz", timeout=10).status_code == 503,
+                       "a connection past the limit to be turned away")
+        finally:
+            for connection in idle:
+                connection.close()
+        wait_until(lambda: httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200,
+                   "the closed connections to free their places")
+        served.process.terminate()
+        assert served.process.wait(timeout=60) == 0, served.log()
 
 
 # -- faults -------------------------------------------------------------------------------------
@@ -362,8 +345,10 @@ def poisoned_server(weights, monkeypatch):
         return real_forward(self, tiles)
 
     monkeypatch.setattr(Engine, "forward", forward)
-    # A long batch wait, so that requests sent together share batches for sure.
-    with running_server(settings_for(weights, max_batch_wait_ms=500)) as running:
+    # Batches of two that wait as long as the settings allow to fill, so that two one-tile
+    # requests of one shape share a batch however slowly they arrive, and a two-tile request
+    # fills a batch of its own at once.
+    with running_server(settings_for(weights, max_batch_size=2, max_batch_wait_ms=10_000)) as running:
         yield running
 
 
@@ -374,17 +359,18 @@ def test_an_exception_in_one_batch_fails_only_that_batchs_requests(poisoned_serv
         async with httpx.AsyncClient(base_url=poisoned_server.url, timeout=60) as client:
             def post(image):
                 return client.post("/v1/restore/denoising", files={"image": ("i.png", encode(image))})
-            # 16 x 16 tiles batch together; the 24 x 24 one has its own shape and so its own batch.
+            # The two 16 x 16 tiles fill one batch; the 24 x 56 image is two tiles of 24 x 32, a
+            # shape of their own, so a batch of their own.
             return await asyncio.gather(post(white), post(random_image(16, 16, seed=1)),
-                                        post(random_image(24, 24, seed=2)))
+                                        post(random_image(24, 56, seed=2)))
 
     poisoned, neighbour, other_batch = asyncio.run(send_together())
     assert_error(poisoned, 500, "inference_failed")
     assert_error(neighbour, 500, "inference_failed")
-    assert other_batch.status_code == 200 and decode_png(other_batch.content).size == (24, 24)
+    assert other_batch.status_code == 200 and decode_png(other_batch.content).size == (56, 24)
     metrics = poisoned_server.metrics()
     assert "simulated device fault" not in poisoned.text + metrics
-    assert_still_serving(poisoned_server.url)
+    assert_still_serving(poisoned_server.url, 24, 56)
     assert httpx.get(f"{poisoned_server.url}/readyz").status_code == 200
 
 
@@ -393,28 +379,35 @@ def test_readiness_is_off_while_a_dead_worker_restarts(server, monkeypatch):
     batcher = service.batcher
     metrics = service.metrics
     real_finished, real_spawn = metrics.batch_finished, batcher._spawn_worker
-    crashes = []
+    crashes, dead = [], []
 
     def crash_once(task, size, seconds, worker):
         real_finished(task, size, seconds, worker)
         if not crashes:
-            crashes.append(time.monotonic())
+            crashes.append(worker)
             raise RuntimeError("simulated bug in the worker loop")
 
-    def spawn_late(worker):
-        # Widens the window between death and restart, which is otherwise one loop turn.
-        asyncio.get_running_loop().call_later(1.5, real_spawn, worker)
+    def restart_when_released(worker):
+        # The restart, otherwise one loop turn away, waits for the test to let it happen.
+        dead.append((asyncio.get_running_loop(), worker))
 
     monkeypatch.setattr(metrics, "batch_finished", crash_once)
-    monkeypatch.setattr(batcher, "_spawn_worker", spawn_late)
+    monkeypatch.setattr(batcher, "_spawn_worker", restart_when_released)
     response = restore(server.url, encode(random_image(16, 16, seed=3)))
     assert response.status_code == 200  # the batch was delivered before the loop died
     restarting = httpx.get(f"{server.url}/readyz")
     body = assert_error(restarting, 503, "not_ready")
     assert "restarting" in body["error"]["message"] and restarting.headers["retry-after"]
     # A request arriving meanwhile waits in the queue for the new worker instead of failing.
-    waited = restore(server.url, encode(random_image(16, 16, seed=4)))
-    assert waited.status_code == 200, waited.text
+    outcome: dict[str, httpx.Response] = {}
+    sender = threading.Thread(target=lambda: outcome.update(response=restore(server.url,
+                                                                              encode(random_image(16, 16, seed=4)))))
+    sender.start()
+    wait_until(lambda: metric_value(server.metrics(), "mprnet_queue_depth_tiles") == 1, "the request to be queued")
+    (loop, worker), = wait_until(lambda: dead, "the worker's restart to be asked for")
+    loop.call_soon_threadsafe(real_spawn, worker)
+    sender.join(timeout=60)
+    assert outcome["response"].status_code == 200, outcome["response"].text
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     assert batcher.running
 
@@ -523,10 +516,8 @@ def test_a_request_without_a_key_is_refused_before_its_upload_is_read(keyed_serv
 def test_health_and_metrics_can_be_put_behind_the_key(weights):
     settings = settings_for(weights, api_key_hashes=hash_key(KEYS[0]), protect_health=True, protect_metrics=True)
     with running_server(settings, wait_ready=False) as running:
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{running.url}/readyz", headers={"X-API-Key": KEYS[0]}).status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: httpx.get(f"{running.url}/readyz", headers={"X-API-Key": KEYS[0]}).status_code == 200,
+                   "the service to become ready")
         for path in ("/healthz", "/readyz", "/metrics"):
             assert_error(httpx.get(f"{running.url}{path}"), 401, "missing_api_key")
             assert httpx.get(f"{running.url}{path}", headers={"Authorization": f"Bearer {KEYS[0]}"}).status_code == 200

@@ -9,10 +9,7 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -26,21 +23,18 @@ from service.config import Settings, add_serve_arguments, settings_from_args
 from service.engine import Engine
 
 from service_helpers import (TINY_ARCHITECTURE, decode_png, encode, metric_samples, metric_value, multipart_body,
-                             random_image, running_server, tiny_checkpoint)
+                             random_image, running_server, serving_process, wait_until, eventually)
 
 pytestmark = pytest.mark.timeout(300)  # hangs fail; a slow shared CI machine does not
 
-ROOT = Path(__file__).resolve().parents[1]
 TILE, OVERLAP = 32, 8
 MAX_UPLOAD_BYTES = 100_000
 MAX_PIXELS = 96 * 96
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("weights")
-    return {"denoising": tiny_checkpoint(folder / "denoising.safetensors", seed=1),
-            "deraining": tiny_checkpoint(folder / "deraining.safetensors", seed=2)}
+def checkpoints(tiny_weights) -> dict[str, Path]:
+    return {"denoising": tiny_weights(1), "deraining": tiny_weights(2)}
 
 
 def service_settings(checkpoints: dict[str, Path], **overrides) -> Settings:
@@ -67,10 +61,10 @@ def offline_engines(checkpoints) -> dict[str, Engine]:
 
 @pytest.fixture(scope="module")
 def slow_server(checkpoints):
-    """Batches that never fill (64 > the 16-tile queue) and wait 6 s: tiles sit in the queue, and
-    requests time out after 3 s, long before any batch would run."""
-    settings = service_settings(checkpoints, tasks="denoising", max_batch_size=64, max_batch_wait_ms=6000,
-                                max_queued_tiles=16, request_timeout_s=3)
+    """Batches that never fill (64 > the 16-tile queue) and wait 10 s: tiles sit in the queue, and
+    requests time out after 8 s, before any batch would run (the wait starts after the request)."""
+    settings = service_settings(checkpoints, tasks="denoising", max_batch_size=64, max_batch_wait_ms=10_000,
+                                max_queued_tiles=16, request_timeout_s=8)
     with running_server(settings) as running:
         yield running
 
@@ -164,8 +158,11 @@ def test_grayscale_stays_grayscale_and_alpha_is_kept(server):
     np.testing.assert_array_equal(np.asarray(rgba_result)[:, :, 3], rgba[:, :, 3])
 
 
-def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_result(server, offline_engines):
-    # One-tile images, so that any forward pass over more than one tile mixes requests.
+def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_result(checkpoints, offline_engines,
+                                                                               start_server):
+    # One-tile images, so that any forward pass over more than one tile mixes requests. A batch
+    # waits (far longer than the requests take to arrive) until all eight are in it.
+    server = start_server(service_settings(checkpoints, max_batch_wait_ms=10_000))
     images = [random_image(24, 24, seed=100 + i) for i in range(8)]
     before = server.metrics()
 
@@ -186,7 +183,7 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_result(s
         return metric_value(after, name, task="denoising") - metric_value(before, name, task="denoising")
 
     assert growth("mprnet_batch_size_sum") == len(images)
-    assert growth("mprnet_batch_size_count") < len(images), "every request got a forward pass of its own"
+    assert growth("mprnet_batch_size_count") == 1, "the requests did not share one forward pass"
 
 
 def test_request_id_is_echoed_or_created_and_server_timing_is_reported(server):
@@ -249,15 +246,21 @@ def test_every_error_has_its_status_and_the_one_json_shape(server, case):
     assert restore(server.url, "denoising", encode(random_image(16, 16, seed=4))).status_code == 200
 
 
+def queue_depth(server) -> float:
+    return metric_value(server.metrics(), "mprnet_queue_depth_tiles")
+
+
 def test_a_full_queue_answers_503_with_retry_after_and_a_stuck_request_504(slow_server):
     async def scenario():
         async with httpx.AsyncClient(base_url=slow_server.url, timeout=30) as client:
             filling = asyncio.create_task(client.post(
                 "/v1/restore/denoising", files={"image": ("full.png", encode(random_image(96, 96, 5)))}))
-            deadline = time.monotonic() + 20
-            while metric_value((await client.get("/metrics")).text, "mprnet_queue_depth_tiles") < 16:
-                assert time.monotonic() < deadline and not filling.done()
-                await asyncio.sleep(0.02)
+
+            async def queue_full() -> bool:
+                assert not filling.done(), filling.result().text
+                return metric_value((await client.get("/metrics")).text, "mprnet_queue_depth_tiles") == 16
+
+            await eventually(queue_full, "the upload's 16 tiles to fill the queue")
             refused = await client.post("/v1/restore/denoising",
                                         files={"image": ("more.png", encode(random_image(16, 16, 6)))})
             return refused, await filling, (await client.get("/metrics")).text
@@ -272,28 +275,72 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_stuck_request_504(slow_
     assert metric_value(metrics, "mprnet_requests_total", task="denoising", code="504") >= 1
 
 
+def request_head(url: httpx.URL, content_type: str, content_length: int) -> bytes:
+    return (f"POST /v1/restore/denoising HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {content_length}\r\n\r\n").encode()
+
+
+def read_response(connection: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length body, off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        assert chunk, f"the connection closed before a whole response came: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in header_lines)}
+    while len(body) < int(headers["content-length"]):
+        chunk = connection.recv(65536)
+        assert chunk, "the connection closed in the middle of the response body"
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_full_queue_refuses_before_reading_the_body(slow_server):
+    """The refusal costs the server no upload: it answers a request that has sent its headers and
+    none of the body it declares. A server that read the body first would wait for it forever."""
+    url = httpx.URL(slow_server.url)
+    filling, content_type = multipart_body("image", "full.png", encode(random_image(96, 96, 8)))
+    before = slow_server.metrics()
+    with socket.create_connection((url.host, url.port), timeout=30) as filler:
+        filler.sendall(request_head(url, content_type, len(filling)) + filling)
+        wait_until(lambda: queue_depth(slow_server) == 16, "the upload's 16 tiles to fill the queue")
+        with socket.create_connection((url.host, url.port), timeout=30) as waiting:
+            waiting.sendall(request_head(url, content_type, 90_000))  # under the upload limit, so not a 413
+            try:
+                status, headers, body = read_response(waiting)
+            except TimeoutError:
+                pytest.fail("no answer while the declared body was unsent: the server waited to read it")
+    # The filler has hung up, which drops its tiles (and answers it 499 in the metrics).
+    wait_until(lambda: queue_depth(slow_server) == 0, "the abandoned upload's tiles to be dropped")
+    assert status == 503, body
+    assert json.loads(body)["error"]["code"] == "queue_full"
+    assert int(headers["retry-after"]) >= 1
+    after = slow_server.metrics()
+    assert metric_value(after, "mprnet_batch_size_count") == metric_value(before, "mprnet_batch_size_count")
+
+
 def test_a_client_that_disconnects_has_its_queued_tiles_dropped(slow_server):
     url = httpx.URL(slow_server.url)
     body, content_type = multipart_body("image", "gone.png", encode(random_image(40, 40, 7)))
     before = slow_server.metrics()
+
+    def answered(text: str, code: str) -> float:
+        return metric_value(text, "mprnet_requests_total", code=code) - metric_value(before, "mprnet_requests_total",
+                                                                                    code=code)
+
     with socket.create_connection((url.host, url.port)) as connection:
-        connection.sendall(f"POST /v1/restore/denoising HTTP/1.1\r\nHost: {url.host}\r\n"
-                           f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        deadline = time.monotonic() + 20
-        while metric_value(slow_server.metrics(), "mprnet_queue_depth_tiles") != 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    closed_at = time.monotonic()
-    while metric_value(metrics := slow_server.metrics(), "mprnet_queue_depth_tiles") != 0:
-        time.sleep(0.02)
-    # The request's own 3 s deadline would also drop the tiles; this must happen well before.
-    assert time.monotonic() - closed_at < 1.5
-    deadline = time.monotonic() + 5
-    while metric_value(metrics, "mprnet_requests_total", code="499") == metric_value(
-            before, "mprnet_requests_total", code="499"):
-        assert time.monotonic() < deadline, "the abandoned request was never accounted"
-        time.sleep(0.02)
-        metrics = slow_server.metrics()
+        connection.sendall(request_head(url, content_type, len(body)) + body)
+        wait_until(lambda: queue_depth(slow_server) == 4, "the upload's 4 tiles to be queued")
+    # The request's own deadline would drop the tiles too, but answer 504: a 499 and no 504 says
+    # that the hang-up itself dropped them.
+    def dropped() -> str | None:
+        text = slow_server.metrics()
+        return text if answered(text, "499") == 1 and metric_value(text, "mprnet_queue_depth_tiles") == 0 else None
+
+    metrics = wait_until(dropped, "the hang-up to be noticed and its tiles dropped")
+    assert answered(metrics, "504") == 0
     assert metric_value(metrics, "mprnet_batch_size_count") == 0
 
 
@@ -357,9 +404,7 @@ def test_each_request_logs_one_structured_line(server, caplog):
                 if record.name == "service.requests" and request_id in record.getMessage()]
 
     # The line is written after the response has gone out, so on a busy machine it can trail it.
-    deadline = time.monotonic() + 10
-    while not (lines_of("log-line-1") and lines_of("log-line-2")) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: lines_of("log-line-1") and lines_of("log-line-2"), "both request log lines")
     (restored,), (refused,) = lines_of("log-line-1"), lines_of("log-line-2")
     assert restored["status"] == 200 and restored["task"] == "denoising" and "error" not in restored
     assert (restored["width"], restored["height"], restored["tiles"]) == (56, 40, 4)
@@ -390,78 +435,95 @@ def test_models_that_fail_to_load_leave_the_service_alive_but_unready(checkpoint
     broken.write_bytes(b"this is not a checkpoint")
     settings = service_settings(checkpoints, tasks="denoising", weights_denoising=broken)
     with running_server(settings, wait_ready=False) as running:
-        deadline = time.monotonic() + 30
-        while running.service.load_error is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        body = assert_error(httpx.get(f"{running.url}/readyz"), 503, "not_ready")
+        failed = wait_until(lambda: (response := httpx.get(f"{running.url}/readyz")).status_code == 503 and
+                            "failed to load" in response.text and response, "the load to fail")
+        body = assert_error(failed, 503, "not_ready")
         assert "broken.safetensors" in body["error"]["message"]
         assert metric_value(running.metrics(), "mprnet_ready") == 0
         assert_error(restore(running.url, "denoising", encode(random_image(16, 16, 1))), 503, "not_ready")
         assert httpx.get(f"{running.url}/healthz").status_code == 200
 
 
-# -- the process: `python -m service serve` under signals --------------------------------------
+# -- shutting down -------------------------------------------------------------------------------
 
-def _start_serving(env_settings: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MPRNET_")}
-    env.update(env_settings, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
-    return process, lines
+def test_while_draining_readiness_is_off_and_new_requests_are_refused_but_queued_work_is_finished(checkpoints):
+    """The app's lifespan drain, which SIGTERM leads to. uvicorn has closed its own listener by
+    then, so the app is asked through a second listener on it that stays open (the side door)."""
+    # A one-tile request waits up to 8 s for company that never comes, so it is still queued
+    # while the drain runs, and the drain (graceful_shutdown_s) waits for it.
+    settings = service_settings(checkpoints, tasks="denoising", max_batch_wait_ms=8000, graceful_shutdown_s=30)
 
+    async def scenario(running):
+        async with httpx.AsyncClient(base_url=running.side_url, timeout=60) as client:
+            in_flight = asyncio.create_task(client.post(
+                "/v1/restore/denoising", files={"image": ("a.png", encode(random_image(16, 16, seed=41)))}))
 
-def _wait_for_url(process: subprocess.Popen, lines: list[str], timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        for line in list(lines):
-            if match := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
-                return match.group(1)
-        time.sleep(0.05)
-    raise AssertionError("the server did not start:\n" + "".join(lines))
+            async def metric(name: str) -> float:
+                return metric_value((await client.get("/metrics")).text, name)
+
+            async def queued() -> bool:
+                assert not in_flight.done(), in_flight.result().text
+                return await metric("mprnet_queue_depth_tiles") == 1
+
+            await eventually(queued, "the request to be queued")
+            assert (await client.get("/readyz")).status_code == 200
+            running.begin_shutdown()
+
+            async def unready_or_finished() -> httpx.Response | None:
+                response = await client.get("/readyz")
+                return response if response.status_code != 200 or in_flight.done() else None
+
+            readiness = await eventually(unready_or_finished, "readiness to turn off or the request to finish")
+            new_request = await client.post("/v1/restore/denoising",
+                                            files={"image": ("b.png", encode(random_image(16, 16, seed=42)))})
+            drain_was_waiting = not in_flight.done()  # so both answers above came during the drain
+            # The drain lets the queued tiles be computed. The request's own answer is not checked
+            # here: once its tiles are done the drain ends, and ServiceState.close shuts the
+            # imaging pool, which can cancel the encoding still to come. Under `serve` uvicorn
+            # answers every connection before the lifespan drain starts, and the SIGTERM test
+            # below checks that answer.
+            await in_flight
+            computed = await metric("mprnet_batch_size_sum")
+            return readiness, new_request, drain_was_waiting, computed
+
+    with running_server(settings, side_door=True) as running:
+        readiness, new_request, drain_was_waiting, computed = asyncio.run(scenario(running))
+    assert drain_was_waiting, "the request in flight was finished before the drain was seen"
+    body = assert_error(readiness, 503, "not_ready")
+    assert "shutting down" in body["error"]["message"] and readiness.headers["retry-after"]
+    assert_error(new_request, 503, "not_ready")
+    assert new_request.headers["retry-after"]
+    assert computed == 1, "the queued tile was not computed before the drain ended"
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits_zero(checkpoints):
-    # A one-tile request waits 1.5 s for its batch to fill: long enough to be caught in flight.
-    process, lines = _start_serving({
-        "MPRNET_TASKS": "denoising", "MPRNET_WEIGHTS_DENOISING": str(checkpoints["denoising"]),
-        "MPRNET_DEVICE": "cpu", "MPRNET_TILE_SIZE": "32", "MPRNET_TILE_OVERLAP": "8",
-        "MPRNET_MAX_BATCH_SIZE": "8", "MPRNET_MAX_BATCH_WAIT_MS": "1500", "MPRNET_MAX_PIXELS": str(MAX_PIXELS)})
-    try:
-        url = _wait_for_url(process, lines)
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/readyz").status_code != 200:
-            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
-            time.sleep(0.05)
-        image = random_image(16, 16, seed=40)
-        outcome: dict[str, httpx.Response] = {}
-        sender = threading.Thread(target=lambda: outcome.update(response=restore(url, "denoising", encode(image))))
+    # A one-tile request waits up to 5 s for its batch to fill: long enough to be caught in flight.
+    settings = {"MPRNET_TASKS": "denoising", "MPRNET_WEIGHTS_DENOISING": str(checkpoints["denoising"]),
+                "MPRNET_DEVICE": "cpu", "MPRNET_TILE_SIZE": "32", "MPRNET_TILE_OVERLAP": "8",
+                "MPRNET_MAX_BATCH_SIZE": "8", "MPRNET_MAX_BATCH_WAIT_MS": "5000", "MPRNET_MAX_PIXELS": str(MAX_PIXELS)}
+    image = random_image(16, 16, seed=40)
+    outcome: dict[str, httpx.Response] = {}
+    with serving_process(settings) as served:
+        sender = threading.Thread(target=lambda: outcome.update(response=restore(served.url, "denoising",
+                                                                                  encode(image))))
         sender.start()
-        while metric_value(httpx.get(f"{url}/metrics").text, "mprnet_queue_depth_tiles") != 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        sender.join(timeout=30)
-        assert process.wait(timeout=30) == 0, "".join(lines)
-    finally:
-        if process.poll() is None:
-            process.kill()
+        wait_until(lambda: metric_value(httpx.get(f"{served.url}/metrics").text, "mprnet_queue_depth_tiles") == 1,
+                   "the request to be queued")
+        served.process.send_signal(signal.SIGTERM)
+        in_flight_at_signal = sender.is_alive()
+        sender.join(timeout=60)
+        assert served.process.wait(timeout=60) == 0, served.log()
+        log = served.finished_log()
+    assert in_flight_at_signal, "the request finished before SIGTERM was sent"
     assert as_array(outcome["response"]).shape == (16, 16, 3)
-    log = "".join(lines)
     assert "shutting down" in log and "Traceback" not in log
 
 
 def test_serve_exits_nonzero_when_the_weights_do_not_load(tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    process, lines = _start_serving({"MPRNET_TASKS": "denoising", "MPRNET_WEIGHTS_DENOISING": str(broken),
-                                     "MPRNET_DEVICE": "cpu"})
-    try:
-        assert process.wait(timeout=60) == 1
-    finally:
-        if process.poll() is None:
-            process.kill()
-    time.sleep(0.1)
-    assert "broken.pth" in "".join(lines)
+    with serving_process({"MPRNET_TASKS": "denoising", "MPRNET_WEIGHTS_DENOISING": str(broken),
+                          "MPRNET_DEVICE": "cpu"}, wait_ready=False) as served:
+        assert served.process.wait(timeout=60) == 1
+        log = served.finished_log()
+    assert "broken.pth" in log

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from service.config import Settings
-from service_helpers import encode, running_server, tiny_checkpoint
+from service_helpers import encode, running_server
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -66,11 +66,9 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    weights = tmp_path_factory.mktemp("weights")
+def server(tiny_weights):
     settings = Settings(tasks=("denoising", "deraining"), device="cpu", tile_size=64, tile_overlap=8,
-                        max_batch_size=4, weights_denoising=tiny_checkpoint(weights / "denoising.safetensors", 1),
-                        weights_deraining=tiny_checkpoint(weights / "deraining.safetensors", 2))
+                        max_batch_size=4, weights_denoising=tiny_weights(1), weights_deraining=tiny_weights(2))
     with running_server(settings) as running:
         yield running
 
