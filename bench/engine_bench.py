@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from service.tiling import Tiling
+
 ROOT = Path(__file__).resolve().parents[1]
 KODAK = ROOT.parent / "shared" / "datasets" / "eval" / "Kodak24"
 
@@ -41,7 +43,7 @@ def _engine(args):
         path = Path(args.weights) if args.weights else resolve(args.config)
         model = load_model(path)
         label = f"{path.name}"
-    return Engine(model, device=args.device, tile_size=args.tile, tile_overlap=args.overlap), label
+    return Engine(model, device=args.device, tile_size=args.tile), label
 
 
 def _case(args) -> dict:
@@ -53,14 +55,15 @@ def _case(args) -> dict:
     engine, label = _engine(args)
     height, width = map(int, args.size.split("x"))
     image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    plan, tiles = engine.cut(image)
+    tiling = Tiling(args.tile, args.overlap)
+    plan, tiles = tiling.cut(image)
     count = len(tiles) if args.max_tiles is None else min(args.max_tiles, len(tiles))
     engine.forward(tiles[:1, :, :8, :8])  # first-call setup out of the timing
     start = time.perf_counter()
     outputs = tiles.copy()
     for i in range(0, count, args.batch):
         outputs[i:i + args.batch] = engine.forward(tiles[i:min(i + args.batch, count)])
-    engine.stitch(plan, outputs)
+    tiling.stitch(plan, outputs)
     seconds = time.perf_counter() - start
     computed_pixels = count * plan.tile_height * plan.tile_width
     image_pixels = height * width * count / len(tiles)
@@ -98,10 +101,9 @@ def _tiling_psnr(args) -> list[dict]:
     rows = []
     for photo in sorted(KODAK.glob("*.png"))[:args.photos]:
         image = np.asarray(Image.open(photo).convert("RGB"))
-        whole = engine.__class__(engine.model, device=args.device, tile_size=0).restore(image).astype(float)
+        whole = Tiling(0).restore(image, engine.forward).astype(float)
         for tile in (128, 256):
-            tiled = engine.__class__(engine.model, device=args.device, tile_size=tile,
-                                     tile_overlap=args.overlap).restore(image).astype(float)
+            tiled = Tiling(tile, args.overlap).restore(image, engine.forward).astype(float)
             mse = np.mean((whole - tiled) ** 2)
             rows.append({"photo": photo.name, "tile": tile, "overlap": args.overlap,
                          "psnr_vs_whole_db": round(float(10 * np.log10(255 ** 2 / mse)) if mse else float("inf"), 2)})

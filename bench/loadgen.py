@@ -43,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models import MPRNet, save_safetensors
 from service.engine import Engine
+from service.tiling import Tiling
 from tests.service_helpers import ROOT, TINY_ARCHITECTURE, serving_process
 
 KODAK = ROOT.parent / "shared" / "datasets" / "eval" / "Kodak24"
@@ -94,20 +95,22 @@ def percentile_ms(values: list[float], q: float) -> float:
 
 # -- the engine alone ---------------------------------------------------------------------------
 
-def engine_per_image(engine: Engine, images: list[np.ndarray], batch_size: int, seconds: float) -> dict:
+def engine_per_image(engine: Engine, tiling: Tiling, images: list[np.ndarray], batch_size: int,
+                     seconds: float) -> dict:
     done, latencies = 0, []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or done == 0:
         mark = time.perf_counter()
-        engine.restore(images[done % len(images)], batch_size=batch_size)
+        tiling.restore(images[done % len(images)], engine.forward, batch_size=batch_size)
         latencies.append(time.perf_counter() - mark)
         done += 1
     elapsed = time.perf_counter() - started
     return {"images_per_s": done / elapsed, "images": done, "p50_ms": percentile_ms(latencies, 50)}
 
 
-def engine_full_batches(engine: Engine, images: list[np.ndarray], batch_size: int, seconds: float) -> dict:
-    tiles = np.concatenate([engine.cut(image)[1] for image in images])
+def engine_full_batches(engine: Engine, tiling: Tiling, images: list[np.ndarray], batch_size: int,
+                        seconds: float) -> dict:
+    tiles = np.concatenate([tiling.cut(image)[1] for image in images])
     tiles_per_image = len(tiles) / len(images)
     done_tiles = 0
     started = time.perf_counter()
@@ -235,14 +238,14 @@ def main(argv: list[str] | None = None) -> int:
 
     images = load_images(args.images, args.size, args.source, seed=0)
     uploads = [png_bytes(image) for image in images]
-    engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision, tile_size=args.tile_size,
-                                    tile_overlap=args.tile_overlap)
+    engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision, tile_size=args.tile_size)
+    tiling = Tiling(args.tile_size, args.tile_overlap)
     engine.warmup(args.max_batch_size)
 
     def measure_engine() -> dict:
         print(f"engine alone ({engine_seconds:g} s per mode) ...", flush=True)
-        return {"per_image": engine_per_image(engine, images, args.max_batch_size, engine_seconds),
-                "full_batches": engine_full_batches(engine, images, args.max_batch_size, engine_seconds)}
+        return {"per_image": engine_per_image(engine, tiling, images, args.max_batch_size, engine_seconds),
+                "full_batches": engine_full_batches(engine, tiling, images, args.max_batch_size, engine_seconds)}
 
     settings_env = {
         "MPRNET_TASKS": args.task, f"MPRNET_WEIGHTS_{args.task.upper()}": str(weights),
@@ -335,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.clients} clients (p50 {summary['p50_ms']} ms, p95 {summary['p95_ms']} ms, "
           f"p99 {summary['p99_ms']} ms)")
     for index, result in enumerate(rounds, 1):
-        print(f"  round {index}: {result['images_per_s']:.3f} images/s, mean batch {result['mean_batch_size'] or 0:.2f}, "
+        print(f"  round {index}: {result['images_per_s']:.3f} images/s, "
+              f"mean batch {result['mean_batch_size'] or 0:.2f}, "
               f"{result['vs_engine_per_image']:.1%} of engine.restore, {result['vs_engine_full_batches']:.1%} of "
               f"full-batch forward (engine runs either side)")
     print(f"engine.restore per image: {engine_rate['per_image']:.3f} images/s; forward on full batches: "

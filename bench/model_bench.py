@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{label}: {per_pixel / 1e6:.3f} MFLOP per pixel", flush=True)
         reference: dict[int, np.ndarray] = {}
         for precision in precisions:
-            engine = Engine(model, device=device, precision=precision, tile_size=args.tile, tile_overlap=0,
+            engine = Engine(model, device=device, precision=precision, tile_size=args.tile,
                             max_batch_size=max(batch_sizes), channels_last=args.channels_last,
                             compile=args.compile)
             peak, unit = peak_flops(device, precision)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     batch = torch.from_numpy(tiles).to(device)
                     times = _time_forward(engine, batch, args.repeats)
                     output = engine.forward(tiles)
-                except Exception as error:  # noqa: BLE001 - an oversized case is a result, not the end
+                except Exception as error:  # an oversized case is a result, not the end
                     if not is_out_of_memory(error):
                         raise
                     rows.append({**row, "error": "out of memory"})

@@ -231,7 +231,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "load_average_1m_before": round(load_before[0], 2), "load_average_1m_after": round(load_after[0], 2)},
+                    "load_average_1m_before": round(load_before[0], 2),
+                    "load_average_1m_after": round(load_after[0], 2)},
         "settings": {"clients": args.clients, "duration_s": args.duration, "capacity_clients": args.capacity_clients,
                      "capacity_duration_s": args.capacity_duration, "image": f"{args.size}x{args.size} PNG",
                      "tile_size": args.tile_size, "max_batch_size": args.max_batch_size,
@@ -254,7 +255,8 @@ def run(args: argparse.Namespace) -> dict:
                                       "max": round(max(sampler.samples.rss_kib) / 1024, 1)},
                    "rss_bound_mb": args.rss_bound_mb,
                    "queue_depth_max_sampled": max_depth, "queue_samples": len(sampler.samples.queue_depth),
-                   "sample_interval_s": args.sample_interval, "metrics_scrape_failures": sampler.samples.scrape_failures,
+                   "sample_interval_s": args.sample_interval,
+                   "metrics_scrape_failures": sampler.samples.scrape_failures,
                    "exit_code": exit_code},
         "checks": checks,
     }

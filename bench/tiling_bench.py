@@ -22,16 +22,17 @@ import torch
 from bench.model_bench import BUNDLED_CONFIG
 from models import RELEASED_CONFIGS
 from service.engine import Engine, is_out_of_memory
+from service.tiling import Tiling
 
 
-def _timed_restore(engine: Engine, image: np.ndarray, batch_size: int, repeats: int) -> list[float]:
-    engine.restore(image, batch_size=batch_size)  # autotuning and allocations out of the timing
+def _timed_restore(engine: Engine, tiling: Tiling, image: np.ndarray, batch_size: int, repeats: int) -> list[float]:
+    tiling.restore(image, engine.forward, batch_size)  # autotuning and allocations out of the timing
     times = []
     for _ in range(repeats):
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         started = time.perf_counter()
-        engine.restore(image, batch_size=batch_size)  # returns host pixels, so the device is done
+        tiling.restore(image, engine.forward, batch_size)  # returns host pixels, so the device is done
         times.append(time.perf_counter() - started)
     return times
 
@@ -58,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for tile in [0, *map(int, args.tiles.split(","))]:
         overlap = args.overlap if tile else 0
-        engine = Engine(model, device=args.device, precision=args.precision, tile_size=tile, tile_overlap=overlap)
-        row = {"tile": tile or "whole", "tiles": len(engine.plan(height, width)), "overlap": overlap}
+        engine = Engine(model, device=args.device, precision=args.precision, tile_size=tile)
+        tiling = Tiling(tile, overlap)
+        row = {"tile": tile or "whole", "tiles": len(tiling.plan(height, width)), "overlap": overlap}
         try:
-            times = _timed_restore(engine, image, args.batch, args.repeats)
-        except Exception as error:  # noqa: BLE001 - a size that does not fit is a result
+            times = _timed_restore(engine, tiling, image, args.batch, args.repeats)
+        except Exception as error:  # a size that does not fit is a result
             if not is_out_of_memory(error):
                 raise
             rows.append({**row, "error": "out of memory"})
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     tiled = [row for row in timed if row["tile"] != "whole"]
     best = max(tiled, key=lambda row: row["megapixels_per_s"])["tile"] if tiled else None
     device = torch.device(args.device)
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU, {torch.get_num_threads()} threads")
     print(f"\n{args.config} on {hardware}, {args.size}, {args.precision}, batch {args.batch}: best tile {best}")
     print("| tile | tiles | ms | MP/s | overhead vs whole |\n|---|---:|---:|---:|---:|")
     for row in rows:

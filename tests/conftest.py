@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
+
 from service_helpers import ROOT, RunningServer, running_server, tiny_checkpoint
 
 SHARED = ROOT.parent / "shared"

@@ -46,7 +46,8 @@ def test_find_images_lists_files_as_given_and_folders_sorted_and_names_what_yiel
         (tmp_path / name).write_bytes(b"")
     files, problems = find_images([tmp_path / "in", tmp_path / "given.txt", tmp_path / "empty", tmp_path / "gone"])
     assert files == [tmp_path / "in" / "b.PNG", tmp_path / "in" / "nested" / "a.tiff", tmp_path / "given.txt"]
-    assert problems == [f"{tmp_path / 'empty'}: no images in this folder", f"{tmp_path / 'gone'}: no such file or folder"]
+    assert problems == [f"{tmp_path / 'empty'}: no images in this folder",
+                        f"{tmp_path / 'gone'}: no such file or folder"]
 
 
 def test_restores_files_and_folders_and_skips_what_it_cannot_read(tmp_path, weights):

@@ -20,9 +20,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.client import (AsyncClient, Client, ConnectionFailed, InvalidImage, NotFound, Overloaded,
-                            PayloadTooLarge, ServiceError, Timeout, UnsupportedMediaType)
+from service.client import (
+    AsyncClient,
+    Client,
+    ConnectionFailed,
+    InvalidImage,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    UnsupportedMediaType,
+)
 from service.config import Settings
+
 from service_helpers import decode_png, encode, metric_value, random_image, running_server, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,11 +12,12 @@ import weakref
 
 import httpx
 import pytest
-from attacks import ifd_bomb, scan_bomb, smooth_image
-from service_helpers import encode, running_server, tiny_checkpoint
 
 from service.config import Settings
 from service.pipeline import RestorePipeline
+
+from attacks import ifd_bomb, scan_bomb, smooth_image
+from service_helpers import encode, running_server, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from models import (RELEASED_CONFIGS, CheckpointError, MPRNet, MPRNetConfig, load_checkpoint, load_model,
-                    save_safetensors, sha256_file)
+from models import (
+    RELEASED_CONFIGS,
+    CheckpointError,
+    MPRNet,
+    MPRNetConfig,
+    load_checkpoint,
+    load_model,
+    save_safetensors,
+    sha256_file,
+)
 from models.mprnet import MPRNet as ContractMPRNet
 
 SMALL_CONFIGS = [

@@ -14,12 +14,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from service_helpers import TINY_ARCHITECTURE, encode, random_image, running_server, tiny_checkpoint
 
 from models import MPRNet
 from service.cli import EXIT_OK, EXIT_USAGE, main
 from service.config import Settings
 from service.engine import Engine, emulated_precision_problem
+
+from service_helpers import TINY_ARCHITECTURE, encode, random_image, running_server, tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 

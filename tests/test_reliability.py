@@ -33,8 +33,18 @@ from service.config import Settings
 from service.engine import Engine
 from service.security import hash_key
 
-from service_helpers import (ROOT, decode_png, encode, metric_samples, metric_value, multipart_body, random_image,
-                             running_server, serving_process, wait_until)
+from service_helpers import (
+    ROOT,
+    decode_png,
+    encode,
+    metric_samples,
+    metric_value,
+    multipart_body,
+    random_image,
+    running_server,
+    serving_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)  # hangs fail; a slow shared CI machine does not
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -10,20 +11,32 @@ import re
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-
-from models import MPRNet, sha256_file
 from pydantic import ValidationError
 
+from models import MPRNet, sha256_file
 from service.config import Settings, add_serve_arguments, settings_from_args
 from service.engine import Engine
+from service.tiling import Tiling
 
-from service_helpers import (TINY_ARCHITECTURE, decode_png, encode, metric_samples, metric_value, multipart_body,
-                             random_image, running_server, serving_process, wait_until, eventually)
+from service_helpers import (
+    TINY_ARCHITECTURE,
+    decode_png,
+    encode,
+    eventually,
+    metric_samples,
+    metric_value,
+    multipart_body,
+    random_image,
+    running_server,
+    serving_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)  # hangs fail; a slow shared CI machine does not
 
@@ -54,8 +67,11 @@ def server(checkpoints):
 
 
 @pytest.fixture(scope="module")
-def offline_engines(checkpoints) -> dict[str, Engine]:
-    return {task: Engine.from_checkpoint(path, device="cpu", tile_size=TILE, tile_overlap=OVERLAP)
+def offline_engines(checkpoints) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Per task, the same network restoring an image in this process, tiled as the service tiles."""
+    tiles = Tiling(TILE, overlap=OVERLAP)
+    return {task: functools.partial(tiles.restore,
+                                    forward=Engine.from_checkpoint(path, device="cpu", tile_size=TILE).forward)
             for task, path in checkpoints.items()}
 
 
@@ -143,7 +159,7 @@ def test_each_task_returns_a_png_of_the_input_size_restored_by_its_own_model(ser
     results = {task: as_array(restore(server.url, task, encode(image))) for task in ("denoising", "deraining")}
     for task, restored in results.items():
         assert restored.shape == (40, 56, 3)
-        assert close_to(restored, offline_engines[task].restore(image))
+        assert close_to(restored, offline_engines[task](image))
     assert not close_to(results["denoising"], results["deraining"])
 
 
@@ -176,7 +192,7 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_result(c
     after = server.metrics()
     results = [as_array(response) for response in responses]
     for image, restored in zip(images, results):
-        assert close_to(restored, offline_engines["denoising"].restore(image))
+        assert close_to(restored, offline_engines["denoising"](image))
     assert len({restored.tobytes() for restored in results}) == len(images)
 
     def growth(name: str) -> float:

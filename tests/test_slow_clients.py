@@ -18,11 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from service_helpers import RunningServer, decode_png, encode, multipart_body, random_image, tiny_checkpoint
 
 from service.app import create_app
 from service.config import Settings
 from service.server import uvicorn_config
+
+from service_helpers import RunningServer, decode_png, encode, multipart_body, random_image, tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from service_helpers import encode, metric_value, random_image, running_server, tiny_checkpoint
 
 from service.config import Settings
+
+from service_helpers import encode, metric_value, random_image, running_server, tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 

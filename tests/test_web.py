@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from service.config import Settings
+
 from service_helpers import encode, running_server
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
