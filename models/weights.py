@@ -9,7 +9,14 @@ paper's released checkpoints, which are larger and better, are installed by the 
 Installing verifies before it stores: the file is downloaded (or copied) to a temporary file next
 to its destination, checked against the sha256 when one is given, loaded as an MPRNet and
 compared with the task's released configuration, and only then renamed into place, so a failed
-or interrupted install never leaves a file that :func:`resolve` would pick up.
+or interrupted install never leaves a file that :func:`resolve` would pick up. What was installed
+(file, sha256, size, source, time) is recorded in ``manifest.json`` beside it.
+
+Downloads are held to what a checkpoint download needs: https only (plain http only when the
+caller allows it, and then only for the URL given), redirects only to https, pages reached from
+a Drive page never over a weaker scheme than the page, and at most ``max_bytes``
+(:data:`DEFAULT_MAX_BYTES`), checked against the declared length before the body and counted
+while it streams.
 """
 
 from __future__ import annotations
@@ -19,14 +26,16 @@ import json
 import os
 import re
 import tempfile
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlparse
 
 from .checkpoint import RELEASED_CONFIGS, CheckpointError, infer_config, load_checkpoint, load_state_dict, sha256_file
 
-__all__ = ["TASKS", "RELEASED_DRIVE_IDS", "WeightsNotFound", "WeightsInstallError", "bundled_path",
-           "installed_dir", "resolve", "install", "describe", "manifest"]
+__all__ = ["TASKS", "RELEASED_DRIVE_IDS", "DEFAULT_MAX_BYTES", "WeightsNotFound", "WeightsInstallError",
+           "bundled_path", "installed_dir", "resolve", "install", "describe", "manifest", "installed_manifest",
+           "check_redirect"]
 
 TASKS = ("deblurring", "denoising", "deraining")
 
@@ -44,6 +53,13 @@ SUFFIXES = (".pth", ".safetensors")
 DRIVE_URL = "https://drive.google.com/uc"
 DRIVE_USERCONTENT_URL = "https://drive.usercontent.google.com/download"
 _DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{25,}$")
+
+# The largest released checkpoint (deblurring) is about 80 MB; the cap leaves room for larger
+# future ones while stopping a server that streams without end from filling the disk.
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+# Drive's confirmation page is a few kB; more than this is not that page.
+_MAX_PAGE_BYTES = 1024 * 1024
+INSTALLED_MANIFEST = "manifest.json"
 
 
 class WeightsNotFound(LookupError):
@@ -180,19 +196,72 @@ def _is_html(response) -> bool:
     return response.headers.get("content-type", "").split(";")[0].strip().lower() == "text/html"
 
 
-def _stream_to(response, handle, progress: bool, label: str) -> str:
+def _too_large(what: str, size: int, max_bytes: int) -> WeightsInstallError:
+    return WeightsInstallError(f"{what} is {size} bytes or more, over the limit of {max_bytes} bytes "
+                               f"(raise it with --max-mb if the checkpoint really is that large)")
+
+
+def _declared_length(response) -> int | None:
+    declared = response.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else None
+
+
+def _stream_to(response, handle, progress: bool, label: str, max_bytes: int) -> str:
     from tqdm import tqdm
+    declared = _declared_length(response)
+    if declared is not None and declared > max_bytes:
+        # Refused before a byte of the body is read.
+        raise _too_large(str(response.url), declared, max_bytes)
     digest = hashlib.sha256()
-    total = int(response.headers.get("content-length") or 0) or None
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress) as bar:
+    written = 0
+    with tqdm(total=declared or None, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+              disable=not progress) as bar:
         for chunk in response.iter_bytes(1 << 20):
+            # Counted, not trusted from the header: a body may run past what it declared, or
+            # declare nothing (chunked).
+            written += len(chunk)
+            if written > max_bytes:
+                raise _too_large(str(response.url), written, max_bytes)
             handle.write(chunk)
             digest.update(chunk)
             bar.update(len(chunk))
     return digest.hexdigest()
 
 
-def _download(client, url: str, handle, progress: bool, label: str,
+def _read_page(response) -> str:
+    declared = _declared_length(response)
+    if declared is not None and declared > _MAX_PAGE_BYTES:
+        raise _too_large(f"the web page at {response.url}", declared, _MAX_PAGE_BYTES)
+    body = bytearray()
+    for chunk in response.iter_bytes(1 << 16):
+        body += chunk
+        if len(body) > _MAX_PAGE_BYTES:
+            raise _too_large(f"the web page at {response.url}", len(body), _MAX_PAGE_BYTES)
+    return body.decode(response.encoding or "utf-8", errors="replace")
+
+
+def check_redirect(response) -> None:
+    """Event hook for every response httpx receives: refuses a redirect to anything but https.
+
+    A redirect is the server's choice, not the user's, so ``--allow-http`` does not extend to
+    it; this is what stops an https download from being downgraded to http, or sent to an http
+    service inside the network the installer runs in."""
+    if not response.has_redirect_location:
+        return
+    target = response.request.url.join(response.headers["location"])
+    if target.scheme != "https":
+        raise WeightsInstallError(f"{response.request.url} redirected to {target}: redirects are followed only "
+                                  f"to https URLs")
+
+
+def _check_followed_url(url: str, came_from: str) -> None:
+    """A URL taken from a page (Drive's confirmation form) is never fetched over a weaker scheme
+    than the page itself came over."""
+    if urlparse(came_from).scheme == "https" and urlparse(url).scheme != "https":
+        raise WeightsInstallError(f"the page at {came_from} leads to {url}, which is not https; refused")
+
+
+def _download(client, url: str, handle, progress: bool, label: str, max_bytes: int,
               params: dict | None = None) -> tuple[str | None, tuple[str, str] | None]:
     """Stream ``url`` into ``handle``: returns (sha256, None), or (None, (page URL, page text))
     with nothing written when the server answered with an HTML page, which is how Drive asks
@@ -201,20 +270,20 @@ def _download(client, url: str, handle, progress: bool, label: str,
     with client.stream("GET", url, params=params) as response:
         if response.status_code >= 400:
             raise WeightsInstallError(f"download failed: {response.request.url} answered HTTP {response.status_code}")
-        if _is_html(response):
-            response.read()
-            return None, (str(response.url), response.text)
         try:
-            return _stream_to(response, handle, progress, label), None
+            if _is_html(response):
+                return None, (str(response.url), _read_page(response))
+            return _stream_to(response, handle, progress, label, max_bytes), None
         except httpx.HTTPError as exc:
             raise WeightsInstallError(f"download of {url} broke off: {exc}") from None
 
 
-def _drive_download(client, file_id: str, handle, progress: bool, label: str) -> str:
+def _drive_download(client, file_id: str, handle, progress: bool, label: str, max_bytes: int) -> str:
     """Drive serves small files directly; for large ones it answers with a page whose form (or,
     on older pages, a link with ``confirm=``) leads to the file. Follow whichever the page has,
     then try the direct endpoint with ``confirm=t`` before giving up."""
-    digest, page = _download(client, DRIVE_URL, handle, progress, label, params={"export": "download", "id": file_id})
+    digest, page = _download(client, DRIVE_URL, handle, progress, label, max_bytes,
+                             params={"export": "download", "id": file_id})
     if digest is not None:
         return digest
     page_url, text = page
@@ -228,7 +297,8 @@ def _drive_download(client, file_id: str, handle, progress: bool, label: str) ->
             attempts.append((urljoin(page_url, link), None))
     attempts.append((DRIVE_USERCONTENT_URL, {"id": file_id, "export": "download", "confirm": "t"}))
     for url, params in attempts:
-        digest, _ = _download(client, url, handle, progress, label, params=params)
+        _check_followed_url(url, page_url)
+        digest, _ = _download(client, url, handle, progress, label, max_bytes, params=params)
         if digest is not None:
             return digest
     raise WeightsInstallError(
@@ -237,10 +307,13 @@ def _drive_download(client, file_id: str, handle, progress: bool, label: str) ->
         f"with --from PATH")
 
 
-def _fetch(source: str, handle, progress: bool, label: str) -> str:
+def _fetch(source: str, handle, progress: bool, label: str, allow_http: bool, max_bytes: int) -> str:
     """Copy or download ``source`` into ``handle``; returns the sha256 of what was written."""
     local = Path(source).expanduser()
     if local.is_file():
+        size = local.stat().st_size
+        if size > max_bytes:
+            raise _too_large(str(local), size, max_bytes)
         digest = hashlib.sha256()
         with open(local, "rb") as src:
             for block in iter(lambda: src.read(1 << 20), b""):
@@ -251,12 +324,16 @@ def _fetch(source: str, handle, progress: bool, label: str) -> str:
     scheme = urlparse(source).scheme
     if file_id is None and scheme not in ("http", "https"):
         raise WeightsInstallError(f"{source}: no such file, and not an http(s) URL or a Google Drive id")
+    if file_id is None and scheme == "http" and not allow_http:
+        raise WeightsInstallError(f"{source}: plain http is refused, as anyone on the way could swap the file; "
+                                  f"use an https URL, or --allow-http (with --sha256) for a trusted network")
     import httpx
     try:
-        with httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0)) as client:
+        with httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0),
+                          event_hooks={"response": [check_redirect]}) as client:
             if file_id is not None:
-                return _drive_download(client, file_id, handle, progress, label)
-            digest, _ = _download(client, source, handle, progress, label)
+                return _drive_download(client, file_id, handle, progress, label, max_bytes)
+            digest, _ = _download(client, source, handle, progress, label, max_bytes)
             if digest is None:
                 raise WeightsInstallError(f"{source} returned a web page, not a checkpoint file")
             return digest
@@ -276,15 +353,47 @@ def _matching_task(config) -> str | None:
     return next((task for task, released in RELEASED_CONFIGS.items() if released == config), None)
 
 
-def install(task: str, source: str, sha256: str | None = None, progress: bool = True) -> Path:
+def installed_manifest() -> dict:
+    """What :func:`install` recorded: per task its file, sha256, bytes, source and install time."""
+    path = installed_dir() / INSTALLED_MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _recorded_source(source: str) -> str:
+    """``source`` as the manifest keeps it: a URL without credentials, query or fragment, where
+    signed download links carry their tokens."""
+    parsed = urlparse(source)
+    if parsed.scheme not in ("http", "https"):
+        return source
+    host = parsed.hostname or ""
+    netloc = f"{host}:{parsed.port}" if parsed.port else host
+    return parsed._replace(netloc=netloc, query="", fragment="").geturl()
+
+
+def _record_install(task: str, final: Path, digest: str, source: str) -> None:
+    entries = installed_manifest()
+    entries[task] = {"file": final.name, "sha256": digest, "bytes": final.stat().st_size,
+                     "source": _recorded_source(source),
+                     "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path = installed_dir() / INSTALLED_MANIFEST
+    partial = path.with_name(f".{INSTALLED_MANIFEST}.partial")
+    partial.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def install(task: str, source: str, sha256: str | None = None, progress: bool = True, *,
+            allow_http: bool = False, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
     """Install ``source`` as the weights of ``task`` and return where it was stored.
 
-    ``source`` is an http(s) URL, a Google Drive file id or share URL, or a local path. The file
-    must match ``sha256`` when given, and must load as an MPRNet with the released configuration
-    of ``task``. Raises :class:`WeightsInstallError` otherwise, leaving any previously installed
-    file as it was.
+    ``source`` is an https URL (http only with ``allow_http``), a Google Drive file id or share
+    URL, or a local path, of at most ``max_bytes``. The file must match ``sha256`` when given,
+    and must load as an MPRNet with the released configuration of ``task``. Raises
+    :class:`WeightsInstallError` otherwise, leaving any previously installed file as it was. The
+    file's sha256 is recorded in :func:`installed_manifest`.
     """
     _check_task(task, WeightsInstallError)
+    if max_bytes < 1:
+        raise WeightsInstallError(f"the size limit must be at least 1 byte, got {max_bytes}")
     expected = sha256.strip().lower() if sha256 else None
     if expected is not None and not re.fullmatch(r"[0-9a-f]{64}", expected):
         raise WeightsInstallError(f"--sha256 must be 64 hex digits, got {sha256!r}")
@@ -299,7 +408,7 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
     staged = None
     try:
         with os.fdopen(fd, "wb") as handle:
-            digest = _fetch(source, handle, progress, f"{task} weights")
+            digest = _fetch(source, handle, progress, f"{task} weights", allow_http, max_bytes)
         if expected is not None and digest != expected:
             raise WeightsInstallError(f"{source}: sha256 mismatch: expected {expected}, got {digest}")
         # The loader picks the format by suffix; Drive gives no file name, so look at the bytes.
@@ -325,6 +434,7 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
             stale = target_dir / f"{task}{suffix}"
             if stale != final and stale.exists():
                 stale.unlink()
+        _record_install(task, final, digest, source)
         return final
     finally:
         for leftover in (tmp, staged):

@@ -1,6 +1,6 @@
 """The HTTP service, assembled: ``create_app(settings)`` wires the stages of a request's path.
 
-    upload -> AdmissionControl (refuse before reading) -> routes (read the upload)
+    upload -> ApiKeyGuard -> AdmissionControl (refuse before reading) -> routes (read the upload)
       -> pipeline.prepare (decode, tiles) -> batching queue -> engines' forward passes
       -> pipeline.finish (stitch, encode PNG) -> response
 
@@ -27,9 +27,9 @@ from .config import Settings
 from .errors import error_response, install_error_handlers
 from .middleware import REQUEST_ID_HEADER, AdmissionControl, RequestAccounting
 from .routes import operations_router, restore_router
-from .security import ApiKeyGuard
+from .security import ApiKeyGuard, SecurityHeaders
 from .state import ServiceState
-from .web import mount_web
+from .web import content_policies, mount_web
 
 __all__ = ["create_app"]
 
@@ -44,6 +44,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         log.info("settings:\n%s", settings.summary())
+        # Said on its own line, as the key digests are kept out of the summary: an operator can see
+        # at a glance whether a Secret that should hold keys reached the process.
+        if settings.api_key_hashes:
+            log.info("API keys: on, %d accepted", len(settings.api_key_hashes))
+        else:
+            log.warning("API keys: off, anyone who can reach this service can use it")
         loading = asyncio.create_task(service.load(), name="mprnet-load-models")
         try:
             yield
@@ -58,16 +64,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "image, get the restored PNG. Errors are JSON: `{\"error\": {\"code\", \"message\"}}`.",
         version="1.0",
         lifespan=lifespan,
+        # /docs is served by mount_web from packaged files; FastAPI's own would load Swagger UI
+        # (and ReDoc) from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     install_error_handlers(app)
-    # Added innermost first. Outermost, CORS answers preflights; RequestAccounting then logs and
-    # counts everything inside it, the refusals of AdmissionControl and the 401s of the key guard.
-    app.add_middleware(ApiKeyGuard, key_hashes=settings.api_key_hashes, protect_health=settings.protect_health,
-                       protect_metrics=settings.protect_metrics, error_response=error_response)
+    # Added innermost first. Outermost, CORS answers preflights; SecurityHeaders marks every other
+    # answer; RequestAccounting then logs and counts everything inside it, the 401s of the key
+    # guard and the refusals of AdmissionControl.
     app.add_middleware(AdmissionControl, tasks=settings.tasks, max_upload_bytes=settings.max_upload_bytes,
                        budget=service.budget, queue_refusal=service.queue_refusal)
+    # Outside admission: its refusals tell the task list, the upload limit and the queue state,
+    # which a caller without a key must not learn.
+    app.add_middleware(ApiKeyGuard, key_hashes=settings.api_key_hashes, protect_health=settings.protect_health,
+                       protect_metrics=settings.protect_metrics, error_response=error_response)
     app.add_middleware(RequestAccounting, metrics=service.metrics, tasks=settings.tasks)
+    page_policies, prefix_policies = content_policies(app)
+    app.add_middleware(SecurityHeaders, policies=page_policies, prefixes=prefix_policies)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", REQUEST_ID_HEADER],

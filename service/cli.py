@@ -7,15 +7,17 @@ service; ``weights`` installs the paper's released checkpoints and shows what ea
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from models.weights import TASKS
+from models.weights import DEFAULT_MAX_BYTES, TASKS
 
 from .image_files import find_images
 from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+API_KEY_VARIABLE = "MPRNET_API_KEY"
 
 
 def _restore_command(args: argparse.Namespace) -> int:
@@ -96,14 +98,17 @@ def _restore_remotely(args: argparse.Namespace) -> int:
     _report_problems(problems)
     if not files:
         return EXIT_SOME_FAILED if problems else EXIT_USAGE
-    with Client(args.url) as client:
+    # The environment keeps the key out of the command line, where other users' `ps` can read it.
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    with Client(args.url, api_key=api_key) as client:
         try:
             served = client.models().get("models", {})
         except ConnectionFailed as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return EXIT_USAGE
         except ServiceError as exc:
-            print(f"error: {args.url}/v1/models answered: {exc}", file=sys.stderr)
+            hint = f" (give the key with --api-key or {API_KEY_VARIABLE})" if exc.status == 401 else ""
+            print(f"error: {args.url}/v1/models answered: {exc}{hint}", file=sys.stderr)
             return EXIT_USAGE
         # Checked once, where a missing checkpoint stops the local command, rather than reported
         # once per file. A service still loading lists nothing yet; its 503s are retried.
@@ -158,14 +163,17 @@ def _weights_list_command(args: argparse.Namespace) -> int:
 
 
 def _weights_install_command(args: argparse.Namespace) -> int:
-    from models.weights import WeightsInstallError, install
+    from models.weights import WeightsInstallError, install, installed_manifest
 
     try:
-        path = install(args.task, args.source, sha256=args.sha256, progress=not args.quiet)
+        path = install(args.task, args.source, sha256=args.sha256, progress=not args.quiet,
+                       allow_http=args.allow_http, max_bytes=args.max_mb * 1024 * 1024)
     except WeightsInstallError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_SOME_FAILED
     print(f"installed {args.task} weights: {path}")
+    # To pin later installs (--sha256) to exactly this file.
+    print(f"sha256: {installed_manifest()[args.task]['sha256']}")
     return EXIT_OK
 
 
@@ -202,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "instead of loading a model here; the service's own weights and tiling apply")
     restore.add_argument("--concurrency", type=int, default=4, metavar="N",
                          help="with --url, images in flight at once (default 4)")
+    restore.add_argument("--api-key", metavar="KEY",
+                         help=f"with --url, the service's API key (default: ${API_KEY_VARIABLE}, which keeps "
+                              f"the key out of the process list)")
     restore.set_defaults(run=_restore_command)
 
     weights = commands.add_parser("weights", help="install released weights or list what each task uses")
@@ -213,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--from", dest="source", required=True, metavar="URL_OR_PATH",
                          help="http(s) URL, Google Drive id or link, or a local file")
     install.add_argument("--sha256", metavar="HEX", help="expected sha256 of the file")
+    install.add_argument("--allow-http", action="store_true",
+                         help="accept a plain http URL (redirects must still lead to https); without it, "
+                              "only https")
+    install.add_argument("--max-mb", type=int, default=DEFAULT_MAX_BYTES // (1024 * 1024), metavar="MB",
+                         help="refuse a file larger than this many MiB (default %(default)s; the largest "
+                              "released checkpoint is about 80 MB)")
     install.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     install.set_defaults(run=_weights_install_command)
     return parser

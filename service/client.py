@@ -2,7 +2,7 @@
 
     from service.client import Client
 
-    with Client("http://127.0.0.1:8000") as client:
+    with Client("http://127.0.0.1:8000", api_key=None) as client:   # api_key: when the service wants one
         result = client.restore("photo.jpg", "denoising")
         Path("photo.png").write_bytes(result.png)
         print(result.request_id, result.timings)          # timings in ms, from Server-Timing
@@ -161,7 +161,13 @@ class _Policy:
                                 status=None)
 
 
-def _client_options(base_url: str, timeout: float | httpx.Timeout, headers: dict[str, str] | None) -> dict:
+API_KEY_HEADER = "X-API-Key"
+
+
+def _client_options(base_url: str, timeout: float | httpx.Timeout, headers: dict[str, str] | None,
+                    api_key: str | None) -> dict:
+    if api_key is not None:
+        headers = {**(headers or {}), API_KEY_HEADER: api_key}
     return dict(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
 
 
@@ -177,14 +183,16 @@ class Client:
         backoff: the first pause in seconds; it doubles with each retry.
         max_wait: longest pause between two attempts; a ``Retry-After`` beyond it ends the retries.
         headers: sent with every request (an ``Authorization`` for a gateway in front, say).
+        api_key: the service's API key, sent as ``X-API-Key`` with every request.
     """
 
     def __init__(self, base_url: str, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, retries: int = 4,
-                 backoff: float = 0.5, max_wait: float = 60.0, headers: dict[str, str] | None = None):
+                 backoff: float = 0.5, max_wait: float = 60.0, headers: dict[str, str] | None = None,
+                 api_key: str | None = None):
         self._arguments = dict(base_url=base_url, timeout=timeout, retries=retries, backoff=backoff,
-                               max_wait=max_wait, headers=headers)
+                               max_wait=max_wait, headers=headers, api_key=api_key)
         self._policy = _Policy(base_url.rstrip("/"), retries, backoff, max_wait)
-        self._http = httpx.Client(**_client_options(base_url, timeout, headers))
+        self._http = httpx.Client(**_client_options(base_url, timeout, headers, api_key))
 
     def __enter__(self) -> Client:
         return self
@@ -254,9 +262,10 @@ class AsyncClient:
     """The asyncio twin of :class:`Client`, with the same arguments."""
 
     def __init__(self, base_url: str, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, retries: int = 4,
-                 backoff: float = 0.5, max_wait: float = 60.0, headers: dict[str, str] | None = None):
+                 backoff: float = 0.5, max_wait: float = 60.0, headers: dict[str, str] | None = None,
+                 api_key: str | None = None):
         self._policy = _Policy(base_url.rstrip("/"), retries, backoff, max_wait)
-        self._http = httpx.AsyncClient(**_client_options(base_url, timeout, headers))
+        self._http = httpx.AsyncClient(**_client_options(base_url, timeout, headers, api_key))
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .decoding import available_cpus
@@ -132,6 +133,9 @@ class Settings(BaseSettings):
         default=None, gt=0, description="a forward pass running longer than this turns readiness off until it "
                                         "returns (default: request_timeout_s, past which its requests have all "
                                         "timed out anyway)")
+    require_api_keys: bool = Field(
+        default=False, description="refuse to start without api_key_hashes, so that a missing key Secret "
+                                   "stops the deployment instead of serving without keys")
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -153,9 +157,27 @@ class Settings(BaseSettings):
         # Refusing a plain key here stops it from being configured by mistake and never matching.
         for digest in hashes:
             if not _SHA256_HEX.fullmatch(digest):
-                raise ValueError("api_key_hashes takes sha256 hex digests (64 hex digits), not the keys; "
-                                 "make one with: python -m service.security")
+                # A ValueError would make pydantic quote the input (input_value=...) in the error that
+                # start-up prints, and the input is most likely a plaintext key; an error built here
+                # carries a placeholder as its input instead.
+                raise ValidationError.from_exception_data("Settings", [InitErrorDetails(
+                    type=PydanticCustomError(
+                        "api_key_not_a_digest",
+                        "api_key_hashes takes sha256 hex digests (64 hex digits), not the keys; make one with: "
+                        "python -m service.security (the value given is not shown: it may be a key)"),
+                    loc=(), input="<not shown>")])
         return tuple(digest.lower() for digest in hashes)
+
+    @field_validator("require_api_keys")
+    @classmethod
+    def _check_keys_configured(cls, required: bool, info: ValidationInfo) -> bool:
+        # Fields are validated in order, so api_key_hashes is in info.data unless it was invalid,
+        # in which case its own error is reported and this one would only repeat it.
+        if required and "api_key_hashes" in info.data and not info.data["api_key_hashes"]:
+            raise ValueError("require_api_keys is set but no API key hashes are configured: set "
+                             "MPRNET_API_KEY_HASHES (or --api-key-hashes) to the sha256 digests of the keys; "
+                             "the service will not start without them")
+        return required
 
     @field_validator("tasks")
     @classmethod

@@ -9,8 +9,13 @@ configuration does not leak the keys. A client sends its key as ``X-API-Key: KEY
   ``protect_metrics`` is: probes and scrapers inside a cluster usually have no key to send;
 * never the web page, ``/docs`` and ``/openapi.json``: they describe the API, they do not use it.
 
-With no hashes configured nothing is checked. ``python -m service.security`` reads a key on
-standard input and prints the digest to configure.
+With no hashes configured nothing is checked (``require_api_keys`` makes that a start-up
+error instead). ``python -m service.security`` reads a key on standard input and prints the
+digest to configure.
+
+:class:`SecurityHeaders` puts the browser-facing protections on every response: a Content
+Security Policy per kind of resource (the page, ``/docs``, the API), no framing, no MIME
+sniffing, no referrer.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import sys
 from collections.abc import Callable, Iterable
 
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["hash_key", "ApiKeyGuard", "PROTECTED_PREFIX"]
+__all__ = ["hash_key", "ApiKeyGuard", "SecurityHeaders", "PROTECTED_PREFIX", "PAGE_POLICY", "API_POLICY"]
 
 PROTECTED_PREFIX = "/v1/"
 _HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
@@ -100,6 +105,57 @@ class ApiKeyGuard:
             entry["error"] = code
         response = self._error_response(401, code, message, {"WWW-Authenticate": 'Bearer realm="mprnet"'})
         await response(scope, receive, send)
+
+
+# The try-it page loads its own script and styles, fetches the API on the same origin, and shows
+# the chosen and restored images as blob: URLs (which a script may also read back: blob: in
+# connect-src; only this origin can create them); its favicon is a data: URL. Nothing else.
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+               "connect-src 'self' blob:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+# JSON, PNG and metrics are data, never documents that run anything.
+API_POLICY = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+
+
+class SecurityHeaders:
+    """Adds the security headers to every HTTP response that does not already carry them.
+
+    Args:
+        app: the application behind it.
+        policies: path -> Content-Security-Policy for that exact path; ``prefixes`` the same for
+            paths under a prefix; any other path gets ``API_POLICY``.
+    """
+
+    def __init__(self, app: ASGIApp, *, policies: dict[str, str], prefixes: dict[str, str]):
+        self.app = app
+        self._policies = policies
+        self._prefixes = prefixes
+
+    def _policy(self, path: str) -> str:
+        if path in self._policies:
+            return self._policies[path]
+        return next((policy for prefix, policy in self._prefixes.items() if path.startswith(prefix)), API_POLICY)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        added = [
+            (b"content-security-policy", self._policy(scope["path"]).encode()),
+            # frame-ancestors is the modern form; X-Frame-Options covers browsers that predate it.
+            (b"x-frame-options", b"DENY"),
+            (b"x-content-type-options", b"nosniff"),
+            # The page's and API's URLs carry nothing a third party should see, not even the origin.
+            (b"referrer-policy", b"no-referrer"),
+        ]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", ())}
+                message["headers"] = [*message.get("headers", ()),
+                                      *((name, value) for name, value in added if name not in present)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def main() -> int:

@@ -1,22 +1,65 @@
-"""The try-it page: ``/`` serves ``static/index.html``, ``/static/...`` its script and styles.
+"""The try-it page (``/`` serves ``static/index.html``, ``/static/...`` its script and styles) and
+the API's interactive documentation (``/docs``).
 
-Plain files shipped in the package, so the page needs no build step and no network beyond the
-service itself; it talks to the same public API as any other client.
+Plain files shipped in the packages, so neither needs a build step nor any network beyond the
+service itself: the page talks to the same public API as any other client, and ``/docs`` runs
+Swagger UI from the ``swagger-ui-bundle-v2`` package's files rather than from a CDN.
 """
 
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from starlette.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
-__all__ = ["mount_web", "STATIC_DIR"]
+from .security import PAGE_POLICY
+
+__all__ = ["mount_web", "STATIC_DIR", "DOCS_PATH", "SWAGGER_UI_PREFIX", "content_policies"]
 
 STATIC_DIR = Path(__file__).with_name("static")
+DOCS_PATH = "/docs"
+SWAGGER_UI_PREFIX = "/swagger-ui/"
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
+
+
+def _docs_page(openapi_url: str, title: str) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url=openapi_url, title=title,
+        swagger_js_url=f"{SWAGGER_UI_PREFIX}swagger-ui-bundle.js",
+        swagger_css_url=f"{SWAGGER_UI_PREFIX}swagger-ui.css",
+        swagger_favicon_url=f"{SWAGGER_UI_PREFIX}favicon-32x32.png",
+        # Swagger UI would otherwise send the document to an online validator for its badge.
+        swagger_ui_parameters={"validatorUrl": None})
+
+
+def _docs_policy(page: HTMLResponse) -> str:
+    # The page starts Swagger UI with one inline script; allowing exactly that script by its
+    # hash keeps every other inline script (an injected one, say) blocked.
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+                      for script in _INLINE_SCRIPT.findall(page.body.decode()))
+    # Swagger UI's stylesheet draws its icons from data: URLs; its styles otherwise come from
+    # that stylesheet and the CSSOM, which style-src does not restrict.
+    return (f"default-src 'none'; script-src 'self' {hashes}; style-src 'self'; "
+            "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def content_policies(app: FastAPI) -> tuple[dict[str, str], dict[str, str]]:
+    """The Content-Security-Policy of the page and the docs: (exact paths, path prefixes), for
+    :class:`service.security.SecurityHeaders`; everything else is API."""
+    docs = _docs_policy(_docs_page(app.openapi_url, app.title))
+    return {"/": PAGE_POLICY, DOCS_PATH: docs}, {"/static/": PAGE_POLICY, SWAGGER_UI_PREFIX: docs}
 
 
 def mount_web(app: FastAPI) -> None:
-    """Add the page to ``app``; kept out of the OpenAPI schema, which documents the API only."""
+    """Add the page and the docs to ``app`` (created with ``docs_url=None``); kept out of the
+    OpenAPI schema, which documents the API only."""
     index = STATIC_DIR / "index.html"
 
     @app.get("/", include_in_schema=False)
@@ -24,4 +67,12 @@ def mount_web(app: FastAPI) -> None:
         # Revalidated on every visit, so a redeployed service never pairs an old page with a new API.
         return FileResponse(index, media_type="text/html", headers={"Cache-Control": "no-cache"})
 
+    docs_html = _docs_page(app.openapi_url, app.title).body
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        # A new response each time: middleware may add headers to a response's own header list.
+        return HTMLResponse(docs_html)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount(SWAGGER_UI_PREFIX.rstrip("/"), StaticFiles(directory=swagger_ui_path), name="swagger-ui")

@@ -32,11 +32,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from pydantic import ValidationError
 
 from models import save_safetensors
 from models.checkpoint import RELEASED_CONFIGS
 from service.config import Settings
 from service.metrics import ServiceMetrics
+from service.security import hash_key
 
 from service_helpers import encode, free_port, metric_samples, random_image, running_server
 
@@ -364,6 +366,12 @@ def _env(container: dict) -> dict[str, str | None]:
     return {entry["name"]: entry.get("value") for entry in container.get("env", [])}
 
 
+def _from_secrets(container: dict) -> dict[str, dict]:
+    """Variable -> its secretKeyRef, for the variables a Secret fills in."""
+    return {entry["name"]: entry["valueFrom"]["secretKeyRef"] for entry in container.get("env", [])
+            if "secretKeyRef" in entry.get("valueFrom", {})}
+
+
 def test_manifests_fit_together_and_fit_the_service():
     manifests = _manifests()
     (deployment,) = manifests["deployment.yaml"]
@@ -389,12 +397,23 @@ def test_manifests_fit_together_and_fit_the_service():
     assert container["ports"][0]["containerPort"] == int(cmd[cmd.index("--port") + 1])
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(container["ports"][0]["containerPort"])
 
-    # Every MPRNET_ variable is a setting, and parses as one.
+    # Every MPRNET_ variable is a setting, and parses as one (what a Secret holds stood in for by
+    # a value of the right form).
     env = _env(container)
     fields = {f"MPRNET_{name.upper()}" for name in Settings.model_fields}
     assert {name for name in env if name.startswith("MPRNET_")} <= fields
+    secrets = _from_secrets(container)
+    assert set(secrets) == {"MPRNET_API_KEY_HASHES"}, secrets
+    env["MPRNET_API_KEY_HASHES"] = hash_key("a key from the Secret")
     settings = Settings(**{name.removeprefix("MPRNET_").lower(): value for name, value in env.items()
                            if name.startswith("MPRNET_") and name != "MPRNET_DEVICE" and value is not None})
+
+    # Fails closed: without the Secret the pod does not start, and with an empty one the service
+    # refuses to; either way it never serves without keys.
+    assert not secrets["MPRNET_API_KEY_HASHES"].get("optional", False), "the key Secret must not be optional"
+    assert settings.require_api_keys
+    with pytest.raises(ValidationError, match="require_api_keys"):
+        Settings(require_api_keys=env["MPRNET_REQUIRE_API_KEYS"], api_key_hashes="")
     # The kubelet's probes and Prometheus send no API key, and a busy pod must not fail liveness.
     assert not (settings.protect_health or settings.protect_metrics or settings.limit_concurrency)
 
@@ -451,6 +470,84 @@ def test_dashboard_and_provisioning_fit_together():
     assert int(grace.rstrip("s")) > float(compose["services"]["mprnet"]["environment"]["MPRNET_GRACEFUL_SHUTDOWN_S"])
 
 
+class ComposeError(Exception):
+    """Compose refused the file, e.g. a required variable (``${VAR:?message}``) is unset."""
+
+
+_COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(?:(:?)([-?])([^}]*))?\}")
+
+
+def _interpolate(value, environment: dict[str, str]):
+    """Compose's variable rules: ``${VAR}``, ``${VAR:-default}`` (also when empty),
+    ``${VAR-default}`` (only when unset), ``${VAR:?message}`` and ``${VAR?message}``."""
+    if isinstance(value, dict):
+        return {key: _interpolate(item, environment) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(item, environment) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, colon, operator, argument = match.groups()
+        found = environment.get(name)
+        missing = found is None or (colon == ":" and found == "")
+        if operator == "?" and missing:
+            raise ComposeError(f"required variable {name} is missing a value: {argument}")
+        if operator == "-" and missing:
+            return argument
+        return found or ""
+
+    return _COMPOSE_VARIABLE.sub(substitute, value)
+
+
+def compose_config(environment: dict[str, str]) -> dict:
+    """docker/compose.yaml as Compose resolves it with ``environment`` as the shell's variables:
+    by ``docker compose config`` where Compose is installed (not on these machines), else by the
+    same interpolation rules applied here to the parsed file."""
+    docker = shutil.which("docker")
+    if docker and run([docker, "compose", "version"]).returncode == 0:
+        result = run([docker, "compose", "-f", str(DOCKER / "compose.yaml"), "config", "--format", "json"],
+                     cwd=DOCKER, env={"PATH": os.environ["PATH"], **environment})
+        if result.returncode != 0:
+            raise ComposeError(result.stderr)
+        return json.loads(result.stdout)
+    (compose,) = load_yaml(DOCKER / "compose.yaml")
+    return _interpolate(compose, environment)
+
+
+def _host_ip(port) -> str:
+    """The address a port is published on ("" for every interface), in the short syntax of the
+    file or the long one `docker compose config` prints."""
+    if isinstance(port, dict):
+        return port.get("host_ip", "")
+    parts = str(port).split(":")
+    return parts[0] if len(parts) == 3 else ""
+
+
+def test_compose_fails_closed():
+    with pytest.raises(ComposeError, match="GRAFANA_ADMIN_PASSWORD"):
+        compose_config({})
+    services = compose_config({"GRAFANA_ADMIN_PASSWORD": "a-chosen-password"})["services"]
+    published = {name: [_host_ip(port) for port in service.get("ports", [])] for name, service in services.items()}
+    assert published == {"mprnet": ["127.0.0.1"], "prometheus": ["127.0.0.1"], "grafana": ["127.0.0.1"]}
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "a-chosen-password"
+    # Prometheus' lifecycle API would let anyone who reaches the port stop or reload it.
+    assert not any("lifecycle" in flag for flag in services["prometheus"]["command"])
+    # Without keys the defaults still parse as settings (fine on loopback).
+    environment = services["mprnet"]["environment"]
+    assert not Settings(api_key_hashes=environment["MPRNET_API_KEY_HASHES"],
+                        require_api_keys=environment["MPRNET_REQUIRE_API_KEYS"]).require_api_keys
+
+    # Publishing wider is stated in the environment, and so are the keys it then calls for.
+    wide = compose_config({"GRAFANA_ADMIN_PASSWORD": "x", "PUBLISH_ADDRESS": "0.0.0.0",
+                           "MPRNET_API_KEY_HASHES": hash_key("k"), "MPRNET_REQUIRE_API_KEYS": "true"})["services"]
+    assert {_host_ip(port) for service in wide.values() for port in service.get("ports", [])} == {"0.0.0.0"}
+    environment = wide["mprnet"]["environment"]
+    settings = Settings(api_key_hashes=environment["MPRNET_API_KEY_HASHES"],
+                        require_api_keys=environment["MPRNET_REQUIRE_API_KEYS"])
+    assert settings.require_api_keys and settings.api_key_hashes == (hash_key("k"),)
+
+
 # -- against the real service ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -502,10 +599,17 @@ def test_every_metric_used_exists_in_the_service_metrics(service, monkeypatch):
     assert "mprnet_cuda_memory_reserved_bytes" in set().union(*uses.values()), "the GPU memory panel is gone"
 
 
+def compose_prometheus_flags() -> list[str]:
+    """The flags compose starts Prometheus with, less the paths that only exist in its container."""
+    (compose,) = load_yaml(DOCKER / "compose.yaml")
+    return [flag for flag in compose["services"]["prometheus"]["command"]
+            if flag.split("=")[0] not in ("--config.file", "--storage.tsdb.path")]
+
+
 @contextmanager
 def prometheus_server(tmp_path: Path, service_targets: list[str]) -> Iterator[str]:
-    """A real Prometheus on a free loopback port, on the project's scrape config with the
-    service's targets swapped for ``service_targets`` and 1 s intervals."""
+    """A real Prometheus on a free loopback port, with compose's flags, on the project's scrape
+    config with the service's targets swapped for ``service_targets`` and 1 s intervals."""
     yaml = module("yaml", "pyyaml")
     binary = tool("prometheus")
     config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")[0]
@@ -519,12 +623,20 @@ def prometheus_server(tmp_path: Path, service_targets: list[str]) -> Iterator[st
     config_file = tmp_path / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config))
     command = [binary, f"--config.file={config_file}", f"--storage.tsdb.path={tmp_path / 'data'}",
-               f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+               *compose_prometheus_flags(), f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
     url = f"http://127.0.0.1:{port}"
     with _process(command, tmp_path / "prometheus.log") as process:
         _wait_for(lambda: _answers(f"{url}/-/ready") or process.poll() is not None, 60, "Prometheus to start")
         assert process.poll() is None, process.log()
         yield url
+
+
+def test_compose_prometheus_cannot_be_stopped_or_reloaded_over_http(tmp_path):
+    with prometheus_server(tmp_path, [f"127.0.0.1:{free_port()}"]) as prometheus:
+        for endpoint in ("/-/quit", "/-/reload"):
+            answer = httpx.post(f"{prometheus}{endpoint}", timeout=10)
+            assert answer.status_code == 403, f"{endpoint}: {answer.status_code} {answer.text}"
+        assert _answers(f"{prometheus}/-/ready"), "Prometheus must still be running"
 
 
 def query(prometheus: str, expr: str) -> list[dict]:
