@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models import MPRNet, save_safetensors
 from service.app import create_app
 from service.config import Settings
+from service.server import uvicorn_config
 
 __all__ = ["ROOT", "TINY_ARCHITECTURE", "tiny_checkpoint", "random_image", "encode", "decode_png", "metric_samples",
            "metric_value", "multipart_body", "wait_until", "eventually", "free_port", "RunningServer", "running_server",
@@ -168,8 +169,9 @@ def running_server(settings: Settings, wait_ready: bool = True, side_door: bool 
     """
     app = create_app(settings)
     listeners = [_listener()]
-    servers = [uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                             timeout_graceful_shutdown=5))]
+    # Configured as `serve` configures it (the slow-client cut included), with a shorter drain.
+    served_as = settings.model_copy(update={"graceful_shutdown_s": min(settings.graceful_shutdown_s, 5)})
+    servers = [uvicorn.Server(uvicorn_config(served_as, app))]
     if side_door:
         listeners.append(_listener())
         servers.append(uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
