@@ -103,9 +103,13 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     if image.format in ("JPEG", "MPO"):
         _check_jpeg_scans(data)
     try:
-        # is_animated looks one frame ahead; counting every frame would walk the whole file (a
-        # TIFF with 40,000 tiny directories took 14-25 s to count).
+        # One frame ahead is enough to know; counting every frame would walk the whole file (a
+        # TIFF with 40,000 tiny directories took 14-25 s to count). A TIFF's second directory is
+        # read, not just pointed at, so a damaged one is a damaged file rather than a second page.
         animated = image.format != "MPO" and getattr(image, "is_animated", False)
+        if animated and image.format == "TIFF":
+            image.seek(1)
+            image.seek(0)
         frames = image.n_frames if animated and image.format != "TIFF" else None
     except Exception as exc:
         raise InvalidImage(f"the {image.format} data is damaged ({type(exc).__name__}: {exc})") from None
