@@ -239,7 +239,9 @@ class ServiceState:
             await self.batcher.close(grace_s=self.settings.graceful_shutdown_s)
         if self.decoders is not None:
             self.decoders.close()
-        self.imaging_pool.shutdown(wait=False, cancel_futures=True)
+        # Not cancel_futures: a request whose tiles finished during the drain still has its PNG
+        # to encode in this pool.
+        self.imaging_pool.shutdown(wait=False)
 
 
 def _in_card_order(description: dict) -> dict:
