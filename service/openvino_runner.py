@@ -97,21 +97,28 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(1 / mse))
 
 
-def _conversion_key(model: torch.nn.Module, weights_sha256: str) -> str:
-    """Everything the converted graph depends on besides the weights' file: versions and code."""
+def _conversion_key(model: torch.nn.Module) -> str:
+    """Everything the converted graph depends on: the tensors themselves, the code, the versions.
+
+    The weights are hashed by content rather than trusted by the caller's digest, so a cached
+    conversion can be reused without running PyTorch to check it (a first forward pass of PyTorch
+    costs seconds of kernel set-up; hashing the bundled network's 63 MB costs a fraction of one).
+    """
     import onnx
     import openvino
 
     digest = hashlib.sha256()
-    for part in (weights_sha256, torch.__version__, onnx.__version__, openvino.get_version(),
-                 str(_GRAPH_FORMAT), str(_ONNX_OPSET)):
+    for part in (torch.__version__, onnx.__version__, openvino.get_version(), str(_GRAPH_FORMAT), str(_ONNX_OPSET)):
         digest.update(part.encode() + b"\0")
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     # The network's code: a fix in models/mprnet.py changes the graph while the weights stay the same.
     sources = {inspect.getsourcefile(type(module)) for module in model.modules()}
     sources.add(inspect.getsourcefile(_RestoredImage))
     for source in sorted(path for path in sources if path):
         digest.update(Path(source).read_bytes())
-    return digest.hexdigest()[:20]
+    return digest.hexdigest()[:24]
 
 
 class OpenVinoRunner:
@@ -179,48 +186,45 @@ class OpenVinoRunner:
 
         reference = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval()
         reference.requires_grad_(False)
+        ir_dir = self._cache_root / f"ir-{_conversion_key(reference)}" if self._cache_root else None
         started = time.perf_counter()
-        self._model, self.converted_from_cache = self._converted_model(reference)
+        self._model = self._read_cached(ir_dir)
+        self.converted_from_cache = self._model is not None
+        staged = None
+        if self._model is None:
+            self._model = self._convert(reference)
+            staged = self._stage(ir_dir)
         self.conversion_seconds = time.perf_counter() - started
         self._dynamic = self._compile((-1, 3, -1, -1))
-        self.probe_psnr_db = self._probe_psnr(reference)
-        if self.probe_psnr_db < _PROBE_MIN_PSNR_DB and self.converted_from_cache:
-            log.warning("the cached OpenVINO model disagrees with PyTorch (%.1f dB); converting again",
-                        self.probe_psnr_db)
-            self._discard_cached_conversions()
-            started = time.perf_counter()
-            self._model, self.converted_from_cache = self._converted_model(reference)
-            self.conversion_seconds = time.perf_counter() - started
-            self._dynamic = self._compile((-1, 3, -1, -1))
+        # A fresh conversion is checked against PyTorch before it is cached or served; a cached one
+        # was checked when it was made, and its key covers the tensors, the code and the versions.
+        self.probe_psnr_db = None
+        if not self.converted_from_cache:
             self.probe_psnr_db = self._probe_psnr(reference)
-        if self.probe_psnr_db < _PROBE_MIN_PSNR_DB:
-            self._discard_cached_conversions()
-            raise RuntimeError(f"the OpenVINO model disagrees with PyTorch ({self.probe_psnr_db:.1f} dB < "
-                               f"{_PROBE_MIN_PSNR_DB:.0f} dB on a probe batch); not using it")
-        log.info("OpenVINO %s: MPRNet converted in %.1f s (%s), dynamic model compiled in %.1f s, "
-                 "%.0f dB from PyTorch on the probe", openvino.get_version(), self.conversion_seconds,
-                 "from the disk cache" if self.converted_from_cache else "via ONNX",
-                 self.compile_log[-1]["seconds"], self.probe_psnr_db)
+            if self.probe_psnr_db < _PROBE_MIN_PSNR_DB:
+                if staged:
+                    shutil.rmtree(staged, ignore_errors=True)
+                raise RuntimeError(f"the OpenVINO model disagrees with PyTorch ({self.probe_psnr_db:.1f} dB < "
+                                   f"{_PROBE_MIN_PSNR_DB:.0f} dB on a probe batch); not using it")
+            if staged:
+                self._publish(staged, ir_dir)
+        log.info("OpenVINO %s: MPRNet %s in %.1f s, dynamic-shape model compiled in %.1f s%s",
+                 openvino.get_version(), "read from the disk cache" if self.converted_from_cache else "converted via ONNX",
+                 self.conversion_seconds, self.compile_log[0]["seconds"],
+                 "" if self.probe_psnr_db is None else f", {self.probe_psnr_db:.0f} dB from PyTorch on a probe batch")
 
     # -- conversion -------------------------------------------------------------------------
 
-    def _converted_model(self, reference: torch.nn.Module):
-        """The OpenVINO model (dynamic N, h, w) and whether it came from the disk cache."""
-        ir_dir = None
-        if self._cache_root is not None:
-            ir_dir = self._cache_root / f"ir-{_conversion_key(reference, self.weights_sha256)}"
-            if (ir_dir / "model.xml").is_file():
-                try:
-                    return self._core.read_model(ir_dir / "model.xml"), True
-                except RuntimeError as error:
-                    log.warning("unreadable cached OpenVINO model in %s (%s); converting again", ir_dir, error)
-                    shutil.rmtree(ir_dir, ignore_errors=True)
-        converted = self._convert(reference)
-        if ir_dir is not None and self._save_atomically(converted, ir_dir):
-            # Read back, so this start compiles the very model later starts will read: OpenVINO keys
-            # its compiled blobs on the model's serialised form, which the round trip changes.
-            converted = self._core.read_model(ir_dir / "model.xml")
-        return converted, False
+    def _read_cached(self, ir_dir: Path | None):
+        """The converted model from the disk cache, or None."""
+        if ir_dir is None or not (ir_dir / "model.xml").is_file():
+            return None
+        try:
+            return self._core.read_model(ir_dir / "model.xml")
+        except RuntimeError as error:
+            log.warning("unreadable cached OpenVINO model in %s (%s); converting again", ir_dir, error)
+            shutil.rmtree(ir_dir, ignore_errors=True)
+            return None
 
     def _convert(self, reference: torch.nn.Module):
         graph = io.BytesIO()
@@ -239,24 +243,33 @@ class OpenVinoRunner:
         graph.seek(0)
         return self._ov.convert_model(graph)
 
-    def _save_atomically(self, converted, ir_dir: Path) -> bool:
-        """Whether ``ir_dir`` now holds the model (saved by us or by a worker that got there first)."""
-        # Written beside the final folder and renamed into place, so a second worker starting at the
-        # same time never reads a half-written model.
+    def _stage(self, ir_dir: Path | None) -> Path | None:
+        """Save the fresh conversion beside its cache folder and switch to the saved copy.
+
+        It is renamed into place only once it has passed the probe (:meth:`_publish`), so no worker
+        ever reads an unchecked or half-written model. The saved copy is what this start compiles:
+        OpenVINO keys compiled blobs on the model's serialised form, which a save-and-read round
+        trip changes, and later starts read the saved copy.
+        """
+        if ir_dir is None:
+            return None
         try:
             staging = Path(tempfile.mkdtemp(prefix=ir_dir.name + ".", dir=ir_dir.parent))
-        except OSError as error:
-            log.warning("cannot cache the converted model in %s: %s", ir_dir.parent, error)
-            return False
-        try:
-            self._ov.save_model(converted, staging / "model.xml", compress_to_fp16=False)
-            os.rename(staging, ir_dir)
+            self._ov.save_model(self._model, staging / "model.xml", compress_to_fp16=False)
+            self._model = self._core.read_model(staging / "model.xml")
+            return staging
         except (OSError, RuntimeError) as error:
-            if not (ir_dir / "model.xml").is_file():
-                log.warning("cannot cache the converted model in %s: %s", ir_dir, error)
+            log.warning("cannot cache the converted model in %s: %s", ir_dir.parent, error)
+            return None
+
+    @staticmethod
+    def _publish(staged: Path, ir_dir: Path) -> None:
+        try:
+            os.rename(staged, ir_dir)
+        except OSError:
+            pass  # another worker published the same conversion first; theirs is as good
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return (ir_dir / "model.xml").is_file()
+            shutil.rmtree(staged, ignore_errors=True)
 
     def _probe_psnr(self, reference: torch.nn.Module) -> float:
         """How closely the compiled dynamic model follows PyTorch on a fixed random batch."""
@@ -264,11 +277,6 @@ class OpenVinoRunner:
         with torch.inference_mode():
             expected = reference(torch.from_numpy(probe))[0].clamp(0, 1).numpy()
         return _psnr(self._infer(self._dynamic, probe), expected)
-
-    def _discard_cached_conversions(self) -> None:
-        if self._cache_root is not None:
-            for ir_dir in self._cache_root.glob("ir-*"):
-                shutil.rmtree(ir_dir, ignore_errors=True)
 
     # -- compiling --------------------------------------------------------------------------
 
@@ -347,6 +355,6 @@ class OpenVinoRunner:
             "static_shapes": [list(shape) for shape in self._static_keys],
             "conversion_seconds": round(self.conversion_seconds, 3),
             "converted_from_cache": self.converted_from_cache,
-            "probe_psnr_db": round(self.probe_psnr_db, 1),
+            "probe_psnr_db": None if self.probe_psnr_db is None else round(self.probe_psnr_db, 1),
             "cache_dir": str(self._cache_root) if self._cache_root else None,
         }

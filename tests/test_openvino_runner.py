@@ -157,10 +157,9 @@ def test_other_weights_do_not_reuse_the_disk_cache(runner, cache_dir):
     assert _psnr(other.forward(tiles), runner.forward(tiles)) < 40, "model B is not model A"
 
 
-def test_a_cached_conversion_that_no_longer_matches_pytorch_is_replaced(runner, cache_dir, tmp_path):
-    # The same digest for different weights (a caller's mistake, or code changed without the key
-    # noticing): the start-up probe against PyTorch catches it and converts again. On a copy of the
-    # cache, which this test overwrites.
+def test_a_mislabelled_digest_does_not_reuse_another_models_conversion(runner, cache_dir, tmp_path):
+    # Different weights under the same digest (a caller's mistake): the cached conversion is keyed
+    # on the tensors themselves too, so it is not reused. On a copy of the cache, which this extends.
     shutil.copytree(cache_dir, tmp_path, dirs_exist_ok=True)
     model_c = _tiny_model(9)
     replaced = OpenVinoRunner(model_c, weights_sha256=SHA_A, tile_size=TILE, threads=2, cache_dir=tmp_path)
