@@ -33,11 +33,13 @@ def _restore_locally(args: argparse.Namespace) -> int:
     # Imported here so that `weights list` and `--help` stay fast.
     from tqdm import tqdm
 
-    from models import CheckpointError
+    from models import CheckpointError, load_checkpoint
     from models.weights import WeightsNotFound, resolve
 
     from . import imaging
-    from .engine import Engine
+    from .backends import build_engine, resolve_backend
+    from .config import Settings
+    from .engine import resolve_device
     from .pipeline import RestorePipeline
     from .tiling import Tiling
 
@@ -48,9 +50,13 @@ def _restore_locally(args: argparse.Namespace) -> int:
     try:
         pipeline = RestorePipeline(Tiling(args.tile, args.overlap))
         weights = Path(args.weights) if args.weights else resolve(args.task)
-        engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision, tile_size=args.tile,
-                                        max_batch_size=args.batch_size,
-                                        allow_emulated_precision=args.allow_emulated_precision)
+        checkpoint = load_checkpoint(weights)
+        device = resolve_device(args.device)
+        backend, _ = resolve_backend(args.backend, device, args.precision)
+        engine = build_engine(checkpoint, checkpoint.model, backend, device=device, precision=args.precision,
+                              tile_size=args.tile, max_batch_size=args.batch_size,
+                              allow_emulated_precision=args.allow_emulated_precision,
+                              cache_dir=Settings.model_fields["model_cache_dir"].get_default(call_default_factory=True))
     except (WeightsNotFound, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -197,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--overlap", type=int, default=DEFAULT_TILE_OVERLAP, metavar="N",
                          help=f"tile overlap in pixels (default {DEFAULT_TILE_OVERLAP})")
     restore.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    restore.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"),
+                         help="what runs the network: auto (OpenVINO on the CPU where installed, else PyTorch), "
+                              "torch or openvino (default auto)")
     restore.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                          help="fp16 needs CUDA; bf16 needs bf16 instructions (CPUs with AVX512-BF16 or AMX, "
                               "CUDA 8.0+) unless --allow-emulated-precision (default fp32)")

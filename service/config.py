@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,6 +30,11 @@ _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 def _known_tasks() -> tuple[str, ...]:
     from models.weights import TASKS
     return TASKS
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mprnet-service"
 
 
 def default_queued_tiles(max_pixels: int, tile_size: int, tile_overlap: int) -> int:
@@ -102,6 +108,13 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(default=False, description="require an API key for /metrics too")
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="comma-separated origins browsers may call from (* for any); empty: CORS off")
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        default="auto", description="what runs the network: auto (OpenVINO on the CPU where it is installed, "
+                                    "PyTorch on CUDA), torch, or openvino (CPU only)")
+    model_cache_dir: Path | None = Field(
+        default_factory=lambda: _default_cache_dir(),
+        description="where converted and compiled models are kept across restarts (OpenVINO), keyed by weights, "
+                    "shape and versions; empty: nowhere")
     channels_last: bool | None = Field(
         default=None, description="run the network in channels-last (NHWC) memory format (default: on for the "
                                   "CPU, where it is about twice as fast, off on CUDA)")

@@ -341,6 +341,7 @@ class Engine:
 
     def describe(self) -> dict:
         return {
+            "backend": "torch",
             "architecture": self.config.as_kwargs() if self.config else None,
             "parameters": self.parameter_count,
             "device": str(self.device),

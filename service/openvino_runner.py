@@ -73,7 +73,7 @@ def openvino_available() -> str | None:
         return f"the onnx package is not installed ({error}); the OpenVINO backend converts through ONNX"
     try:
         devices = openvino.Core().available_devices
-    except Exception as error:  # noqa: BLE001 - any failure to start the runtime means "not available"
+    except Exception as error:  # any failure to start the runtime means "not available"
         return f"OpenVINO did not start: {error}"
     if "CPU" not in devices:
         return f"OpenVINO has no CPU device here (devices: {', '.join(devices) or 'none'})"
@@ -127,6 +127,7 @@ class OpenVinoRunner:
     Args:
         model: the PyTorch MPRNet (the reference); it is copied, never modified.
         weights_sha256: the weights file's sha256, part of every on-disk cache key.
+        config: the network's constructor values (``models.MPRNetConfig``), for :meth:`describe`.
         tile_size: the serving tile side; (N, 3, tile_size, tile_size) batches run on static-shape
             models, everything else on one dynamic-shape model.
         max_batch_size: most tiles per inference; larger batches are run in slices of this size.
@@ -140,7 +141,7 @@ class OpenVinoRunner:
     from any thread; calls run one at a time.
     """
 
-    def __init__(self, model: torch.nn.Module, *, weights_sha256: str, tile_size: int = 512,
+    def __init__(self, model: torch.nn.Module, *, weights_sha256: str, config=None, tile_size: int = 512,
                  max_batch_size: int = 1, threads: int | None = None,
                  cache_dir: str | os.PathLike | None = None,
                  max_static_shapes: int = _DEFAULT_MAX_STATIC_SHAPES):
@@ -160,7 +161,7 @@ class OpenVinoRunner:
         self.max_batch_size = int(max_batch_size)
         self.threads = int(threads or torch.get_num_threads())
         self.max_static_shapes = int(max_static_shapes)
-        self.config = getattr(model, "config", None)
+        self.config = config
         self.parameter_count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
         self._core = openvino.Core()
@@ -209,7 +210,8 @@ class OpenVinoRunner:
             if staged:
                 self._publish(staged, ir_dir)
         log.info("OpenVINO %s: MPRNet %s in %.1f s, dynamic-shape model compiled in %.1f s%s",
-                 openvino.get_version(), "read from the disk cache" if self.converted_from_cache else "converted via ONNX",
+                 openvino.get_version(),
+                 "read from the disk cache" if self.converted_from_cache else "converted via ONNX",
                  self.conversion_seconds, self.compile_log[0]["seconds"],
                  "" if self.probe_psnr_db is None else f", {self.probe_psnr_db:.0f} dB from PyTorch on a probe batch")
 
@@ -352,9 +354,4 @@ class OpenVinoRunner:
             "threads": self.threads,
             "tile_size": self.tile_size,
             "max_batch_size": self.max_batch_size,
-            "static_shapes": [list(shape) for shape in self._static_keys],
-            "conversion_seconds": round(self.conversion_seconds, 3),
-            "converted_from_cache": self.converted_from_cache,
-            "probe_psnr_db": None if self.probe_psnr_db is None else round(self.probe_psnr_db, 1),
-            "cache_dir": str(self._cache_root) if self._cache_root else None,
         }

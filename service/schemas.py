@@ -17,6 +17,7 @@ class ModelCard(BaseModel):
     precision: str
     tile_size: int
     tile_overlap: int
+    backend: str = Field(description="what runs the network: torch or openvino")
 
 
 class ModelsResponse(BaseModel):

@@ -22,6 +22,7 @@ import torch
 
 from models import load_checkpoint
 
+from .backends import build_engine, resolve_backend
 from .batching import Batcher
 from .config import Settings, default_queued_tiles
 from .decoding import DecoderPool, available_cpus
@@ -72,6 +73,7 @@ class ServiceState:
         self.pipeline = self._pipeline()
         self.workers: dict[str, dict[str, Engine]] = {}  # worker name -> task -> its engine
         self.cards: dict[str, ModelCard] = {}
+        self._said_why_torch = False
         self.batcher: Batcher | None = None
         self.draining = False
         self.load_error: str | None = None
@@ -199,10 +201,10 @@ class ServiceState:
             settings = self.settings
             for name, device, model in zip(names, devices, models):
                 engine = await asyncio.to_thread(functools.partial(
-                    Engine, model, config=checkpoint.config, device=device, precision=settings.precision,
-                    tile_size=settings.tile_size, max_batch_size=settings.max_batch_size,
-                    channels_last=settings.channels_last, compile=settings.compile,
-                    cuda_graphs=settings.cuda_graphs, allow_emulated_precision=settings.allow_emulated_precision))
+                    build_engine, checkpoint, model, self._backend_for(device), device=device,
+                    precision=settings.precision, tile_size=settings.tile_size, max_batch_size=settings.max_batch_size,
+                    channels_last=settings.channels_last, compile=settings.compile, cuda_graphs=settings.cuda_graphs,
+                    allow_emulated_precision=settings.allow_emulated_precision, cache_dir=settings.model_cache_dir))
                 # A full batch, so that the largest allocation happens now, not under load.
                 await asyncio.to_thread(engine.warmup, settings.max_batch_size)
                 self.workers.setdefault(name, {})[task] = engine
@@ -215,6 +217,13 @@ class ServiceState:
                                           "weights_sha256": checkpoint.sha256})
             log.info("loaded %s from %s (sha256 %s, %d parameters) on %s in %.1f s", task, path,
                      checkpoint.sha256[:12], engine.parameter_count, ", ".join(names), time.monotonic() - started)
+
+    def _backend_for(self, device: torch.device) -> str:
+        backend, why_not_openvino = resolve_backend(self.settings.backend, device, self.settings.precision)
+        if why_not_openvino and device.type == "cpu" and not self._said_why_torch:
+            log.info("running on PyTorch on the CPU: %s", why_not_openvino)
+            self._said_why_torch = True
+        return backend
 
     def _choose_sizes(self, model: torch.nn.Module, device: torch.device) -> None:
         """Automatic sizing, decided once from the first task on the first device: every worker
