@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,6 +15,13 @@ from service.config import Settings
 from service_helpers import ROOT, RunningServer, running_server, tiny_checkpoint
 
 SHARED = ROOT.parent / "shared"
+
+
+def pytest_configure(config) -> None:
+    # Converted models (OpenVINO) go to a folder of this run, not the user's cache; child
+    # processes the tests start inherit it.
+    if "MPRNET_MODEL_CACHE_DIR" not in os.environ:
+        os.environ["MPRNET_MODEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="mprnet-test-cache-")
 CONFORMANCE = SHARED / "conformance"
 KODAK = SHARED / "datasets" / "eval" / "Kodak24"
 

@@ -64,7 +64,7 @@ def runner(model_a, cache_dir):
 def engine_a(model_a, runner):
     # Built after the runner on purpose: Engine turns the module channels-last in place, and the
     # runner must not depend on the layout its module arrives in (the disk-cache test rebuilds it).
-    return Engine(model_a, device="cpu", tile_size=TILE, tile_overlap=16, max_batch_size=3)
+    return Engine(model_a, device="cpu", tile_size=TILE, max_batch_size=3)
 
 
 def test_the_backend_reports_itself_available():
@@ -153,7 +153,7 @@ def test_other_weights_do_not_reuse_the_disk_cache(runner, cache_dir):
     assert not other.converted_from_cache
     assert not any(entry["from_cache"] for entry in other.compile_log)
     tiles = _tiles((1, 3, TILE, TILE), seed=12)
-    assert _psnr(other.forward(tiles), Engine(model_b, device="cpu", tile_size=TILE, tile_overlap=16).forward(tiles)) >= 50
+    assert _psnr(other.forward(tiles), Engine(model_b, device="cpu", tile_size=TILE).forward(tiles)) >= 50
     assert _psnr(other.forward(tiles), runner.forward(tiles)) < 40, "model B is not model A"
 
 
@@ -165,7 +165,7 @@ def test_a_mislabelled_digest_does_not_reuse_another_models_conversion(runner, c
     replaced = OpenVinoRunner(model_c, weights_sha256=SHA_A, tile_size=TILE, threads=2, cache_dir=tmp_path)
     assert not replaced.converted_from_cache and replaced.probe_psnr_db >= 50
     tiles = _tiles((1, 3, TILE, TILE), seed=13)
-    assert _psnr(replaced.forward(tiles), Engine(model_c, device="cpu", tile_size=TILE, tile_overlap=16).forward(tiles)) >= 50
+    assert _psnr(replaced.forward(tiles), Engine(model_c, device="cpu", tile_size=TILE).forward(tiles)) >= 50
 
 
 def test_the_reference_demo_pipeline_within_one_grey_level(conformance_dir):

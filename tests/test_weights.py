@@ -186,7 +186,8 @@ def test_missing_weights_name_files_and_install_command(install_dir, monkeypatch
 
 def test_install_from_url_verifies_hash_and_is_preferred(drive, install_dir, released_deraining):
     digest = hashlib.sha256(released_deraining.read_bytes()).hexdigest()
-    path = weights.install("deraining", f"{drive}/files/deraining.pth", sha256=digest.upper(), progress=False, allow_http=True)
+    path = weights.install("deraining", f"{drive}/files/deraining.pth", sha256=digest.upper(), progress=False,
+                           allow_http=True)
     assert path == install_dir / "deraining.pth"
     assert sha256_file(path) == digest
     assert weights.resolve("deraining") == path
