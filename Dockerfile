@@ -55,6 +55,8 @@ RUN --mount=type=bind,target=/src,rw \
 # build time when WEIGHTS names them ("deblurring=<URL or Drive id> denoising=<...>"); or mount
 # a folder holding <task>.safetensors/.pth at this path instead (which hides any fetched here).
 ENV MPRNET_WEIGHTS_DIR=/var/lib/mprnet/weights
+# Converted CPU models (OpenVINO) are cached here; /tmp stays writable under a read-only root.
+ENV MPRNET_MODEL_CACHE_DIR=/tmp/mprnet-models
 ARG WEIGHTS=""
 RUN --mount=type=bind,source=docker/install.sh,target=/usr/local/bin/mprnet-install \
     mkdir -p "$MPRNET_WEIGHTS_DIR" \

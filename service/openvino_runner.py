@@ -170,8 +170,13 @@ class OpenVinoRunner:
             # The full version string holds slashes ("2026.4.1-22982-...-releases/2026/4").
             version = re.sub(r"[^0-9A-Za-z.+-]+", "_", openvino.get_version())
             self._cache_root = Path(cache_dir) / f"openvino-{version}" / weights_sha256
-            self._cache_root.mkdir(parents=True, exist_ok=True)
-            self._core.set_property({props.cache_dir: str(self._cache_root / "compiled")})
+            try:
+                self._cache_root.mkdir(parents=True, exist_ok=True)
+                self._core.set_property({props.cache_dir: str(self._cache_root / "compiled")})
+            except OSError as error:
+                # A read-only filesystem costs start-up time on every start, not the service.
+                log.warning("cannot keep converted models in %s (%s); converting at every start", cache_dir, error)
+                self._cache_root = None
         # f32 stated outright: on CPUs with bf16 or AMX instructions OpenVINO would otherwise pick
         # bf16 by itself. One stream using all the threads: the service runs one batch at a time.
         self._compile_config = {
