@@ -172,8 +172,8 @@ def test_bundling_a_run_updates_weights_manifest_and_card(photos, tmp_path, monk
 def test_sigterm_saves_a_resumable_checkpoint(photos, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "training.train", *_args("denoising", photos, out, "--minutes", "10")],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "training.train", *_args("denoising", photos, out, "--minutes", "10")]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
         log = out / "train.log"

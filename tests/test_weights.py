@@ -11,8 +11,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import torch
 
-from models import RELEASED_CONFIGS, MPRNet, load_checkpoint, load_model, save_safetensors, sha256_file
-from models import weights
+from models import RELEASED_CONFIGS, MPRNet, load_checkpoint, load_model, save_safetensors, sha256_file, weights
 from models.weights import TASKS, WeightsInstallError, WeightsNotFound
 
 PAGE_ID = "1AbCdEfGhIjKlMnOpQrStUvWxYz012345"     # served behind a confirmation page
