@@ -139,3 +139,16 @@ def test_noise_estimate_sees_white_noise_not_a_flat_photo():
     noisy = evaluate.add_noise(flat, np.random.default_rng(0), sigma=20)
     assert evaluate.estimate_noise_sigma(flat) == 0
     assert abs(evaluate.estimate_noise_sigma(noisy) - 20) < 2
+
+
+def test_shipping_checks_flag_regressions_cbm3d_and_damaged_clean_photos():
+    def rows(psnr):
+        return [{"image": "a", "psnr": psnr, "input_psnr": 20.0}]
+
+    previous = {"denoising": {"settings": {"noise25": rows(31.6), "noise50": rows(28.3), "camera_noise": rows(25.0)}}}
+    results = {"denoising": {"settings": {"noise25": rows(31.4), "noise50": rows(27.9), "camera_noise": rows(22.0),
+                                          "clean_denoising": rows(35.0)}}}
+    checks = {description.split(":")[0]: passed for passed, description in
+              evaluate.shipping_checks(results, previous)}
+    assert checks == {"denoising sigma 25": True, "denoising noise25": True, "denoising noise50": False,
+                      "denoising on clean photos": False}  # camera_noise is not a classic row: not checked

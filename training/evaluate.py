@@ -335,10 +335,10 @@ def evaluate_task(task: str, weights: Path, images, log, cache: dict | None = No
             key = _cache_key(checkpoint.sha256, setting, name)
             if key not in cache:
                 cache[key] = _evaluate_image(setting, index, name, clean, engine)
+                if save:
+                    save({key: cache[key]})  # an interrupted evaluation keeps every image it finished
             rows.append(cache[key])
         result["settings"][setting.key] = rows
-        if save:
-            save(cache)  # after each row: an interrupted evaluation keeps what it finished
         mean = {k: np.mean([r[k] for r in rows]) for k in ("input_psnr", "psnr")}
         log(f"{task} {setting.key}: input {mean['input_psnr']:.2f} dB -> {mean['psnr']:.2f} dB ({len(rows)} images)")
     cached_time = cache.get(f"{checkpoint.sha256}|seconds_per_512|{torch.get_num_threads()}")
@@ -531,6 +531,37 @@ def _cbm3d_table(results: dict, cbm3d: dict, n_images: int) -> list[str]:
             f"{denoising['seconds_per_512']:.2f} |"]
 
 
+# Issue 16's floors for a clean photo through a network (PSNR against itself).
+CLEAN_FLOORS = {"denoising": 36.0, "deblurring": 30.0}
+MAX_REGRESSION = 0.3  # dB a row training already handled may lose when weights are replaced
+
+
+def shipping_checks(results: dict, previous: dict) -> list[tuple[bool, str]]:
+    """Issue 16's conditions for replacing bundled weights, as (passed, description): sigma-25
+    denoising at or above CBM3D, no row of the previous weights' table (the classic rows) worse by
+    more than 0.3 dB, and clean photos through the denoiser and deblurrer above their floors."""
+    checks = []
+    denoising = results.get("denoising", {}).get("settings", {})
+    if "noise25" in denoising:
+        ours = _mean(denoising["noise25"], "psnr")
+        checks.append((ours >= CBM3D_SIGMA25_REFERENCE,
+                       f"denoising sigma 25: {ours:.2f} dB vs CBM3D {CBM3D_SIGMA25_REFERENCE:.2f} dB"))
+    for task, old in previous.items():
+        for key, old_rows in old["settings"].items():
+            setting = next(s for s in SETTINGS if s.key == key)
+            new_rows = results.get(task, {}).get("settings", {}).get(key)
+            if setting.seen != "classic" or not new_rows:
+                continue
+            change = _mean(new_rows, "psnr") - _mean(old_rows, "psnr")
+            checks.append((change >= -MAX_REGRESSION, f"{task} {key}: {change:+.2f} dB against the previous weights"))
+    for task, floor in CLEAN_FLOORS.items():
+        rows = results.get(task, {}).get("settings", {}).get(f"clean_{task}")
+        if rows:
+            value = _mean(rows, "psnr")
+            checks.append((value >= floor, f"{task} on clean photos: {value:.2f} dB (floor {floor:.0f} dB)"))
+    return checks
+
+
 def write_card(text: str, card: Path = CARD) -> None:
     replace_section("eval-table", text, card)
 
@@ -593,10 +624,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = {task: evaluate_task(task, Path(path), images, log, cache, save, only)
                 for task, path in (item.split("=", 1) for item in args.previous)}
     if save:
-        save(cache)  # the timings
+        save({key: value for key, value in cache.items() if "|seconds_per_512|" in key})
     cbm3d = json.loads(CBM3D_CACHE.read_text()) if CBM3D_CACHE.is_file() else {}
     text = table(results, cbm3d, len(images), args.threads, previous)
     print(text)
+    for passed, description in shipping_checks(results, previous):
+        log(f"{'ok  ' if passed else 'FAIL'} {description}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"results": results, "previous": previous}, indent=1))
