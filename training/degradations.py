@@ -537,7 +537,7 @@ def mixed_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 Degradation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
-# What the bundled weights up to the fifth session were trained on.
+# What the bundled weights were trained on before issue 16.
 CLASSIC: dict[str, Degradation] = {
     "deblurring": blur,
     "denoising": add_noise,
