@@ -91,8 +91,9 @@ def test_denoising_rows_report_residual_noise_and_the_clean_photo(photos, tiny_w
     monkeypatch.setattr(evaluate, "CBM3D_CACHE", tmp_path / "no-cbm3d.json")
     out = tmp_path / "results.json"
     assert evaluate.main(["--data", str(photos), "--tasks", "denoising", "--threads", "1", "--no-cache",
-                          "--weights", f"denoising={tiny_weights}", "--json", str(out)]) == 0
+                          "--no-timing", "--weights", f"denoising={tiny_weights}", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert "CPU s / 512x512" not in printed and "Not timed" in printed
     settings = json.loads(out.read_text())["results"]["denoising"]["settings"]
     for key in ("camera_noise", "coarse_grain", "high_iso", "coloured_noise", "noisy_jpeg", "clean_denoising"):
         for row in settings[key]:

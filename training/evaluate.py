@@ -321,7 +321,8 @@ def _evaluate_image(setting: Setting, index: int, name: str, clean: np.ndarray, 
 
 
 def evaluate_task(task: str, weights: Path, images, log, cache: dict | None = None,
-                  save: Callable[[dict], None] | None = None, only: set[str] | None = None) -> dict:
+                  save: Callable[[dict], None] | None = None, only: set[str] | None = None,
+                  timed: bool = True) -> dict:
     """Every setting of ``task`` (or those named in ``only``) on every photo; per-image rows come
     from ``cache`` (keyed by the weights' sha256) when there, and are added to it when computed."""
     checkpoint = load_checkpoint(weights)
@@ -341,6 +342,9 @@ def evaluate_task(task: str, weights: Path, images, log, cache: dict | None = No
         result["settings"][setting.key] = rows
         mean = {k: np.mean([r[k] for r in rows]) for k in ("input_psnr", "psnr")}
         log(f"{task} {setting.key}: input {mean['input_psnr']:.2f} dB -> {mean['psnr']:.2f} dB ({len(rows)} images)")
+    if not timed:
+        result["seconds_per_512"] = None
+        return result
     cached_time = cache.get(f"{checkpoint.sha256}|seconds_per_512|{torch.get_num_threads()}")
     result["seconds_per_512"] = cached_time if cached_time is not None else time_per_512(engine)
     cache[f"{checkpoint.sha256}|seconds_per_512|{torch.get_num_threads()}"] = result["seconds_per_512"]
@@ -388,6 +392,10 @@ def _fmt_psnr(value: float) -> str:
     return "identical" if value > 99 else f"{value:.2f}"
 
 
+def _seconds_cell(result: dict) -> str:
+    return "" if result["seconds_per_512"] is None else f" {result['seconds_per_512']:.2f} |"
+
+
 def _seen(setting: Setting) -> str:
     return {"classic": "yes", "broad": "yes (broad mixture)", "-": "-"}.get(setting.seen, setting.seen)
 
@@ -400,14 +408,16 @@ def table(results: dict, cbm3d: dict, n_images: int, threads: int, previous: dic
     the weights these replace, shown beside the current ones."""
     previous = previous or {}
     before = bool(previous)
+    timed = all(result["seconds_per_512"] is not None for result in results.values())
+    timing = (f"CPU time: one 512x512 photo through the engine, fp32, channels-last, {threads} threads, median of 3."
+              if timed else "Not timed (`--no-timing`): see the architecture table for the network's CPU time.")
     lines = [f"Kodak24 ({n_images} photos, 500x500), mean over photos; PSNR in dB on 8-bit RGB; SSIM on RGB "
-             f"(11x11 Gaussian window). CPU time: one 512x512 photo through the engine, fp32, channels-last, "
-             f"{threads} threads, median of 3. \"Training saw it\": whether the bundled weights' training "
+             f"(11x11 Gaussian window). {timing} \"Training saw it\": whether the bundled weights' training "
              f"mixture samples that family with those parameters; \"held out\" rows say what is new to it.",
              "",
              "| Task | Degradation | Training saw it | Input PSNR / SSIM | MPRNet (ours) PSNR / SSIM | Gain |"
-             + (" Previous weights PSNR |" if before else "") + " CPU s / 512x512 |",
-             "|---|---|---|---|---|---|" + ("---|" if before else "") + "---|"]
+             + (" Previous weights PSNR |" if before else "") + (" CPU s / 512x512 |" if timed else ""),
+             "|---|---|---|---|---|---|" + ("---|" if before else "") + ("---|" if timed else "")]
     for setting in _by_task():
         result = results.get(setting.task)
         if result is None or setting.key not in result["settings"]:
@@ -417,12 +427,12 @@ def table(results: dict, cbm3d: dict, n_images: int, threads: int, previous: dic
         old_cell = (f" {_fmt_psnr(_mean(old, 'psnr'))} |" if old else " |") if before else ""
         if setting.is_clean:
             lines.append(f"| {setting.task} | {setting.label} | - | identical | {_fmt_psnr(_mean(rows, 'psnr'))} / "
-                         f"{_mean(rows, 'ssim'):.3f} | - |{old_cell} {result['seconds_per_512']:.2f} |")
+                         f"{_mean(rows, 'ssim'):.3f} | - |{old_cell}{_seconds_cell(result)}")
             continue
         gain = _mean(rows, "psnr") - _mean(rows, "input_psnr")
         lines.append(f"| {setting.task} | {setting.label} | {_seen(setting)} | {_mean(rows, 'input_psnr'):.2f} / "
                      f"{_mean(rows, 'input_ssim'):.3f} | {_mean(rows, 'psnr'):.2f} / {_mean(rows, 'ssim'):.3f} | "
-                     f"{gain:+.2f} dB |{old_cell} {result['seconds_per_512']:.2f} |")
+                     f"{gain:+.2f} dB |{old_cell}{_seconds_cell(result)}")
     classic_lines = []
     for setting in (s for s in _by_task() if s.classic):
         result = results.get(setting.task)
@@ -532,7 +542,7 @@ def _cbm3d_table(results: dict, cbm3d: dict, n_images: int, cbm3d_rows: list[dic
             f"| CBM3D (`bm3d.bm3d_rgb`, true sigma) | {np.mean([e['psnr'] for e in entries]):.2f} | "
             f"{np.mean([e['ssim'] for e in entries]):.3f} | {cbm3d_seconds:.0f} |",
             f"| MPRNet (ours, blind) | {_mean(rows, 'psnr', names):.2f} | {_mean(rows, 'ssim', names):.3f} | "
-            f"{denoising['seconds_per_512']:.2f} |"]
+            + (f"{denoising['seconds_per_512']:.2f} |" if denoising["seconds_per_512"] is not None else "- |")]
 
 
 # Issue 16's floors for a clean photo through a network (PSNR against itself).
@@ -600,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--settings", nargs="+", metavar="KEY", choices=[s.key for s in SETTINGS],
                         help="only these rows (to fill the cache from several processes side by side)")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="leave out the CPU-time column (timings on a shared, loaded machine mislead)")
     parser.add_argument("--no-cache", action="store_true", help=f"ignore and do not update {RESULTS_CACHE.name}")
     parser.add_argument("--cbm3d-only", action="store_true", help="only fill the CBM3D cache")
     parser.add_argument("--architectures", action="store_true",
@@ -626,17 +638,17 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.settings) if args.settings else None
     for task in args.tasks:
         results[task] = evaluate_task(task, Path(overrides.get(task, bundled_path(task))), images, log, cache, save,
-                                      only)
-    previous = {task: evaluate_task(task, Path(path), images, log, cache, save, only)
+                                      only, timed=not args.no_timing)
+    previous = {task: evaluate_task(task, Path(path), images, log, cache, save, only, timed=not args.no_timing)
                 for task, path in (item.split("=", 1) for item in args.previous)}
     if save:
         save({key: value for key, value in cache.items() if "|seconds_per_512|" in key})
     cbm3d = json.loads(CBM3D_CACHE.read_text()) if CBM3D_CACHE.is_file() else {}
     cbm3d_rows = None
-    if "denoising" in results and args.limit:
+    if "denoising" in results and args.limit and (only is None or "noise25" in only):
         # CBM3D's recorded mean is over every photo: ours at sigma 25 is measured on all of them too.
         cbm3d_rows = evaluate_task("denoising", Path(results["denoising"]["weights"]), load_kodak(args.data), log,
-                                   cache, save, {"noise25"})["settings"]["noise25"]
+                                   cache, save, {"noise25"}, timed=False)["settings"]["noise25"]
     text = table(results, cbm3d, len(images), args.threads, previous, cbm3d_rows)
     print(text)
     for passed, description in shipping_checks(results, previous, cbm3d_rows):
