@@ -93,3 +93,172 @@ def test_rain_brightens_along_streaks():
     brighter = (rainy.astype(int) - photo).min(axis=2) > 10
     assert 0.005 < brighter.mean() < 0.9
     assert (rainy.astype(int) >= photo).all()  # streaks add light; without haze nothing darkens
+
+
+# ------------------------------------------------------------------------------------------------
+# The realistic families of issue 16: camera pipeline, more rain, more blur
+# ------------------------------------------------------------------------------------------------
+
+from training import camera  # noqa: E402  (kept beside the tests that use it)
+
+
+def _flat(level: int = 128, size: int = 128) -> np.ndarray:
+    return np.full((size, size, 3), level, np.uint8)
+
+
+def _noise_correlation(noisy: np.ndarray, clean: np.ndarray, lag: int) -> float:
+    """Correlation of the noise (green channel) with itself ``lag`` pixels to the right."""
+    noise = noisy[..., 1].astype(np.float64) - clean[..., 1]
+    noise -= noise.mean()
+    return float((noise[:, :-lag] * noise[:, lag:]).mean() / noise.var())
+
+
+def _camera(**changes) -> camera.Camera:
+    """A fixed camera: strong shot noise, no JPEG, no resizing, unless changed."""
+    settings = dict(shot=1e-2, read=1e-4, red_gain=2.0, blue_gain=1.6, ccm=np.eye(3, dtype=np.float32), tone=0.5,
+                    bayer_phase=(0, 0), sharpen=0.0, chroma_sigma=0.0, jpeg_quality=0, resize=1.0)
+    settings.update(changes)
+    return camera.Camera(**settings)
+
+
+def test_unprocessing_then_processing_gives_the_photo_back():
+    photo = _photo().astype(np.float32) / 255
+    cam = camera.draw_camera(np.random.default_rng(4))
+    # Colours the camera can record come back to within a fraction of an 8-bit level.
+    back = camera.process(camera.unprocess(photo, cam), cam)
+    inside = (camera.unprocess(photo, cam) < 0.999).all(axis=-1) & (camera.unprocess(photo, cam) > 1e-4).all(axis=-1)
+    assert inside.mean() > 0.5
+    assert np.abs(back - photo)[inside].max() < 0.5 / 255
+
+
+@pytest.mark.parametrize("phase", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_bilinear_demosaic_keeps_recorded_samples_and_linear_ramps(phase):
+    yy, xx = np.mgrid[0:16, 0:20].astype(np.float32)
+    ramp = np.stack([0.01 * xx, 0.02 * yy + 0.1, 0.01 * (xx + yy)], axis=-1)
+    raw = camera.mosaic(ramp, phase)
+    rgb = camera.demosaic_bilinear(raw, phase)
+    masks = camera._bayer_masks(raw.shape, phase)
+    assert np.allclose(rgb[masks], ramp[masks])
+    # Averaging neighbours is exact for a linear ramp away from the reflected border.
+    assert np.allclose(rgb[1:-1, 1:-1], ramp[1:-1, 1:-1], atol=1e-6)
+
+
+def test_camera_noise_is_seeded_and_keeps_size_and_dtype():
+    photo = _photo(72, 50)
+    first = camera.camera_noise(photo, np.random.default_rng(3))
+    assert np.array_equal(first, camera.camera_noise(photo, np.random.default_rng(3)))
+    assert not np.array_equal(first, camera.camera_noise(photo, np.random.default_rng(4)))
+    as_float = camera.camera_noise(photo / 255.0, np.random.default_rng(3))
+    assert first.shape == as_float.shape == photo.shape and first.dtype == np.uint8 and as_float.dtype == np.float64
+
+
+def test_camera_noise_is_correlated_between_neighbours_unlike_white_noise():
+    flat = _flat(100)
+    white = deg.add_noise(flat, np.random.default_rng(0), sigma=15)
+    raw_noise = camera.camera_noise(flat, np.random.default_rng(0), camera=_camera())
+    assert abs(_noise_correlation(white, flat, 1)) < 0.05
+    # Bilinear demosaicing spreads each raw sample over its neighbours.
+    assert _noise_correlation(raw_noise, flat, 1) > 0.3
+
+
+def test_spreading_the_grain_makes_it_coarser_and_shrinking_it_finer():
+    flat = _flat(100, 192)
+    lag3 = {}
+    for resize in (0.5, 1.0, 3.0):
+        noisy = camera.camera_noise(flat, np.random.default_rng(1), camera=_camera(resize=resize))
+        lag3[resize] = _noise_correlation(noisy, flat, 3)
+    assert lag3[3.0] > 0.3 > lag3[1.0] and lag3[0.5] < lag3[1.0] + 0.05
+
+
+def test_camera_noise_grows_with_the_shot_noise_and_is_strongest_in_the_dark_after_gamma():
+    def error(level, shot):
+        flat = _flat(level)
+        noisy = camera.camera_noise(flat, np.random.default_rng(2), camera=_camera(shot=shot, read=1e-7))
+        return np.abs(noisy.astype(float) - flat).mean()
+
+    assert error(100, 1e-2) > 2.5 * error(100, 1e-3)  # sqrt(10) for shot noise alone
+    # Shot noise grows with the signal, but the gamma curve expands dark levels far more.
+    assert error(40, 1e-2) > error(220, 1e-2)
+
+
+def test_camera_pipeline_without_noise_changes_nothing():
+    photo = _photo()
+    silent = camera.camera_noise(photo, np.random.default_rng(0), camera=_camera(shot=0.0, read=0.0, sharpen=0.8,
+                                                                                chroma_sigma=1.5, resize=2.0))
+    assert np.abs(silent.astype(int) - photo).max() <= 1
+
+
+def test_lower_jpeg_quality_loses_more():
+    photo = _photo().astype(np.float32) / 255
+    errors = [np.abs(camera.jpeg(photo, quality) - photo).mean() for quality in (20, 60, 95)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_noise_estimate_reads_white_noise_and_understates_coarse_grain():
+    flat = _flat(128, 256).astype(np.float64)
+    rng = np.random.default_rng(5)
+    white = np.clip(np.rint(flat + rng.normal(0, 10, flat.shape)), 0, 255).astype(np.uint8)
+    assert abs(camera.estimate_noise_sigma(white) - 10) < 0.5
+    assert camera.estimate_noise_sigma(_flat()) == 0
+    coarse = flat + camera.resize_plane(rng.normal(0, 10, (64, 64, 3)).astype(np.float32), (256, 256))
+    assert camera.estimate_noise_sigma(np.clip(np.rint(coarse), 0, 255).astype(np.uint8)) < 4
+    # Float images in [0, 1] are read on the same 0-255 scale.
+    assert abs(camera.estimate_noise_sigma(white / 255) - camera.estimate_noise_sigma(white)) < 1e-9
+
+
+@pytest.mark.parametrize("family", [deg.saturating_rain, deg.smeared_rain, deg.misty_rain, deg.mixed_rain,
+                                    deg.mixed_blur, deg.mixed_noise])
+def test_new_families_are_seeded_keep_dtype_and_degrade(family):
+    photo = _photo()
+    first = family(photo, np.random.default_rng(11))
+    assert np.array_equal(first, family(photo, np.random.default_rng(11)))
+    assert first.shape == photo.shape and first.dtype == np.uint8
+    values = [_psnr(family(photo, np.random.default_rng(seed)), photo) for seed in range(8)]
+    assert np.median(values) < 38
+
+
+def test_saturating_rain_covers_the_scene_where_streaks_pile_up():
+    dense = deg.RainRanges(density=(0.01, 0.012), length=(20, 30), width=(2.0, 3.0), brightness=(1.0, 1.0))
+    dark, grey = (deg.saturating_rain(_flat(level), np.random.default_rng(0), dense).astype(int) for level in (20, 120))
+    streak = dark.max(axis=2) > 100
+    assert 0.01 < streak.mean() < 0.9
+    # Under opaque drops the scene shows through less: additive rain would keep the 100-level gap.
+    assert np.median((grey - dark)[streak]) < 60
+
+
+def test_misty_rain_lowers_contrast():
+    photo = _photo()
+    thick = deg.RainRanges(density=(1e-4, 2e-4), mist=(0.4, 0.4))
+    assert deg.misty_rain(photo, np.random.default_rng(0), thick).astype(float).std() < 0.8 * photo.std()
+
+
+@pytest.mark.parametrize("make", [deg.acceleration_kernel, deg.stroke_kernel, deg.arc_kernel])
+def test_trajectory_kernels_are_normalised_and_off_centre_only_as_asked(make):
+    centre = (deg.MAX_KERNEL - 1) / 2
+    ys, xs = np.mgrid[0:deg.MAX_KERNEL, 0:deg.MAX_KERNEL]
+    offsets = []
+    for seed in range(6):
+        for max_offset in (0.0, 2.5):
+            kernel = make(np.random.default_rng(seed), max_offset=max_offset)
+            assert kernel.min() >= 0 and abs(kernel.sum() - 1) < 1e-5
+            shift = np.hypot((kernel * xs).sum() - centre, (kernel * ys).sum() - centre)
+            assert shift < max_offset + 0.6
+            offsets.append(shift)
+    assert max(offsets) > 1.0  # asking for an offset does move some kernels
+
+
+def test_blur_then_record_with_a_delta_kernel_and_no_noise_or_jpeg_is_the_photo():
+    photo = _photo()
+    delta = np.zeros((5, 5), np.float32)
+    delta[2, 2] = 1
+    same = deg.blur_then_record(photo, np.random.default_rng(0), delta, noise_sigma=(0, 0), jpeg_chance=0.0)
+    assert np.array_equal(same, photo)
+
+
+def test_classic_mixture_is_what_the_earlier_weights_trained_on():
+    photo = _photo()
+    for task, family in (("denoising", deg.add_noise), ("deblurring", deg.blur), ("deraining", deg.add_rain)):
+        assert np.array_equal(deg.degrade(task, photo, np.random.default_rng(1), mixture="classic"),
+                              family(photo, np.random.default_rng(1)))
+    with pytest.raises(ValueError):
+        deg.degrade("denoising", photo, np.random.default_rng(1), mixture="nonsense")

@@ -43,6 +43,10 @@ def test_evaluation_seeds_are_fixed_per_setting_and_photo(photos):
     assert not np.array_equal(evaluate.degraded(shake, 0, clean), evaluate.degraded(mild, 0, clean))
 
 
+DEBLURRING_ROWS = ["shake", "mild_shake", "linear_motion", "defocus", "gaussian_blur", "trajectories", "arc",
+                  "offcentre", "clean_deblurring"]
+
+
 def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_weights, tmp_path, capsys,
                                                                   monkeypatch):
     card = tmp_path / "CARD.md"
@@ -50,22 +54,102 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
     card.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
     monkeypatch.setattr(evaluate, "CBM3D_CACHE", tmp_path / "no-cbm3d.json")
     out = tmp_path / "results.json"
-    assert evaluate.main(["--data", str(photos), "--tasks", "deblurring", "--threads", "1",
+    assert evaluate.main(["--data", str(photos), "--tasks", "deblurring", "--threads", "1", "--no-cache",
                           "--weights", f"deblurring={tiny_weights}", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| deblurring |")]
-    assert len(rows) == 5 and "camera-shake trajectories" in rows[0] and "mild camera shake" in rows[1]
+    # The main table's rows, then the generalisation summary's one row for the task.
+    assert len(rows) == len(DEBLURRING_ROWS) + 1
+    assert "camera-shake trajectories" in rows[0] and "mild camera shake" in rows[1]
     assert ["linear motion" in rows[2], "defocus" in rows[3], "Gaussian blur" in rows[4]] == [True] * 3
+    # Each row says whether training sampled it; held-out rows say what is new.
+    assert "| yes |" in rows[0] and "yes (broad mixture)" in rows[5]
+    assert "held out: family" in rows[6] and "held out: offset" in rows[7]
+    assert "clean photo" in rows[8] and "| identical |" in rows[8]
+    # The summary: six rows training sampled, two held out, the weaker of those named.
+    assert "Generalisation" in printed and "(6) |" in rows[9] and "(2) |" in rows[9]
+    assert "circular-arc" in rows[9] or "off-centre" in rows[9]
 
-    results = json.loads(out.read_text())["deblurring"]
-    assert set(results["settings"]) == {"shake", "mild_shake", "linear_motion", "defocus", "gaussian_blur"}
-    for per_image in results["settings"].values():
+    results = json.loads(out.read_text())["results"]["deblurring"]
+    assert list(results["settings"]) == DEBLURRING_ROWS
+    for key, per_image in results["settings"].items():
         assert [r["image"] for r in per_image] == ["kodim00", "kodim01"]
-        assert all(0 < r["ssim"] <= 1 and r["input_psnr"] > 10 for r in per_image)
-        assert all(0 < r["classic_ssim"] <= 1 and r["classic_psnr"] > 10 for r in per_image)
+        assert all(0 < r["ssim"] <= 1 for r in per_image)
+        if key != "clean_deblurring":
+            assert all(0 < r["classic_ssim"] <= 1 and r["classic_psnr"] > 10 and r["input_psnr"] > 10
+                       for r in per_image)
     classic = [line for line in printed.splitlines() if line.startswith("| ") and "unsharp mask" in line]
-    assert len(classic) == 5
+    assert len(classic) == 8
 
     # --write-card replaces only the marked section of the card.
     evaluate.write_card("new table", card)
     assert card.read_text() == f"before\n{start}\nnew table\n{end}\nafter\n"
+
+
+def test_denoising_rows_report_residual_noise_and_the_clean_photo(photos, tiny_weights, tmp_path, capsys,
+                                                                  monkeypatch):
+    monkeypatch.setattr(evaluate, "CBM3D_CACHE", tmp_path / "no-cbm3d.json")
+    out = tmp_path / "results.json"
+    assert evaluate.main(["--data", str(photos), "--tasks", "denoising", "--threads", "1", "--no-cache",
+                          "--no-timing", "--weights", f"denoising={tiny_weights}", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "CPU s / 512x512" not in printed and "Not timed" in printed
+    settings = json.loads(out.read_text())["results"]["denoising"]["settings"]
+    for key in ("camera_noise", "coarse_grain", "high_iso", "coloured_noise", "noisy_jpeg", "clean_denoising"):
+        for row in settings[key]:
+            assert row["sigma_in"] >= 0 and row["sigma_out"] >= 0 and row["rms_out"] >= 0
+    assert all(row["rms_in"] == 0 and row["input_psnr"] > 99 for row in settings["clean_denoising"])
+    noise_rows = [line for line in printed.splitlines()
+                  if "->" in line and line.count("|") == 7 and not line.startswith("| Degradation")]
+    assert len(noise_rows) == 6 and any("held out: spread" in line for line in noise_rows)
+    # Without a CBM3D cache the card still states the recorded CBM3D figure beside ours.
+    assert f"{evaluate.CBM3D_SIGMA25_REFERENCE:.2f} dB" in printed
+
+
+def test_results_are_cached_per_weights_and_previous_weights_are_shown_beside(photos, tiny_weights, tmp_path,
+                                                                              capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "CBM3D_CACHE", tmp_path / "no-cbm3d.json")
+    monkeypatch.setattr(evaluate, "RESULTS_CACHE", tmp_path / "eval" / "results.json")
+    arguments = ["--data", str(photos), "--tasks", "deraining", "--threads", "1", "--settings", "rain", "slanted"]
+    assert evaluate.main(arguments + ["--weights", f"deraining={tiny_weights}"]) == 0
+    first = capsys.readouterr().out
+    cache = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert sum(key.startswith(evaluate.load_checkpoint(tiny_weights).sha256) for key in cache) == 2 * 2 + 1
+
+    def no_computing(*args):
+        raise AssertionError("a cached row was computed again")
+
+    monkeypatch.setattr(evaluate, "_evaluate_image", no_computing)
+    assert evaluate.main(arguments + ["--weights", f"deraining={tiny_weights}"]) == 0
+    assert capsys.readouterr().out == first
+
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    save_safetensors(TINY.build(), other)
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluate, "CBM3D_CACHE", tmp_path / "no-cbm3d.json")
+    monkeypatch.setattr(evaluate, "RESULTS_CACHE", tmp_path / "eval" / "results.json")
+    assert evaluate.main(arguments + ["--weights", f"deraining={other}", "--previous",
+                                      f"deraining={tiny_weights}"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Task |"))
+    assert "Previous weights PSNR" in header
+
+
+def test_noise_estimate_sees_white_noise_not_a_flat_photo():
+    flat = np.full((64, 64, 3), 90, np.uint8)
+    noisy = evaluate.add_noise(flat, np.random.default_rng(0), sigma=20)
+    assert evaluate.estimate_noise_sigma(flat) == 0
+    assert abs(evaluate.estimate_noise_sigma(noisy) - 20) < 2
+
+
+def test_shipping_checks_flag_regressions_cbm3d_and_damaged_clean_photos():
+    def rows(psnr):
+        return [{"image": "a", "psnr": psnr, "input_psnr": 20.0}]
+
+    previous = {"denoising": {"settings": {"noise25": rows(31.6), "noise50": rows(28.3), "camera_noise": rows(25.0)}}}
+    results = {"denoising": {"settings": {"noise25": rows(31.4), "noise50": rows(27.9), "camera_noise": rows(22.0),
+                                          "clean_denoising": rows(35.0)}}}
+    checks = {description.split(":")[0]: passed for passed, description in
+              evaluate.shipping_checks(results, previous)}
+    assert checks == {"denoising sigma 25": True, "denoising noise25": True, "denoising noise50": False,
+                      "denoising on clean photos": False}  # camera_noise is not a classic row: not checked

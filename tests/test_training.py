@@ -199,3 +199,18 @@ def test_edge_loss_ignores_flat_images_and_sees_edges():
     step = flat.clone()
     step[..., 16:] = 0.8
     assert edge(step, flat) > edge(flat + 0.4, flat) + 0.01
+
+
+def test_mixture_flag_picks_the_degradations_and_is_recorded(photos, tmp_path):
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(photos[0].iterdir())]
+    draws = {mixture: PatchSampler(images, "denoising", 32, np.random.default_rng(4), mixture).batch(6)
+             for mixture in ("classic", "broad")}
+    # The same generator, degraded differently (the broad mixture draws camera noise half the time).
+    assert not torch.equal(draws["classic"][1], draws["broad"][1])
+    assert all(clean.shape == degraded.shape == (6, 3, 32, 32) for clean, degraded in draws.values())
+
+    out = tmp_path / "run"
+    assert main(_args("denoising", photos, out, "--iters", "2", "--mixture", "classic")) == 0
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert state["meta"]["mixture"] == "classic"
+    assert "mixture=classic" in (out / "train.log").read_text()

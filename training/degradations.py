@@ -13,11 +13,15 @@ noise levels and streak patterns, and a model that learned one pattern would fai
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = ["add_noise", "blur", "add_rain", "random_blur_kernel", "shake_kernel", "motion_kernel",
-           "disc_kernel", "gaussian_kernel", "DEGRADATIONS", "degrade"]
+           "disc_kernel", "gaussian_kernel", "acceleration_kernel", "stroke_kernel", "arc_kernel",
+           "blur_then_record", "mixed_blur", "RainRanges", "RAIN_TRAINING", "saturating_rain", "smeared_rain",
+           "misty_rain", "mixed_rain", "mixed_noise", "CLASSIC", "BROAD", "MIXTURES", "DEGRADATIONS",
+           "degrade"]
 
 MAX_KERNEL = 31
 
@@ -302,16 +306,261 @@ def add_rain(image: np.ndarray, rng: np.random.Generator, layers: int | None = N
     return _from_float(np.clip(rainy, 0.0, 1.0), image)
 
 
-DEGRADATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+# --------------------------------------------------------------------------------------------
+# More blur: other trajectory models, off-centre kernels, noise and JPEG after
+# --------------------------------------------------------------------------------------------
+
+def _offset(points: np.ndarray, rng: np.random.Generator, max_offset: float) -> np.ndarray:
+    """Move a centred trajectory's centre of mass by up to ``max_offset`` px in a random
+    direction. A real exposure is not centred on the sharp frame the photographer meant, so
+    restorations must tolerate a small shift; large ones are left to the held-out evaluation."""
+    if max_offset <= 0:
+        return points
+    angle = rng.uniform(0, 2 * np.pi)
+    radius = rng.uniform(0, max_offset)
+    return points + radius * np.array([np.cos(angle), np.sin(angle)])
+
+
+def acceleration_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, extent: float | None = None,
+                        max_offset: float = 1.0) -> np.ndarray:
+    """A trajectory of constant speed whose direction is turned by random accelerations and, now
+    and then, by a sharp shock that sends it back on itself; only a random first part of the path
+    (half to all of it) is exposed. Unlike :func:`shake_kernel` (inertia and drift correction,
+    varying speed), light spreads evenly along the path and the path can fold on itself.
+    ``extent`` px across (log-uniform in [3, size - 4] unless given)."""
+    steps = 200
+    extent = float(_log_uniform(rng, 3.0, size - 4.0)) if extent is None else float(extent)
+    anxiety = rng.uniform(0.005, 0.15)
+    shock_chance = rng.uniform(0.0, 0.01)
+    direction = rng.uniform(0, 2 * np.pi)
+    velocity = np.array([np.cos(direction), np.sin(direction)])
+    position = np.zeros(2)
+    path = np.empty((steps, 2))
+    for i in range(steps):
+        turn = anxiety * rng.standard_normal(2)
+        if rng.random() < shock_chance:
+            turn -= 2.0 * velocity * rng.uniform(0.5, 1.0)
+        velocity = velocity + turn
+        velocity /= max(np.linalg.norm(velocity), 1e-8)
+        position = position + velocity
+        path[i] = position
+    path = path[:max(2, int(steps * rng.uniform(0.5, 1.0)))]
+    span = np.ptp(path, axis=0).max()
+    path *= extent / max(span, 1e-6)
+    path = _offset(_centred(path, size), rng, max_offset)
+    return _normalised(_splat(np.clip(path, 0, size - 1.001), size))
+
+
+def stroke_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, extent: float | None = None,
+                  max_offset: float = 1.0) -> np.ndarray:
+    """Two to four straight strokes joined at random turns, each at its own speed (a slow stroke
+    gathers more light): the jerky motion of a camera on an unsteady support."""
+    extent = float(_log_uniform(rng, 3.0, size - 4.0)) if extent is None else float(extent)
+    corners = [np.zeros(2)]
+    heading = rng.uniform(0, 2 * np.pi)
+    for _ in range(int(rng.integers(2, 5))):
+        heading += rng.uniform(-2.0, 2.0)
+        corners.append(corners[-1] + rng.uniform(0.3, 1.0) * np.array([np.cos(heading), np.sin(heading)]))
+    points, weights = [], []
+    for start, end in zip(corners[:-1], corners[1:]):
+        t = np.linspace(0, 1, 64, endpoint=False)[:, None]
+        points.append(start + t * (end - start))
+        weights.append(np.full(len(t), 1.0 / rng.uniform(0.3, 1.0)))
+    path, light = np.concatenate(points), np.concatenate(weights)
+    span = np.ptp(path, axis=0).max()
+    path *= extent / max(span, 1e-6)
+    # Centred on the centre of the light, not of the path: slow strokes weigh more.
+    path = path - (path * light[:, None]).sum(axis=0) / light.sum() + (size - 1) / 2.0
+    path = _offset(path, rng, max_offset)
+    return _normalised(_splat(np.clip(path, 0, size - 1.001), size, light))
+
+
+def arc_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, length: float | None = None,
+               max_offset: float = 0.0) -> np.ndarray:
+    """A circular arc at constant speed (a camera turning about an axis off the lens): ``length``
+    px of arc (uniform in [6, 24] unless given), sweeping 60 to 270 degrees. Not in any training
+    mixture; the evaluation holds it out."""
+    length = float(rng.uniform(6.0, 24.0)) if length is None else float(length)
+    sweep = np.deg2rad(rng.uniform(60.0, 270.0))
+    start = rng.uniform(0, 2 * np.pi)
+    radius = length / sweep
+    angles = start + np.linspace(0, sweep, int(np.ceil(length * 4)) + 2)
+    points = radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    points = _offset(_centred(points, size), rng, max_offset)
+    return _normalised(_splat(np.clip(points, 0, size - 1.001), size))
+
+
+def blur_then_record(image: np.ndarray, rng: np.random.Generator, kernel: np.ndarray,
+                     noise_sigma: tuple[float, float] = (0.0, 3.0), jpeg_chance: float = 0.4,
+                     jpeg_quality: tuple[float, float] = (50.0, 95.0)) -> np.ndarray:
+    """Blur with ``kernel``, then record it as a camera would: white sensor noise (sigma uniform
+    in ``noise_sigma``) and, with ``jpeg_chance``, JPEG at a quality uniform in ``jpeg_quality``.
+    JPEG's blocks and ringing on a blurred photo are what a deblurrer otherwise sharpens into
+    artefacts."""
+    from .camera import jpeg
+
+    clean = _to_float(image)
+    blurred = _convolve(clean, np.asarray(kernel, np.float32))
+    sigma = float(rng.uniform(*noise_sigma))
+    blurred += np.float32(sigma / 255.0) * rng.standard_normal(blurred.shape, dtype=np.float32)
+    blurred = np.clip(blurred, 0.0, 1.0)
+    if rng.random() < jpeg_chance:
+        blurred = jpeg(blurred, int(round(rng.uniform(*jpeg_quality))))
+    return _from_float(blurred, image)
+
+
+def mixed_blur(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The broad deblurring mixture: half the time the classic :func:`blur` (its four kernel
+    families, light noise), half the time a random-acceleration or multi-stroke trajectory, up to
+    1 px off-centre, with noise up to sigma 3 and JPEG (quality 50-95) 40 % of the time."""
+    if rng.random() < 0.5:
+        return blur(image, rng)
+    make = acceleration_kernel if rng.random() < 0.5 else stroke_kernel
+    return blur_then_record(image, rng, make(rng))
+
+
+# --------------------------------------------------------------------------------------------
+# More rain: saturating, smeared and misty families
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RainRanges:
+    """Streak parameters of the rain families (per layer; density log-uniform, the rest uniform).
+    The defaults are the training ranges; the evaluation draws outside them."""
+
+    density: tuple[float, float] = (8e-4, 2e-2)
+    length: tuple[float, float] = (5.0, 45.0)
+    width: tuple[float, float] = (0.5, 3.0)
+    wind_degrees: tuple[float, float] = (-40.0, 40.0)
+    brightness: tuple[float, float] = (0.35, 1.0)
+    mist: tuple[float, float] = (0.0, 0.3)
+
+
+RAIN_TRAINING = RainRanges()
+
+
+def _streaks(shape: tuple[int, int], rng: np.random.Generator, ranges: RainRanges,
+             unnormalised: bool = False) -> np.ndarray:
+    """1-3 streak layers sharing a wind direction, combined into one HxW map. Unnormalised, the
+    layers' overlapping streaks add up past 1 (dense rain saturates) instead of being clipped
+    per layer."""
+    wind = rng.uniform(*ranges.wind_degrees)
+    total = np.zeros(shape, np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        density = float(np.exp(rng.uniform(np.log(ranges.density[0]), np.log(ranges.density[1]))))
+        drops = (rng.random(shape) < density).astype(np.float32)
+        drops *= rng.uniform(0.5, 1.0, size=shape).astype(np.float32) * rng.uniform(*ranges.brightness)
+        kernel = _streak_kernel(float(rng.uniform(*ranges.length)),
+                                float(np.deg2rad(wind + rng.uniform(-8.0, 8.0))),
+                                float(rng.uniform(*ranges.width)))
+        if unnormalised:
+            # Longer and wider streaks keep more of the drop's water: kernel sum, not peak, matters.
+            kernel = kernel * np.float32(rng.uniform(0.5, 2.0))
+        layer = np.maximum(_convolve(drops[..., None], kernel)[..., 0], 0.0)
+        total = total + layer if unnormalised else 1.0 - (1.0 - total) * (1.0 - np.clip(layer, 0.0, 1.0))
+    return total
+
+
+def _smooth_field(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A low-frequency random HxW field in [0, 1]: where mist gathers thicker."""
+    from .camera import resize_plane
+
+    cells = rng.random((int(rng.integers(2, 6)), int(rng.integers(2, 6)))).astype(np.float32)
+    field = resize_plane(cells, shape)
+    low, high = field.min(), field.max()
+    return (field - low) / max(high - low, 1e-6)
+
+
+def saturating_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRanges = RAIN_TRAINING) -> np.ndarray:
+    """Opaque drops: unnormalised streaks composited over the photo (alpha blending towards a
+    light rain colour), so dense streaks saturate to the drop's colour instead of adding light."""
+    clean = _to_float(image)
+    alpha = np.clip(_streaks(clean.shape[:2], rng, ranges, unnormalised=True), 0.0, 1.0)[..., None]
+    colour = rng.uniform(0.75, 1.0) * rng.uniform(0.92, 1.0, size=3).astype(np.float32)
+    opacity = rng.uniform(0.5, 1.0)
+    return _from_float(clean * (1 - opacity * alpha) + colour * opacity * alpha, image)
+
+
+def smeared_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRanges = RAIN_TRAINING) -> np.ndarray:
+    """Streaks out of focus or smeared by the camera's own motion: the streak map is blurred by a
+    Gaussian (near drops, out of focus: wide, soft, faint) or by a short linear motion in another
+    direction, then screen-blended."""
+    clean = _to_float(image)
+    streaks = _streaks(clean.shape[:2], rng, ranges)
+    if rng.random() < 0.5:
+        kernel = gaussian_kernel(rng, size=15, sigma=tuple(rng.uniform(0.8, 3.0, size=2)))
+    else:
+        kernel = motion_kernel(rng, size=15, length=float(rng.uniform(3.0, 12.0)))
+    soft = np.clip(_convolve(streaks[..., None], kernel)[..., 0] * rng.uniform(1.0, 2.5), 0.0, 1.0)
+    return _from_float(1.0 - (1.0 - clean) * (1.0 - soft[..., None]), image)
+
+
+def misty_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRanges = RAIN_TRAINING) -> np.ndarray:
+    """Rain with accumulation: a veil whose thickness varies smoothly across the frame (spray and
+    mist hang thicker in places), over streaks added to the photo."""
+    clean = _to_float(image)
+    streaks = _streaks(clean.shape[:2], rng, ranges)
+    rainy = np.clip(clean + streaks[..., None], 0.0, 1.0)
+    veil = rng.uniform(*ranges.mist) * (0.4 + 0.6 * _smooth_field(clean.shape[:2], rng))[..., None]
+    airlight = np.float32(rng.uniform(0.7, 0.95))
+    return _from_float((1.0 - veil) * rainy + veil * airlight, image)
+
+
+def mixed_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The broad deraining mixture: 40 % the classic :func:`add_rain`, 20 % each saturating,
+    smeared and misty rain, all within :data:`RAIN_TRAINING`'s ranges."""
+    pick = rng.random()
+    if pick < 0.4:
+        return add_rain(image, rng)
+    if pick < 0.6:
+        return saturating_rain(image, rng)
+    if pick < 0.8:
+        return smeared_rain(image, rng)
+    return misty_rain(image, rng)
+
+
+# --------------------------------------------------------------------------------------------
+# Training mixtures
+# --------------------------------------------------------------------------------------------
+
+def mixed_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The broad denoising mixture: half the time :func:`add_noise` (white Gaussian or per-pixel
+    Poisson-Gaussian, as the bundled weights were trained on, so that they keep what they have),
+    half the time :func:`training.camera.camera_noise` with its training ranges (raw-space noise
+    through demosaicing, colour correction, tone curve, resizing and JPEG: correlated grain)."""
+    from .camera import camera_noise
+
+    if rng.random() < 0.5:
+        return add_noise(image, rng)
+    return camera_noise(image, rng)
+
+
+Degradation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+# What the bundled weights were trained on before issue 16.
+CLASSIC: dict[str, Degradation] = {
     "deblurring": blur,
     "denoising": add_noise,
     "deraining": add_rain,
 }
 
+# The broader mixtures of issue 16: the classic families plus the realistic ones.
+BROAD: dict[str, Degradation] = {
+    "deblurring": mixed_blur,
+    "denoising": mixed_noise,
+    "deraining": mixed_rain,
+}
 
-def degrade(task: str, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The training degradation of ``task`` applied to ``image``."""
+MIXTURES: dict[str, dict[str, Degradation]] = {"broad": BROAD, "classic": CLASSIC}
+
+# The default mixture, what ``degrade`` and the trainer use unless told otherwise.
+DEGRADATIONS = BROAD
+
+
+def degrade(task: str, image: np.ndarray, rng: np.random.Generator, mixture: str = "broad") -> np.ndarray:
+    """The training degradation of ``task`` (from ``mixture``) applied to ``image``."""
     try:
-        return DEGRADATIONS[task](image, rng)
+        return MIXTURES[mixture][task](image, rng)
     except KeyError:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(DEGRADATIONS)}") from None
+        raise ValueError(f"unknown task {task!r} or mixture {mixture!r}; expected one of "
+                         f"{sorted(DEGRADATIONS)} and {sorted(MIXTURES)}") from None

@@ -38,7 +38,7 @@ from PIL import Image
 from models import MPRNet, MPRNetConfig, infer_config, load_state_dict, save_safetensors
 from service.image_files import IMAGE_SUFFIXES
 
-from .degradations import DEGRADATIONS, MAX_KERNEL
+from .degradations import MAX_KERNEL, MIXTURES
 
 # Blur kernels and rain streaks reach this far; degrading a larger crop and cutting the border
 # off means the patch's edges see real neighbours, not reflected ones.
@@ -124,12 +124,13 @@ class PatchSampler:
     a resumed run sees the same stream of patches it would have seen without the interruption.
     """
 
-    def __init__(self, images: list[np.ndarray], task: str, patch: int, rng: np.random.Generator):
+    def __init__(self, images: list[np.ndarray], task: str, patch: int, rng: np.random.Generator,
+                 mixture: str = "broad"):
         self.images = [im for im in images if min(im.shape[:2]) >= patch]
         if not self.images:
             raise SystemExit(f"no training image is at least {patch}x{patch}")
-        self.task, self.patch, self.rng = task, patch, rng
-        self.degrade = DEGRADATIONS[task]
+        self.task, self.patch, self.rng, self.mixture = task, patch, rng, mixture
+        self.degrade = MIXTURES[mixture][task]
 
     def _pair(self) -> tuple[np.ndarray, np.ndarray]:
         rng, p = self.rng, self.patch
@@ -166,13 +167,15 @@ class _PatchStream(torch.utils.data.IterableDataset):
     resumed run does not continue the exact stream it was interrupted in.
     """
 
-    def __init__(self, images: list[np.ndarray], task: str, patch: int, batch: int, seed: int, start: int):
+    def __init__(self, images: list[np.ndarray], task: str, patch: int, batch: int, seed: int, start: int,
+                 mixture: str = "broad"):
         self.images, self.task, self.patch, self.batch, self.seed, self.start = images, task, patch, batch, seed, start
+        self.mixture = mixture
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, self.start, worker.id if worker else 0])
-        sampler = PatchSampler(self.images, self.task, self.patch, rng)
+        sampler = PatchSampler(self.images, self.task, self.patch, rng, self.mixture)
         while True:
             yield sampler.batch(self.batch)
 
@@ -182,20 +185,22 @@ def patch_batches(sampler: PatchSampler, batch: int, workers: int, seed: int, st
     if not workers:
         while True:
             yield sampler.batch(batch)
-    stream = _PatchStream(sampler.images, sampler.task, sampler.patch, batch, seed, start)
+    stream = _PatchStream(sampler.images, sampler.task, sampler.patch, batch, seed, start, sampler.mixture)
     yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
                                            prefetch_factor=4, persistent_workers=True)
 
 
-def validation_set(images: list[np.ndarray], task: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Centre crops with fixed degradation seeds, so every validation of every run compares alike."""
+def validation_set(images: list[np.ndarray], task: str,
+                   mixture: str = "broad") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Centre crops with fixed degradation seeds, so every validation of every run compares alike
+    (within one mixture: the broad and classic mixtures degrade the crops differently)."""
     pairs = []
     for index, image in enumerate(images):
         h, w = image.shape[:2]
         size = min(VAL_CROP, h // 8 * 8, w // 8 * 8)
         top, left = (h - size) // 2, (w - size) // 2
         clean = image[top:top + size, left:left + size]
-        degraded = DEGRADATIONS[task](clean, np.random.default_rng(VAL_SEED + index))
+        degraded = MIXTURES[mixture][task](clean, np.random.default_rng(VAL_SEED + index))
         pairs.append((_batch_tensor(clean[None]), _batch_tensor(degraded[None])))
     return pairs
 
@@ -382,8 +387,8 @@ def train(args) -> Path:
             raise SystemExit("need at least two photos to hold one out for validation, or give --val")
         held_out = min(VAL_HOLDOUT, max(1, len(paths) // 4))
         val_paths, paths = paths[:held_out], paths[held_out:]
-    sampler = PatchSampler(load_images(paths), args.task, args.patch, rng)
-    val_pairs = validation_set(load_images(val_paths), args.task)
+    sampler = PatchSampler(load_images(paths), args.task, args.patch, rng, args.mixture)
+    val_pairs = validation_set(load_images(val_paths), args.task, args.mixture)
 
     resume_state = None
     if args.resume and last.exists():
@@ -413,14 +418,16 @@ def train(args) -> Path:
     batches = patch_batches(sampler, args.batch, args.workers, args.seed, schedule.iteration,
                             pin=device.type == "cuda")
     criterion = MPRNetLoss().to(device)
-    meta = {"task": args.task, "patch": args.patch, "batch": args.batch, "seed": args.seed, "bf16": args.bf16,
+    meta = {"task": args.task, "mixture": args.mixture, "patch": args.patch, "batch": args.batch, "seed": args.seed,
+            "bf16": args.bf16,
             "data": str(args.data), "device": str(device), "threads": torch.get_num_threads(), "workers": args.workers,
             **_lineage(args, resume_state)}
     stop = _StopFlag()
 
     with open(out / "train.log", "a") as log:
         params = sum(p.numel() for p in model.parameters())
-        _log(log, f"{'resume' if resume_state else 'start'} task={args.task} config={config.as_kwargs()} "
+        _log(log, f"{'resume' if resume_state else 'start'} task={args.task} mixture={args.mixture} "
+                  f"config={config.as_kwargs()} "
                   f"params={params} train_images={len(sampler.images)} val_images={len(val_pairs)} "
                   f"patch={args.patch} batch={args.batch} lr={args.lr} device={device} bf16={args.bf16} "
                   f"threads={torch.get_num_threads()} iteration={schedule.iteration} "
@@ -475,7 +482,10 @@ def train(args) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--task", choices=sorted(DEGRADATIONS), help="what to learn to undo")
+    parser.add_argument("--task", choices=sorted(MIXTURES["broad"]), help="what to learn to undo")
+    parser.add_argument("--mixture", choices=sorted(MIXTURES), default="broad",
+                        help="degradations to train on: broad (camera-pipeline noise, several rain and blur "
+                             "families; issue 16) or classic (what the bundled weights were first trained on)")
     parser.add_argument("--data", help="folder of clean training photos")
     parser.add_argument("--val", help=f"folder of clean validation photos (first {VAL_HOLDOUT} used); "
                                       f"default: hold out the first {VAL_HOLDOUT} (at most a quarter) of --data")
