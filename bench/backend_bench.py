@@ -190,7 +190,8 @@ def main(argv=None) -> dict:
             report["sides"][side] = result
             print(f"\n{side}x{side}, batch 1, {args.threads} threads, {args.rounds} rounds:")
             for label, row in result.items():
-                extra = f"  {row['speedup_median']}x torch, {row['psnr_vs_torch_db']} dB" if "psnr_vs_torch_db" in row else ""
+                extra = (f"  {row['speedup_median']}x torch, {row['psnr_vs_torch_db']} dB"
+                         if "psnr_vs_torch_db" in row else "")
                 print(f"  {label:32s} median {row['median_s']:.3f} s  min {row['min_s']:.3f} s{extra}")
         for worker in workers.values():
             worker.close()
