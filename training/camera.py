@@ -31,6 +31,24 @@ GAMMA = 2.2
 TONE_TABLE = 4096
 
 
+def to_float(image: np.ndarray) -> np.ndarray:
+    """uint8 or float HxWx3 -> float32 in [0, 1]: the one conversion every degradation family uses."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if np.issubdtype(image.dtype, np.floating):
+        return image.astype(np.float32, copy=False)
+    raise TypeError(f"expected uint8 or float image, got {image.dtype}")
+
+
+def from_float(result: np.ndarray, like: np.ndarray) -> np.ndarray:
+    levels = np.clip(np.rint(result * 255.0), 0, 255)
+    if like.dtype == np.uint8:
+        return levels.astype(np.uint8)
+    return (levels / 255.0).astype(like.dtype)
+
+
 @dataclass(frozen=True)
 class CameraRanges:
     """The ranges a camera's settings are drawn from (uniform unless said otherwise).
@@ -329,14 +347,12 @@ def camera_noise(image: np.ndarray, rng: np.random.Generator, ranges: CameraRang
     Same shape and dtype as ``image`` (uint8, or float in [0, 1]); 8-bit levels; JPEG last
     when the camera saves JPEG.
     """
-    from .degradations import _from_float, _to_float  # one conversion convention for every family
-
-    clean = _to_float(image)
+    clean = to_float(image)
     camera = draw_camera(rng, ranges) if camera is None else camera
     noisy = np.clip(clean + camera_residual(clean, camera, rng), 0.0, 1.0)
     if camera.jpeg_quality:
         noisy = jpeg(noisy, camera.jpeg_quality)
-    return _from_float(noisy, image)
+    return from_float(noisy, image)
 
 
 def with_settings(ranges: CameraRanges = TRAINING_RANGES, **changes) -> CameraRanges:

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .camera import camera_noise, jpeg, resize_plane
+from .camera import from_float as _from_float
+from .camera import to_float as _to_float
+
 __all__ = ["add_noise", "blur", "add_rain", "random_blur_kernel", "shake_kernel", "motion_kernel",
            "disc_kernel", "gaussian_kernel", "acceleration_kernel", "stroke_kernel", "arc_kernel",
            "blur_then_record", "mixed_blur", "RainRanges", "RAIN_TRAINING", "saturating_rain", "smeared_rain",
@@ -24,23 +28,6 @@ __all__ = ["add_noise", "blur", "add_rain", "random_blur_kernel", "shake_kernel"
            "degrade"]
 
 MAX_KERNEL = 31
-
-
-def _to_float(image: np.ndarray) -> np.ndarray:
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if np.issubdtype(image.dtype, np.floating):
-        return image.astype(np.float32, copy=False)
-    raise TypeError(f"expected uint8 or float image, got {image.dtype}")
-
-
-def _from_float(result: np.ndarray, like: np.ndarray) -> np.ndarray:
-    levels = np.clip(np.rint(result * 255.0), 0, 255)
-    if like.dtype == np.uint8:
-        return levels.astype(np.uint8)
-    return (levels / 255.0).astype(like.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +384,6 @@ def blur_then_record(image: np.ndarray, rng: np.random.Generator, kernel: np.nda
     in ``noise_sigma``) and, with ``jpeg_chance``, JPEG at a quality uniform in ``jpeg_quality``.
     JPEG's blocks and ringing on a blurred photo are what a deblurrer otherwise sharpens into
     artefacts."""
-    from .camera import jpeg
 
     clean = _to_float(image)
     blurred = _convolve(clean, np.asarray(kernel, np.float32))
@@ -463,7 +449,6 @@ def _streaks(shape: tuple[int, int], rng: np.random.Generator, ranges: RainRange
 
 def _smooth_field(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """A low-frequency random HxW field in [0, 1]: where mist gathers thicker."""
-    from .camera import resize_plane
 
     cells = rng.random((int(rng.integers(2, 6)), int(rng.integers(2, 6)))).astype(np.float32)
     field = resize_plane(cells, shape)
@@ -528,7 +513,6 @@ def mixed_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Poisson-Gaussian, as the bundled weights were trained on, so that they keep what they have),
     half the time :func:`training.camera.camera_noise` with its training ranges (raw-space noise
     through demosaicing, colour correction, tone curve, resizing and JPEG: correlated grain)."""
-    from .camera import camera_noise
 
     if rng.random() < 0.5:
         return add_noise(image, rng)
