@@ -39,7 +39,8 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: P
     iterations, seconds = total_training(run)
     entry = {"file": path.name, "sha256": digest, "config": config, "fp16": half,
              "iterations": iterations, "trained_minutes": round(seconds / 60, 1),
-             "patch": run["meta"]["patch"], "batch": run["meta"]["batch"]}
+             "patch": run["meta"]["patch"], "batch": run["meta"]["batch"],
+             "mixture": run["meta"].get("mixture", "classic")}
     listed = weights.manifest()
     listed[task] = entry
     (weights.BUNDLED_DIR / "manifest.json").write_text(json.dumps(dict(sorted(listed.items())), indent=2) + "\n")

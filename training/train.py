@@ -305,8 +305,11 @@ def export(checkpoint: str | os.PathLike, path: str | os.PathLike, half: bool = 
     model.load_state_dict(state["model"])
     meta = state.get("meta", {})
     iterations, seconds = total_training(state)
+    # The mixture tells the evaluation which of its rows these weights' training sampled; runs
+    # from before issue 16 recorded none and trained on the classic one.
     metadata = {"config": json.dumps(config.as_kwargs()), "iteration": str(iterations),
-                "task": str(meta.get("task", "")), "trained_seconds": f"{seconds:.0f}"}
+                "task": str(meta.get("task", "")), "trained_seconds": f"{seconds:.0f}",
+                "mixture": str(meta.get("mixture", "classic"))}
     return save_safetensors(model, path, half=half, metadata=metadata)
 
 
