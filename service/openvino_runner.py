@@ -112,7 +112,8 @@ def _conversion_key(model: torch.nn.Module) -> str:
         digest.update(part.encode() + b"\0")
     for name, tensor in model.state_dict().items():
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # contiguous(): the same bytes whether the module arrives channels-last or not.
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     # The network's code: a fix in models/mprnet.py changes the graph while the weights stay the same.
     sources = {inspect.getsourcefile(type(module)) for module in model.modules()}
     sources.add(inspect.getsourcefile(_RestoredImage))
@@ -184,14 +185,15 @@ class OpenVinoRunner:
         self._static_keys: tuple[tuple[int, int, int], ...] = ()
         self.compile_log: list[dict] = []  # one entry per compile: shape, seconds, loaded from cache
 
-        reference = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval()
-        reference.requires_grad_(False)
-        ir_dir = self._cache_root / f"ir-{_conversion_key(reference)}" if self._cache_root else None
         started = time.perf_counter()
+        ir_dir = self._cache_root / f"ir-{_conversion_key(model)}" if self._cache_root else None
         self._model = self._read_cached(ir_dir)
         self.converted_from_cache = self._model is not None
-        staged = None
+        staged = reference = None
         if self._model is None:
+            # A copy, so the caller's module keeps its layout (Engine makes it channels-last in place).
+            reference = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval()
+            reference.requires_grad_(False)
             self._model = self._convert(reference)
             staged = self._stage(ir_dir)
         self.conversion_seconds = time.perf_counter() - started
