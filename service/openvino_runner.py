@@ -3,26 +3,29 @@
 ``OpenVinoRunner.forward`` takes an (N, 3, h, w) float32 batch in [0, 1] and returns the network's
 stage-3 output clamped to [0, 1], float32, same shape -- what ``Engine.forward`` returns -- so the
 service can swap one for the other behind its batching queue. The PyTorch module stays the
-reference: the OpenVINO model is converted from it at start-up and checked against it on a probe
-input before it is used.
+reference: the OpenVINO model is converted from it at start-up (or read back from the disk cache)
+and a fresh conversion is checked against it on a probe batch before it is used or cached.
 
 Why the route is PyTorch -> ONNX (in memory) -> OpenVINO rather than ``openvino.convert_model`` on
-the module directly: measured on the bundled weights, the ONNX route converts about 3x faster
-(~11 s vs ~31 s) and, unlike the direct TorchScript route and the torch.export route, it gives
-PyTorch's output on 8-pixel-high inputs (141 dB vs 39 dB PSNR); a small image pads to exactly that.
-Inference speed is the same either way.
+the module: measured on the bundled weights on this project's 2-core VM, the ONNX route converts in
+8-14 s against 31-39 s for the direct (TorchScript) route, and it reproduces PyTorch on 8-pixel-high
+inputs (141 dB PSNR), where the direct route and the torch.export route give 39-45 dB; images 8 px
+high or less pad to exactly that. The compiled networks run equally fast either way.
 
 Shapes: the serving tile (tile_size x tile_size, any batch up to max_batch_size) gets a model
 compiled for its static shape, kept in a small LRU cache and prepared by :meth:`warmup`. Every
 other shape (images smaller than a tile) runs on one dynamic-shape model, compiled once, so an
-odd-sized request never waits for a compile; on this CPU the dynamic model runs large inputs as
-fast as a static one (BENCHMARKS numbers in bench/backend_bench.py's output).
+odd-sized request never waits for a compile (about a second per shape). Measured with
+``python -m bench.backend_bench``, the static model is at most ~5-10% faster at 512x512 and no
+faster at 480x480, so a per-shape compile for off-tile sizes would not pay for itself.
 
 Disk cache (``cache_dir``): the converted model (OpenVINO IR) and OpenVINO's compiled blobs are
 kept under ``<cache_dir>/openvino-<version>/<weights sha256>/``. The IR sits in a folder whose name
-also hashes the PyTorch, ONNX and OpenVINO versions and the source of every module class in the
-network, so new weights, new code or a new runtime never reuse a stale conversion; the compiled
-blobs are keyed by OpenVINO itself on the model's topology, weights, shapes and settings.
+also hashes the tensors themselves, the PyTorch, ONNX and OpenVINO versions and the source of every
+module class in the network, so new weights (even under a wrong digest), new code or a new runtime
+never reuse a stale conversion; the compiled blobs are keyed by OpenVINO itself on the model's
+topology, weights, input shape and compile settings. Nothing is ever deleted: old folders are dead
+weight once the weights or the runtime change.
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ def _conversion_key(model: torch.nn.Module) -> str:
         digest.update(part.encode() + b"\0")
     for name, tensor in model.state_dict().items():
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # contiguous(): the same bytes whether the module arrives channels-last or not.
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     # The network's code: a fix in models/mprnet.py changes the graph while the weights stay the same.
     sources = {inspect.getsourcefile(type(module)) for module in model.modules()}
     sources.add(inspect.getsourcefile(_RestoredImage))
@@ -194,14 +198,15 @@ class OpenVinoRunner:
         self._static_keys: tuple[tuple[int, int, int], ...] = ()
         self.compile_log: list[dict] = []  # one entry per compile: shape, seconds, loaded from cache
 
-        reference = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval()
-        reference.requires_grad_(False)
-        ir_dir = self._cache_root / f"ir-{_conversion_key(reference)}" if self._cache_root else None
         started = time.perf_counter()
+        ir_dir = self._cache_root / f"ir-{_conversion_key(model)}" if self._cache_root else None
         self._model = self._read_cached(ir_dir)
         self.converted_from_cache = self._model is not None
-        staged = None
+        staged = reference = None
         if self._model is None:
+            # A copy, so the caller's module keeps its layout (Engine makes it channels-last in place).
+            reference = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval()
+            reference.requires_grad_(False)
             self._model = self._convert(reference)
             staged = self._stage(ir_dir)
         self.conversion_seconds = time.perf_counter() - started

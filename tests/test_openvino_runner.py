@@ -138,6 +138,7 @@ def test_a_second_start_reuses_the_disk_cache(runner, model_a, cache_dir):
                             cache_dir=cache_dir, max_static_shapes=2)
     second.warmup(1)
     assert second.converted_from_cache
+    assert second.probe_psnr_db is None, "a cached conversion is not re-checked by running PyTorch"
     assert second.conversion_seconds < runner.conversion_seconds
     assert [entry["from_cache"] for entry in second.compile_log] == [True, True]  # dynamic, then the tile
     assert _files_under(cache_dir) == files_before, "nothing new was converted or compiled"
