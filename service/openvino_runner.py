@@ -62,6 +62,10 @@ _ONNX_OPSET = 18
 _PROBE_SHAPE = (2, 3, 16, 24)
 _PROBE_MIN_PSNR_DB = 50.0
 _DEFAULT_MAX_STATIC_SHAPES = 4
+# torch.onnx.export keeps process-wide state while it runs (GLOBALS.in_onnx_export): two runners
+# converting at once in one process, as several services or tasks loading side by side do, would
+# trip over each other.
+_ONNX_EXPORT = threading.Lock()
 
 
 def openvino_available() -> str | None:
@@ -252,10 +256,11 @@ class OpenVinoRunner:
             # MPRNet's "height and width divisible by 8" check into a constant (forward checks it).
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(_RestoredImage(reference), (example,), graph, dynamo=False,
-                              opset_version=_ONNX_OPSET, input_names=["tiles"], output_names=["restored"],
-                              dynamic_axes={"tiles": {0: "n", 2: "h", 3: "w"},
-                                            "restored": {0: "n", 2: "h", 3: "w"}})
+            with _ONNX_EXPORT:
+                torch.onnx.export(_RestoredImage(reference), (example,), graph, dynamo=False,
+                                  opset_version=_ONNX_OPSET, input_names=["tiles"], output_names=["restored"],
+                                  dynamic_axes={"tiles": {0: "n", 2: "h", 3: "w"},
+                                                "restored": {0: "n", 2: "h", 3: "w"}})
         graph.seek(0)
         return self._ov.convert_model(graph)
 
@@ -328,7 +333,9 @@ class OpenVinoRunner:
     @staticmethod
     def _infer(compiled_and_request, tiles: np.ndarray) -> np.ndarray:
         _, request = compiled_and_request
-        request.infer({0: tiles}, share_inputs=True)
+        # Copied in rather than shared: a shared input stays referenced by the request until its
+        # next inference, which would keep a finished request's whole tile array alive.
+        request.infer({0: tiles}, share_inputs=False)
         # The output tensor is the request's own buffer, overwritten by its next inference.
         return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 

@@ -194,7 +194,7 @@ def test_service_serves_with_channels_last_and_auto_size_on_the_cpu(tiny_weights
     checkpoint = tiny_weights(5)
     settings = Settings(tasks="denoising", weights_denoising=checkpoint, device="cpu", tile_size=32,
                         tile_overlap=8, max_batch_size=4, max_pixels=64 * 64, max_queued_tiles=64,
-                        channels_last=True, auto_size=True)
+                        channels_last=True, auto_size=True, backend="torch")  # PyTorch's switches
     image = random_image(40, 56, seed=6)
     running = start_server(settings)
     engine = running.service.workers["cpu"]["denoising"]

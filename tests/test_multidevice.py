@@ -343,7 +343,8 @@ def test_a_fault_on_one_worker_fails_only_the_requests_it_was_computing(weights,
 
     monkeypatch.setattr(Engine, "forward", forward)
     images = [random_image(16, 16, seed=40 + n) for n in range(6)]
-    with running_server(two_cpu_settings(weights, max_batch_size=1)) as server:
+    # Engine.forward is what is made to fault here: the PyTorch backend.
+    with running_server(two_cpu_settings(weights, max_batch_size=1, backend="torch")) as server:
         poisoned.add(id(server.service.workers["cpu#1"]["denoising"]))
         ran_on["healthy"].clear()  # the warm-up passes
         responses = asyncio.run(post_all(server.url, images))

@@ -358,7 +358,8 @@ def poisoned_server(weights, monkeypatch):
     # Batches of two that wait as long as the settings allow to fill, so that two one-tile
     # requests of one shape share a batch however slowly they arrive, and a two-tile request
     # fills a batch of its own at once.
-    with running_server(settings_for(weights, max_batch_size=2, max_batch_wait_ms=10_000)) as running:
+    # Engine.forward is what is poisoned here: the PyTorch backend.
+    with running_server(settings_for(weights, max_batch_size=2, max_batch_wait_ms=10_000, backend="torch")) as running:
         yield running
 
 

@@ -56,7 +56,7 @@ def weights(tmp_path_factory) -> Path:
 def test_a_hung_forward_pass_turns_readiness_off_with_the_reason_until_it_returns(weights, caplog):
     settings = Settings(tasks="denoising", weights_denoising=weights, device="cpu", tile_size=32, tile_overlap=8,
                         max_batch_size=4, request_timeout_s=60, worker_stall_timeout_s=STALL_AFTER_S,
-                        log_level="warning")
+                        log_level="warning", backend="torch")  # the hang is put into PyTorch's model
     with running_server(settings) as server:
         engine = server.service.workers["cpu"]["denoising"]
         stalling = StallingNetwork(engine.model)
