@@ -102,6 +102,8 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     if image.format in ("JPEG", "MPO"):
         _check_jpeg_scans(data)
+    elif image.format == "PNG":
+        _check_png_chunks(data)
     try:
         # One frame ahead is enough to know; counting every frame would walk the whole file (a
         # TIFF with 40,000 tiny directories took 14-25 s to count). A TIFF's second directory is
@@ -125,6 +127,23 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
 MAX_JPEG_SCANS = 100
 _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any fill bytes; FF00 is stuffing
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI, EOI: no length field
+
+
+# Encoders write IDAT chunks of 8 KiB or more (a 32 MiB PNG has a few thousand chunks); Pillow
+# handles each chunk in Python, so a file split into millions of 1-byte chunks costs seconds.
+MAX_PNG_CHUNKS = 100_000
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG with more chunks than any encoder writes, by walking the chunk headers."""
+    position, chunks = 8, 0
+    while position + 8 <= len(data):
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise InvalidImage(f"the PNG has more than {MAX_PNG_CHUNKS} chunks; no encoder writes that many")
+        if data[position + 4:position + 8] == b"IEND":
+            return
+        position += 12 + int.from_bytes(data[position:position + 4], "big")
 
 
 def _check_jpeg_scans(data: bytes) -> None:

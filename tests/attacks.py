@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import re
 import struct
+import zlib
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["scan_bomb", "ifd_bomb", "smooth_image"]
+__all__ = ["scan_bomb", "ifd_bomb", "chunk_bomb", "smooth_image"]
 
 _MARKER = re.compile(rb"\xff+([^\x00\xff])")
 _SCAN_END = re.compile(rb"\xff+([^\x00\xff\xd0-\xd7])")
@@ -65,3 +66,25 @@ def smooth_image(height: int, width: int) -> np.ndarray:
     green = (y * 255 // max(1, height - 1)) + 0 * x
     blue = ((x + y) % 256) + 0 * y
     return np.stack([red, green, blue], axis=-1).astype(np.uint8)
+
+
+def chunk_bomb(idat_bytes: int = 150_000) -> bytes:
+    """A noisy RGB PNG whose compressed data is split into 1-byte IDAT chunks: valid, and each
+    chunk costs Pillow a trip through Python (31 MB of them took 7 s to decode)."""
+    side = int((idat_bytes / 3) ** 0.5) + 1
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    position, header, compressed = 8, b"", b""
+    while position < len(data):
+        length = struct.unpack(">I", data[position:position + 4])[0]
+        kind, body = data[position + 4:position + 8], data[position + 8:position + 8 + length]
+        header = body if kind == b"IHDR" else header
+        compressed += body if kind == b"IDAT" else b""
+        position += 12 + length
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + b"".join(chunk(b"IDAT", compressed[i:i + 1]) for i in range(len(compressed))) + chunk(b"IEND", b""))

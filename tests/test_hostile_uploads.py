@@ -16,7 +16,7 @@ import pytest
 from service.config import Settings
 from service.pipeline import RestorePipeline
 
-from attacks import ifd_bomb, scan_bomb, smooth_image
+from attacks import chunk_bomb, ifd_bomb, scan_bomb, smooth_image
 from service_helpers import encode, running_server, tiny_checkpoint
 
 
@@ -58,6 +58,16 @@ def test_decode_bombs_are_refused_quickly_and_a_small_request_beside_them_is_ser
     assert status == 415 and "more than one frame" in body["error"]["message"] and seconds < 3, results["c.tif"]
     status, _, seconds = results["small.png"]
     assert status == 200 and seconds < 3, results["small.png"]
+
+
+def test_a_png_split_into_more_chunks_than_any_encoder_writes_is_refused_before_decoding(weights):
+    bomb = chunk_bomb()
+    with running_server(_settings(weights)) as server:
+        response = httpx.post(f"{server.url}/v1/restore/denoising", files={"image": ("c.png", bomb)}, timeout=60)
+        assert response.status_code == 400 and "chunks" in response.json()["error"]["message"]
+        ok = httpx.post(f"{server.url}/v1/restore/denoising",
+                        files={"image": ("small.png", encode(smooth_image(32, 32)))}, timeout=60)
+        assert ok.status_code == 200
 
 
 def test_a_decode_past_the_time_limit_is_stopped_and_the_service_goes_on(weights):
