@@ -38,7 +38,7 @@ def _restore_locally(args: argparse.Namespace) -> int:
 
     from . import imaging
     from .backends import build_engine, resolve_backend
-    from .config import Settings
+    from .config import default_model_cache_dir
     from .engine import resolve_device
     from .pipeline import RestorePipeline
     from .tiling import Tiling
@@ -56,7 +56,7 @@ def _restore_locally(args: argparse.Namespace) -> int:
         engine = build_engine(checkpoint, checkpoint.model, backend, device=device, precision=args.precision,
                               tile_size=args.tile, max_batch_size=args.batch_size,
                               allow_emulated_precision=args.allow_emulated_precision,
-                              cache_dir=Settings.model_fields["model_cache_dir"].get_default(call_default_factory=True))
+                              cache_dir=default_model_cache_dir())
     except (WeightsNotFound, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

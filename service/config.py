@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .decoding import available_cpus
 from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, check_tiling, plan_tiles
 
-__all__ = ["Settings", "add_serve_arguments", "default_queued_tiles", "settings_from_args"]
+__all__ = ["Settings", "add_serve_arguments", "default_model_cache_dir", "default_queued_tiles", "settings_from_args"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -32,7 +32,8 @@ def _known_tasks() -> tuple[str, ...]:
     return TASKS
 
 
-def _default_cache_dir() -> Path:
+def default_model_cache_dir() -> Path:
+    """Where converted models are kept unless configured: the user's cache folder."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mprnet-service"
 
@@ -112,7 +113,7 @@ class Settings(BaseSettings):
         default="auto", description="what runs the network: auto (OpenVINO on the CPU where it is installed, "
                                     "PyTorch on CUDA), torch, or openvino (CPU only)")
     model_cache_dir: Path | None = Field(
-        default_factory=lambda: _default_cache_dir(),
+        default_factory=lambda: default_model_cache_dir(),
         description="where converted and compiled models are kept across restarts (OpenVINO), keyed by weights, "
                     "shape and versions; empty: nowhere")
     channels_last: bool | None = Field(

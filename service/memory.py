@@ -78,29 +78,24 @@ class MemoryBudget:
         self.bytes = 0
         self.pixels = 0
 
-    def room_for_bytes(self, count: int) -> bool:
+    def holding_bytes(self, count: int):
+        """Hold ``count`` body bytes while the ``with`` block runs; :class:`OverBudget` if no room."""
+        return self._holding("bytes", "uploads", count, self.max_bytes)
+
+    def holding_pixels(self, count: int):
+        """Hold ``count`` image pixels while the ``with`` block runs; :class:`OverBudget` if no room."""
+        return self._holding("pixels", "images", count, self.max_pixels)
+
+    @contextmanager
+    def _holding(self, unit: str, what: str, count: int, limit: int):
+        held = getattr(self, unit)
         # One request always fits, however large: the byte and pixel limits of a single upload
         # are the service's other settings; the budget only stops requests piling up.
-        return self.bytes == 0 or self.bytes + count <= self.max_bytes
-
-    @contextmanager
-    def holding_bytes(self, count: int):
-        if not self.room_for_bytes(count):
-            raise OverBudget(f"uploads in flight hold {self.bytes} bytes; another {count} would pass the "
-                             f"limit of {self.max_bytes}", self.retry_after_s)
-        self.bytes += count
+        if held and held + count > limit:
+            raise OverBudget(f"{what} in flight hold {held} {unit}; another {count} would pass the limit of "
+                             f"{limit}", self.retry_after_s)
+        setattr(self, unit, held + count)
         try:
             yield
         finally:
-            self.bytes -= count
-
-    @contextmanager
-    def holding_pixels(self, count: int):
-        if self.pixels and self.pixels + count > self.max_pixels:
-            raise OverBudget(f"images in flight hold {self.pixels} pixels; another {count} would pass the "
-                             f"limit of {self.max_pixels}", self.retry_after_s)
-        self.pixels += count
-        try:
-            yield
-        finally:
-            self.pixels -= count
+            setattr(self, unit, getattr(self, unit) - count)

@@ -212,7 +212,7 @@ class ServiceState:
             description = {**engine.describe(), "tile_overlap": settings.tile_overlap}
             self.cards[task] = ModelCard(weights_file=path.name, weights_sha256=checkpoint.sha256,
                                          devices=device_list, **description)
-            self.metrics.add_model(task, {**description.pop("architecture"), **_in_card_order(description),
+            self.metrics.add_model(task, {**description.pop("architecture"), **description,
                                           "device": ",".join(dict.fromkeys(device_list)),
                                           "weights_sha256": checkpoint.sha256})
             log.info("loaded %s from %s (sha256 %s, %d parameters) on %s in %.1f s", task, path,
@@ -251,12 +251,6 @@ class ServiceState:
         # Not cancel_futures: a request whose tiles finished during the drain still has its PNG
         # to encode in this pool.
         self.imaging_pool.shutdown(wait=False)
-
-
-def _in_card_order(description: dict) -> dict:
-    # The metric's labels keep the order they had before tile_overlap moved out of the engine.
-    order = ("parameters", "device", "precision", "tile_size", "tile_overlap")
-    return {**{key: description[key] for key in order if key in description}, **description}
 
 
 def _worker_names(devices: list) -> list[str]:
