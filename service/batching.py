@@ -182,7 +182,8 @@ class Batcher:
             worker.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mprnet-inference-{index}")
             self._spawn_worker(worker)
 
-    async def submit(self, task: str, tiles: np.ndarray, deadline: float | None = None) -> BatchResult:
+    async def submit(self, task: str, tiles: np.ndarray, deadline: float | None = None,
+                     on_progress: Callable[[int], None] | None = None) -> BatchResult:
         """Queue ``tiles`` (N, C, H, W) float32 for ``task``; return the restored tiles in order.
 
         The results are written over ``tiles`` (the result's ``outputs`` is the same array): a
@@ -193,6 +194,9 @@ class Batcher:
         :class:`TooManyTiles`, :class:`QueueClosed`, :class:`DeadlineExceeded`, or whatever the
         forward pass raised for the batch holding these tiles. Cancelling the caller drops the
         tiles that have not yet gone into a batch.
+
+        ``on_progress`` is called in the event loop with the number of tiles finished so far,
+        after every batch that held some of them.
         """
         if task not in self.tasks:
             raise KeyError(f"no model for task {task!r}; this batcher serves {', '.join(self.tasks)}")
@@ -214,7 +218,8 @@ class Batcher:
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("the request's deadline passed before its tiles were queued")
         job = Job(task=task, tiles=tiles, outputs=tiles,
-                  future=asyncio.get_running_loop().create_future(), deadline=deadline, enqueued_at=now)
+                  future=asyncio.get_running_loop().create_future(), deadline=deadline, enqueued_at=now,
+                  on_progress=on_progress)
         self._queue.add(job)
         self._pending.add(job)
         self._work_arrived.set()
@@ -354,6 +359,8 @@ class Batcher:
             if not job.future.done():
                 job.outputs[first:first + count] = outputs[offset:offset + count]
                 job.finished += count
+                if job.on_progress is not None:
+                    job.on_progress(job.finished)
                 if job.finished == job.count:
                     total = time.monotonic() - job.enqueued_at
                     job.future.set_result(BatchResult(outputs=job.outputs, inference_seconds=job.inference_seconds,
@@ -375,6 +382,7 @@ class Batcher:
         if not job.future.done():
             job.future.cancel()
         self._queue.release(job)
+        job.on_progress = None  # it may refer to the request's stream
         job.tiles = None  # the queue keeps the job object until it reaches the head; not its pixels
 
     def _record_speed(self, tiles: int, seconds: float) -> None:

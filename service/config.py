@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=4096 * 4096, ge=1, description="largest accepted image, width times height")
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="a request not answered by then gets 504 and its queued tiles are dropped")
+    stream_keepalive_s: float = Field(
+        default=15.0, gt=0, le=3600,
+        description="on an event stream (Accept: text/event-stream), longest silence before a keep-alive comment, "
+                    "so that idle proxies do not cut a queued restore")
     max_inflight_bytes: int | None = Field(
         default=None, ge=1, description="upload bytes all requests in flight may hold together; past it, 503 "
                                         "before the body is read (default: four uploads of max_upload_bytes)")

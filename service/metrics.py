@@ -92,6 +92,13 @@ class ServiceMetrics:
             buckets=_MEGAPIXEL_BUCKETS, registry=registry)
         self.in_flight = Gauge("mprnet_requests_in_flight", "Restore requests being handled now.", ["task"],
                                registry=registry)
+        self.streams_open = Gauge("mprnet_progress_streams_open",
+                                  "Restores answering as an event stream (Accept: text/event-stream) now.", ["task"],
+                                  registry=registry)
+        self.cancelled_by_client = Counter(
+            "mprnet_restores_cancelled_by_client",
+            "Restores whose client went away before the answer (closed the connection or the event stream); "
+            "their queued tiles were dropped.", ["task"], registry=registry)
         self.model_info = Info("mprnet_model", "The model serving each task.", ["task"], registry=registry)
         # Alerts compare the queue depth with this instead of a copy of the configured bound.
         self.queue_capacity = Gauge("mprnet_queue_capacity_tiles",

@@ -82,7 +82,8 @@ class RequestAccounting:
             entry.update(status=status, duration_ms=round(seconds * 1000, 2))
             if is_restore:
                 self.metrics.in_flight.labels(task_label).dec()
-                self.metrics.requests.labels(task_label, str(status)).inc()
+                # An event stream starts as 200 and says how it ended in its last event.
+                self.metrics.requests.labels(task_label, str(entry.get("outcome", status))).inc()
                 self.metrics.request_duration.labels(task_label).observe(seconds)
             level = logging.DEBUG if path in _PROBE_PATHS and status < 400 else logging.INFO
             request_log.log(level, json.dumps(entry, separators=(",", ":")))

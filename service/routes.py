@@ -15,9 +15,18 @@ from fastapi.responses import Response
 
 from .config import Settings
 from .errors import ErrorBody, ServiceError, as_service_error, not_ready, timed_out
+from .event_stream import (
+    EventStreamResponse,
+    error_event,
+    restore_events,
+    result_event,
+    until_disconnected,
+    wants_event_stream,
+)
 from .metrics import CONTENT_TYPE_LATEST
+from .progress import RestoreProgress
 from .schemas import ModelsResponse
-from .state import ServiceState, Upload
+from .state import Restored, ServiceState, Upload
 
 __all__ = ["restore_router", "operations_router"]
 
@@ -42,12 +51,6 @@ _RESTORE_ERRORS = {
 }
 
 
-async def _until_disconnected(request: Request) -> None:
-    # The body has been read, so the next ASGI message can only be the client going away.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def _answer_to(failed: asyncio.Future, request_id: str, timeout_s: float) -> ServiceError:
     error = failed.exception()
     answer = as_service_error(error, timeout_s)
@@ -55,6 +58,42 @@ def _answer_to(failed: asyncio.Future, request_id: str, timeout_s: float) -> Ser
         log.error("restoring failed in request %s", request_id, exc_info=error)
         answer = ServiceError(500, "inference_failed", f"the model failed on this image (request {request_id})")
     return answer
+
+
+def _timings(restored: Restored, started: float) -> dict[str, float]:
+    return {**restored.timings, "total": time.monotonic() - started}
+
+
+def _event_stream(request: Request, service: ServiceState, task: str, work: asyncio.Future,
+                  progress: RestoreProgress, deadline: float) -> EventStreamResponse:
+    """The answer to a restore that asked for ``text/event-stream``: 200 at once, the outcome in
+    its last event (:mod:`service.event_stream`)."""
+    entry, request_id, started = request.state.log_entry, request.state.request_id, request.state.started
+    timeout_s = service.settings.request_timeout_s
+    entry["stream"] = True
+    metrics = service.metrics
+
+    def finished(done: asyncio.Future | None) -> bytes:
+        if done is None or done.cancelled():
+            answer = timed_out(timeout_s)
+        elif done.exception() is not None:
+            answer = _answer_to(done, request_id, timeout_s)
+        else:
+            entry["outcome"] = 200
+            return result_event(done.result(), request_id, _timings(done.result(), started))
+        entry.update(error=answer.code, outcome=answer.status_code)
+        return error_event(answer)
+
+    def closed() -> None:
+        metrics.streams_open.labels(task).dec()
+        if not work.done():  # the client went away before the last event
+            work.cancel()
+            entry.update(error="client_disconnected", outcome=499)
+            metrics.cancelled_by_client.labels(task).inc()
+
+    metrics.streams_open.labels(task).inc()
+    events = restore_events(work, progress, deadline, service.settings.stream_keepalive_s, finished)
+    return EventStreamResponse(events, on_close=closed)
 
 
 def restore_router(settings: Settings) -> APIRouter:
@@ -70,9 +109,15 @@ def restore_router(settings: Settings) -> APIRouter:
             f"at most {settings.max_upload_bytes} bytes and {settings.max_pixels} pixels). The answer is a PNG "
             "of the same size: grayscale stays grayscale, alpha is kept, EXIF orientation is applied.\n\n"
             "Headers: `X-Request-ID` (yours, echoed, or a new one) and `Server-Timing` with `decode`, "
-            "`queue`, `inference`, `encode` and `total` in milliseconds."),
-        responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                         "description": "The restored image as PNG."},
+            "`queue`, `inference`, `encode` and `total` in milliseconds.\n\n"
+            "With `Accept: text/event-stream` the answer is 200 at once and a stream of Server-Sent Events: "
+            "`progress` (`{\"done\", \"total\", \"eta_s\"}`, tiles finished, from 0 once the image is cut), "
+            "then one `result` (`{\"png_base64\", \"width\", \"height\", \"request_id\", \"timings\"}`, "
+            "the same PNG) or one `error` (the usual error body, with the `status` it would have had); comment "
+            "lines keep an idle connection open. Closing the stream cancels the restore."),
+        responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                     "text/event-stream": {"schema": {"type": "string"}}},
+                         "description": "The restored image as PNG, or its progress and result as events."},
                    **{status: {"model": ErrorBody, "description": text} for status, text in _RESTORE_ERRORS.items()}},
     )
     async def restore(
@@ -97,11 +142,15 @@ def restore_router(settings: Settings) -> APIRouter:
         await image.close()  # its spooled copy on disk or in memory is no longer needed
         entry["bytes"] = upload.size
 
-        work = asyncio.ensure_future(service.restore(task, upload, deadline, entry))
+        streaming = wants_event_stream(request.headers.get("accept", ""))
+        progress = RestoreProgress() if streaming else None
+        work = asyncio.ensure_future(service.restore(task, upload, deadline, entry, progress))
         # Marked as seen even when nobody reads it: a handler cancelled at shutdown never does.
         work.add_done_callback(lambda done: done.cancelled() or done.exception())
         del upload
-        client_gone = asyncio.ensure_future(_until_disconnected(request))
+        if streaming:
+            return _event_stream(request, service, task, work, progress, deadline)
+        client_gone = asyncio.ensure_future(until_disconnected(request.receive))
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await asyncio.wait({work, client_gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -113,6 +162,7 @@ def restore_router(settings: Settings) -> APIRouter:
             work.cancel()  # drops this request's queued tiles
             if client_gone.done() and not client_gone.cancelled():
                 entry["error"] = "client_disconnected"
+                service.metrics.cancelled_by_client.labels(task).inc()
                 return Response(status_code=499)  # nginx's code for it; only the log ever sees it
             raise timed_out(timeout_s)
         if work.exception() is not None:
@@ -122,7 +172,7 @@ def restore_router(settings: Settings) -> APIRouter:
             raise _answer_to(work, request.state.request_id, timeout_s) from None
         restored = work.result()
         del work
-        timings = {**restored.timings, "total": time.monotonic() - request.state.started}
+        timings = _timings(restored, request.state.started)
         server_timing = ", ".join(f"{name};dur={round(seconds * 1000, 2)}" for name, seconds in timings.items())
         return Response(content=restored.png, media_type="image/png", headers={"Server-Timing": server_timing})
 

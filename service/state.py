@@ -31,6 +31,7 @@ from .errors import ServiceError
 from .memory import MemoryBudget
 from .metrics import ServiceMetrics
 from .pipeline import RestorePipeline
+from .progress import RestoreProgress
 from .schemas import ModelCard
 from .tiling import Tiling
 
@@ -55,10 +56,11 @@ class Upload:
 
 
 class Restored:
-    """A restored upload: the PNG and the seconds each stage took, in the order they ran."""
+    """A restored upload: the PNG, its size, and the seconds each stage took, in the order they ran."""
 
-    def __init__(self, png: bytes, timings: dict[str, float]):
+    def __init__(self, png: bytes, width: int, height: int, timings: dict[str, float]):
         self.png = png
+        self.width, self.height = width, height
         self.timings = timings
 
 
@@ -126,8 +128,10 @@ class ServiceState:
     async def run_in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.imaging_pool, function, *args)
 
-    async def restore(self, task: str, upload: Upload, deadline: float, entry: dict) -> Restored:
-        """The upload's bytes -> restored PNG; ``entry`` (the request's log line) gains the image's facts.
+    async def restore(self, task: str, upload: Upload, deadline: float, entry: dict,
+                      progress: RestoreProgress | None = None) -> Restored:
+        """The upload's bytes -> restored PNG; ``entry`` (the request's log line) gains the image's facts,
+        ``progress`` the tiles as they finish.
 
         Raises the domain errors of each stage (:mod:`service.errors` maps them to HTTP). Every
         array of the request is released when this returns or raises, with no reference cycle
@@ -142,13 +146,18 @@ class ServiceState:
             del decoded
             timings["decode"] = time.monotonic() - mark
             image, tiles = prepared.decoded, prepared.tiles
-            entry.update(width=image.width, height=image.height, format=image.format, tiles=len(tiles))
+            width, height = image.width, image.height
+            entry.update(width=width, height=height, format=image.format, tiles=len(tiles))
             metrics.image_megapixels.labels(task).observe(image.width * image.height / 1e6)
             metrics.request_tiles.labels(task).observe(len(tiles))
             del image
             # The queue holds the tiles from here on, and writes the outputs over them.
             prepared.tiles = None
-            result = await self.batcher.submit(task, tiles, deadline)
+            on_progress = None
+            if progress is not None:
+                progress.started(len(tiles))
+                on_progress = progress.tiles_finished
+            result = await self.batcher.submit(task, tiles, deadline, on_progress)
             del tiles
             timings["queue"], timings["inference"] = result.queue_seconds, result.inference_seconds
             metrics.queue_wait.labels(task).observe(result.queue_seconds)
@@ -157,7 +166,7 @@ class ServiceState:
             mark = time.monotonic()
             png = await self.run_in_thread(self.pipeline.finish, prepared, result.outputs)
             timings["encode"] = time.monotonic() - mark
-        return Restored(png, timings)
+        return Restored(png, width, height, timings)
 
     async def load(self) -> None:
         """Load and warm every task's engine on every device, then open the queue; readiness follows."""

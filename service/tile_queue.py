@@ -41,6 +41,7 @@ class Job:
     inference_seconds: float = 0.0
     running_batches: int = 0
     busy_since: float = 0.0
+    on_progress: Callable[[int], None] | None = None  # told the tiles finished so far
 
     @property
     def count(self) -> int:

@@ -172,6 +172,18 @@ def test_every_way_a_request_ends_releases_its_arrays_without_the_garbage_collec
             gate.release.set()
             first.join(30)
             expect_released("503 over capacity")
+            # An event stream: finished, and closed by its client while its tiles are in a pass.
+            stream = {"Accept": "text/event-stream"}
+            finished = httpx.post(url, files={"image": ("s.png", image)}, headers=stream, timeout=30)
+            assert "event: result" in finished.text
+            expect_released("stream finished")
+            gate.release.clear()
+            gate.entered.clear()
+            with httpx.stream("POST", url, files={"image": ("s.png", image)}, headers=stream, timeout=30) as opened:
+                assert opened.status_code == 200
+                assert gate.entered.wait(10)
+            gate.release.set()
+            expect_released("stream closed by its client")
             # Past the deadline while queued behind a held pass.
             gate.release.clear()
             gate.entered.clear()
