@@ -134,6 +134,10 @@ class ServiceMetrics:
         """Publish an engine's description (``device`` may list several, comma-separated); on
         CUDA also start reporting each device's memory."""
         self.model_info.labels(task).info({key: str(value) for key, value in description.items()})
+        # Series that exist at 0 from the start, so that a dashboard or an alert sees "none yet"
+        # rather than "no data" until the first stream or cancellation.
+        self.streams_open.labels(task)
+        self.cancelled_by_client.labels(task)
         for name in str(description.get("device", "cpu")).split(","):
             device = torch.device(name)
             if device.type == "cuda" and device not in self._cuda_devices:

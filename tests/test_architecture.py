@@ -80,7 +80,7 @@ def test_serving_never_imports_training(module):
 
 
 def test_the_http_layer_knows_nothing_of_the_network():
-    for module in ("service.routes", "service.middleware", "service.errors", "service.app"):
+    for module in ("service.routes", "service.middleware", "service.errors", "service.app", "service.event_stream"):
         forbidden = {m for m in _imports_of(module) if m.startswith("models") or m == "service.engine"}
         assert not forbidden, (module, forbidden)
 
@@ -91,7 +91,7 @@ def test_the_client_library_never_imports_the_command_line():
 
 
 @pytest.mark.parametrize("module", ["service.tiling", "service.tile_queue", "service.watchdog", "service.memory",
-                                    "service.imaging", "service.image_files"])
+                                    "service.imaging", "service.image_files", "service.progress"])
 def test_the_bottom_layer_imports_no_other_service_module(module):
     assert not {m for m in _imports_of(module) if m.startswith("service")}
 

@@ -13,16 +13,18 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from service.config import Settings
 from service.event_stream import wants_event_stream
 
 from attacks import smooth_image
-from service_helpers import decode_png, encode, metric_value, running_server, tiny_checkpoint, wait_until
+from service_helpers import ROOT, decode_png, encode, metric_value, running_server, tiny_checkpoint, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 STREAM = {"Accept": "text/event-stream"}
+KODAK = ROOT.parent / "shared" / "datasets" / "eval" / "Kodak24"
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +247,24 @@ def test_a_client_that_closes_the_stream_cancels_its_restore(gated):
     computed = metric_value(text, "mprnet_batch_size_sum") - metric_value(before, "mprnet_batch_size_sum")
     assert computed == 1 + 4, computed
     assert metric_value(text, "mprnet_requests_total", code="499") == 1
+
+
+def test_a_2000x1500_photo_on_the_default_cpu_service_streams_progress_and_the_plain_pixels():
+    """Issue 19's acceptance check: the service as `serve` runs it on a CPU (bundled weights, the
+    default backend and tiling), a photo of 2000x1500 with noise on it."""
+    if not KODAK.is_dir():
+        pytest.skip("../shared/datasets is not beside the checkout")
+    with Image.open(KODAK / "kodim05.png") as photo:
+        pixels = np.asarray(photo.convert("RGB").resize((2000, 1500), Image.Resampling.LANCZOS), dtype=np.float32)
+    noisy = np.clip(pixels + np.random.default_rng(19).normal(0, 15, pixels.shape), 0, 255).round().astype(np.uint8)
+    upload = encode(noisy)
+    with running_server(Settings(tasks="denoising")) as server:
+        stream = post_stream(server.url, "denoising", upload, timeout=600)
+        plain = httpx.post(f"{server.url}/v1/restore/denoising", files={"image": ("photo.png", upload)}, timeout=600)
+        backend = server.service.cards["denoising"].backend
+    progress, result = assert_progress_then_result(stream)
+    assert len(progress) >= 3, progress
+    assert plain.status_code == 200, plain.text
+    streamed = np.asarray(decode_png(base64.b64decode(result["png_base64"])))
+    assert streamed.shape == (1500, 2000, 3)
+    assert np.array_equal(streamed, np.asarray(decode_png(plain.content))), f"backend {backend}"
