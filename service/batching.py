@@ -140,7 +140,7 @@ class Batcher:
         self._filling: set[QueueKey] = set()  # groups a worker waits on to fill
         self._work_arrived = asyncio.Event()
         self._pending: set[Job] = set()
-        self._seconds_per_tile = 0.0  # moving average over all workers, for Retry-After
+        self._seconds_per_tile = 0.0  # moving average over all workers, for Retry-After and time left
         self._closed = False
         self._started = False
 
@@ -390,7 +390,14 @@ class Batcher:
         previous = self._seconds_per_tile
         self._seconds_per_tile = per_tile if not previous else 0.8 * previous + 0.2 * per_tile
 
+    def expected_seconds(self, tiles: int) -> float | None:
+        """How long ``tiles`` more would take to be done, behind those queued now, at the recent
+        speed; None before any batch has run."""
+        if not self._seconds_per_tile:
+            return None
+        return (self.queued_tiles + tiles) * self._seconds_per_tile / len(self._workers)
+
     def retry_after_s(self) -> int:
         """Seconds until the queued tiles should be done, at the recent speed (at least 1)."""
         # The workers drain the queue side by side.
-        return max(1, math.ceil(self.queued_tiles * self._seconds_per_tile / len(self._workers)))
+        return max(1, math.ceil(self.expected_seconds(0) or 0))

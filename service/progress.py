@@ -29,6 +29,7 @@ class RestoreProgress:
         self.total: int | None = None  # known once the image is decoded and cut
         self.done = 0
         self._queued_at = 0.0
+        self._expected_s: float | None = None  # the service's guess before this restore's own pace
         # The pace is measured from the first finished batch on, so that the time the request
         # waited for its first turn does not count as time per tile.
         self._first_done = 0
@@ -36,10 +37,12 @@ class RestoreProgress:
         self._last_done_at = 0.0
         self._changed = asyncio.Event()
 
-    def started(self, total: int) -> None:
-        """The image is cut into ``total`` tiles, none finished yet."""
+    def started(self, total: int, expected_s: float | None = None) -> None:
+        """The image is cut into ``total`` tiles, none finished yet; ``expected_s``: how long the
+        queue expects them to take (its recent pace, the tiles ahead of them), if it knows."""
         self.total, self.done = total, 0
         self._queued_at = time.monotonic()
+        self._expected_s = expected_s
         self._changed.set()
 
     def tiles_finished(self, done: int) -> None:
@@ -69,7 +72,9 @@ class RestoreProgress:
         if left <= 0:
             return 0.0
         if self.done == 0:
-            return None
+            if self._expected_s is None:
+                return None
+            return max(0.0, self._expected_s - (time.monotonic() - self._queued_at))
         if self.done > self._first_done:
             seconds_per_tile = (self._last_done_at - self._first_done_at) / (self.done - self._first_done)
         else:  # one batch so far: its tiles took at most the time since they were queued

@@ -155,7 +155,7 @@ class ServiceState:
             prepared.tiles = None
             on_progress = None
             if progress is not None:
-                progress.started(len(tiles))
+                progress.started(len(tiles), self.batcher.expected_seconds(len(tiles)))
                 on_progress = progress.tiles_finished
             result = await self.batcher.submit(task, tiles, deadline, on_progress)
             del tiles

@@ -113,6 +113,17 @@ def test_a_stream_reports_progress_then_the_png_a_plain_request_returns(server):
     assert stream.headers["x-request-id"] == "stream-1" and stream.headers["cache-control"] == "no-cache"
 
 
+def test_the_first_progress_event_estimates_the_time_left_from_the_services_recent_pace(server):
+    image = encode(smooth_image(200, 260))
+    plain = httpx.post(f"{server.url}/v1/restore/denoising", files={"image": ("a.png", image)}, timeout=60)
+    assert plain.status_code == 200
+    progress, _ = assert_progress_then_result(post_stream(server.url, "denoising", image))
+    first = progress[0]
+    # 88 tiles at the pace the plain request just measured: seconds, not zero.
+    assert first["done"] == 0 and first["eta_s"] > 0
+    assert "eta_s" in progress[-1] and progress[-1]["eta_s"] == 0
+
+
 def test_a_bad_image_ends_the_stream_with_the_usual_error_body_and_the_service_goes_on(server):
     before = server.metrics()
     stream = post_stream(server.url, "denoising", b"this is not an image")
