@@ -376,6 +376,21 @@ def test_cli_remote_mode_matches_the_offline_command(server, weights, tmp_path):
     assert single.stderr.strip().endswith(f"first.png -> {tmp_path / 'single' / 'first.png'}")
 
 
+def test_cli_remote_mode_shows_a_bar_of_tiles_for_a_large_image_on_stderr_alone(server, tmp_path):
+    Image.fromarray(random_image(100, 120, 19)).save(tmp_path / "large.png")
+    Image.fromarray(random_image(20, 20, 20)).save(tmp_path / "small.png")
+    shown = run_cli(tmp_path / "large.png", tmp_path / "small.png", "-o", tmp_path / "out", "--task", "denoising",
+                    "--url", server.url)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == ""
+    tile_bars = [line for line in shown.stderr.replace("\r", "\n").splitlines() if "tile" in line]
+    assert tile_bars and all(line.startswith("large.png:") for line in tile_bars), tile_bars
+    assert f"0/{tiles_of(100, 120)} [" in shown.stderr  # a single tile's image gets no bar of its own
+    quiet = run_cli(tmp_path / "large.png", "-o", tmp_path / "quiet", "--task", "denoising", "--url", server.url,
+                    "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == "", quiet.stderr
+
+
 def test_cli_remote_mode_stops_early_for_a_service_it_cannot_use(weights, tmp_path):
     image = tmp_path / "image.png"
     Image.fromarray(random_image(16, 16, 11)).save(image)
