@@ -10,11 +10,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from models.weights import DEFAULT_MAX_BYTES, TASKS
 
 from .image_files import find_images
 from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE
+
+if TYPE_CHECKING:
+    from .client import FileOutcome, Progress
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 API_KEY_VARIABLE = "MPRNET_API_KEY"
@@ -90,6 +94,29 @@ def _restore_locally(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 
+class _TileBars:
+    """A bar of tiles, under the bar of images, for each image in flight that has more than one
+    tile: a large image can take minutes, and its tiles show that it is moving."""
+
+    def __init__(self, tqdm: type):
+        self._tqdm = tqdm
+        self._bars: dict[Path, Any] = {}
+
+    def progress(self, path: Path, progress: Progress) -> None:
+        bar = self._bars.get(path)
+        if bar is None:
+            if progress.total < 2:
+                return
+            bar = self._bars[path] = self._tqdm(total=progress.total, desc=path.name, unit="tile", leave=False,
+                                                file=sys.stderr)
+        bar.update(progress.done - bar.n)  # after a retry the count starts again from 0
+
+    def finished(self, outcome: FileOutcome) -> None:
+        bar = self._bars.pop(outcome.path, None)
+        if bar is not None:
+            bar.close()
+
+
 def _restore_remotely(args: argparse.Namespace) -> int:
     """The local command's inputs, output names, messages and exit codes, with the work done by
     the service at ``--url``."""
@@ -122,9 +149,16 @@ def _restore_remotely(args: argparse.Namespace) -> int:
             print(f"error: the service at {args.url} does not restore {args.task}; it serves {', '.join(served)}",
                   file=sys.stderr)
             return EXIT_USAGE
+        tiles = _TileBars(tqdm)
+
+        def finished(outcome: FileOutcome) -> None:
+            tiles.finished(outcome)
+            bar.update(1)
+
         with tqdm(total=len(files), unit="image", disable=len(files) < 2 or args.quiet, file=sys.stderr) as bar:
+            # Without bars to show, plain requests: nothing to stream.
             outcomes = client.restore_folder(files, args.output, args.task, concurrency=args.concurrency,
-                                             on_outcome=lambda outcome: bar.update(1))
+                                             on_outcome=finished, on_progress=None if args.quiet else tiles.progress)
     failures = len(problems)
     for outcome in outcomes:
         if outcome.ok:

@@ -6,6 +6,7 @@
         result = client.restore("photo.jpg", "denoising")
         Path("photo.png").write_bytes(result.png)
         print(result.request_id, result.timings)          # timings in ms, from Server-Timing
+        client.restore("large.jpg", "deblurring", progress=lambda p: print(f"{p.done}/{p.total} tiles"))
         report = client.restore_folder(["photos/"], "restored/", "denoising", concurrency=4)
 
 Every error the API reports arrives as a :class:`ServiceError` subclass named after its status
@@ -13,20 +14,25 @@ Every error the API reports arrives as a :class:`ServiceError` subclass named af
 and ``message``. A full queue or a service still loading (503) and refused or dropped connections
 are retried with exponential backoff and jitter, waiting at least as long as ``Retry-After``
 asks; everything else is raised at once, since sending the same image again cannot change it.
+
+With ``progress``, a restore is answered as a stream of events (:mod:`service.client_results`):
+the callback gets a :class:`Progress` each time more tiles are done, and the outcome is the
+same result, or the same error, retried by the same rules, as without it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import mimetypes
 import os
-import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -45,28 +51,33 @@ from .client_errors import (
     ValidationError,
     error_from_response,
 )
+from .client_results import (
+    EVENT_STREAM,
+    Progress,
+    ProgressCallback,
+    RestoreEvents,
+    RestoreResult,
+    is_event_stream,
+    parse_server_timing,
+    plain_result,
+)
+from .client_retries import RetryPolicy
 from .image_files import find_images
 
-__all__ = ["Client", "AsyncClient", "RestoreResult", "FileOutcome", "ServiceError", "InvalidImage", "NotFound",
-           "PayloadTooLarge", "UnsupportedMediaType", "ValidationError", "InternalError", "Overloaded", "Timeout",
-           "ConnectionFailed"]
+__all__ = ["Client", "AsyncClient", "RestoreResult", "Progress", "FileOutcome", "ServiceError", "InvalidImage",
+           "NotFound", "PayloadTooLarge", "UnsupportedMediaType", "ValidationError", "InternalError", "Overloaded",
+           "Timeout", "ConnectionFailed", "parse_server_timing"]
 
 ImageInput = bytes | str | os.PathLike
+T = TypeVar("T")
 
 # Uploads and inference of a large image take a while; the service's own limit is 120 s by
-# default, so the read timeout leaves room for it to answer 504 itself.
+# default, so the read timeout leaves room for it to answer 504 itself. httpx applies it to each
+# read, so an event stream (``progress``) only needs an event or a keep-alive within it.
 DEFAULT_TIMEOUT = httpx.Timeout(180.0, connect=10.0)
 
 
 # -- results ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RestoreResult:
-    png: bytes
-    request_id: str
-    timings: dict[str, float]  # milliseconds per step (decode, queue, inference, encode, total)
-    attempts: int = 1  # requests sent, retries included
-
 
 @dataclass(frozen=True)
 class FileOutcome:
@@ -83,26 +94,11 @@ class FileOutcome:
 
 
 OutcomeCallback = Callable[[FileOutcome], None]
+FileProgressCallback = Callable[[Path, Progress], None]
 
 
 class OutputTaken(ValueError):
     """Two inputs share a stem, so the second one's ``<stem>.png`` would overwrite the first's."""
-
-
-def parse_server_timing(value: str | None) -> dict[str, float]:
-    """``"queue;dur=1.5, total;dur=9"`` -> ``{"queue": 1.5, "total": 9.0}``; entries without a
-    duration are left out."""
-    timings: dict[str, float] = {}
-    for entry in (value or "").split(","):
-        name, *params = (part.strip() for part in entry.split(";"))
-        for param in params:
-            key, _, number = param.partition("=")
-            if name and key.strip().lower() == "dur":
-                try:
-                    timings[name] = float(number.strip().strip('"'))
-                except ValueError:
-                    pass
-    return timings
 
 
 # -- what both clients share ----------------------------------------------------------------------
@@ -115,50 +111,13 @@ def _upload(image: ImageInput) -> tuple[str, bytes, str]:
     return path.name, path.read_bytes(), content_type
 
 
-def _result(response: httpx.Response, attempts: int) -> RestoreResult:
-    return RestoreResult(png=response.content, request_id=response.headers.get(REQUEST_ID_HEADER, ""),
-                         timings=parse_server_timing(response.headers.get("Server-Timing")), attempts=attempts)
-
-
-_RETRIED_TRANSPORT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
-                             httpx.RemoteProtocolError)
-
-
-class _Policy:
-    """How long to wait before the next attempt, or None to stop; shared by both clients."""
-
-    def __init__(self, base_url: str, retries: int, backoff: float, max_wait: float):
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
-        if backoff < 0 or max_wait < 0:
-            raise ValueError("backoff and max_wait must be >= 0")
-        self.base_url = base_url
-        self.retries = retries
-        self.backoff = backoff
-        self.max_wait = max_wait
-
-    def delay(self, attempt: int, retry_after: float | None) -> float | None:
-        """``attempt`` counts from 1 for the request that just failed."""
-        if attempt > self.retries:
-            return None
-        step = min(self.max_wait, self.backoff * 2 ** (attempt - 1))
-        if retry_after is None:
-            # "Equal jitter": never retry at once, yet clients that failed together spread out.
-            return random.uniform(step / 2, step)
-        if retry_after > self.max_wait:
-            return None  # the service asks for a longer pause than this caller agreed to wait
-        # At least what the service asked for; the jitter keeps clients told the same number of
-        # seconds from all coming back in the same instant.
-        return retry_after + random.uniform(0, step)
-
-    def transport_error(self, exc: httpx.TransportError, attempts: int) -> ServiceError:
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-            return Timeout(f"no answer from {self.base_url} within the client's timeout ({type(exc).__name__})",
-                           code="client_timeout", status=None)
-        reason = str(exc) or type(exc).__name__
-        tries = f" after {attempts} attempts" if attempts > 1 else ""
-        return ConnectionFailed(f"cannot reach {self.base_url}{tries}: {reason}", code="connection_failed",
-                                status=None)
+def _restore_request(task: str, upload: tuple[str, bytes, str], request_id: str | None,
+                     progress: ProgressCallback | None) -> dict[str, Any]:
+    # One id for every attempt, so the service's log ties the retries together.
+    headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
+    if progress is not None:
+        headers["Accept"] = EVENT_STREAM
+    return dict(url=f"/v1/restore/{quote(task, safe='')}", files={"image": upload}, headers=headers)
 
 
 API_KEY_HEADER = "X-API-Key"
@@ -191,7 +150,7 @@ class Client:
                  api_key: str | None = None):
         self._arguments = dict(base_url=base_url, timeout=timeout, retries=retries, backoff=backoff,
                                max_wait=max_wait, headers=headers, api_key=api_key)
-        self._policy = _Policy(base_url.rstrip("/"), retries, backoff, max_wait)
+        self._policy = RetryPolicy(base_url.rstrip("/"), retries, backoff, max_wait)
         self._http = httpx.Client(**_client_options(base_url, timeout, headers, api_key))
 
     def __enter__(self) -> Client:
@@ -203,56 +162,66 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, method: str, url: str, retry: bool = True, **kwargs: Any) -> tuple[httpx.Response, int]:
+    def _retrying(self, attempt_once: Callable[[], T], retry: bool = True) -> tuple[T, int]:
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = self._http.request(method, url, **kwargs)
-            except _RETRIED_TRANSPORT_ERRORS as exc:
-                wait = self._policy.delay(attempt, None) if retry else None
-                if wait is None:
-                    raise self._policy.transport_error(exc, attempt) from exc
-            except httpx.TransportError as exc:
-                raise self._policy.transport_error(exc, attempt) from exc
-            else:
-                if response.is_success:
-                    return response, attempt
-                error = error_from_response(response)
-                wait = self._policy.delay(attempt, error.retry_after) if retry and response.status_code == 503 else None
-                if wait is None:
-                    raise error
+                return attempt_once(), attempt
+            except (httpx.TransportError, Overloaded) as failure:
+                wait = self._policy.wait_after(failure, attempt, retry)
             time.sleep(wait)
 
-    def restore(self, image: ImageInput, task: str, *, request_id: str | None = None) -> RestoreResult:
-        """Restore one image (its bytes, or a path) with ``task``; the answer is always PNG."""
-        name, data, content_type = _upload(image)
-        # One id for every attempt, so the service's log ties the retries together.
-        headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
-        response, attempts = self._send("POST", f"/v1/restore/{quote(task, safe='')}",
-                                        files={"image": (name, data, content_type)}, headers=headers)
-        return _result(response, attempts)
+    def _get(self, url: str) -> httpx.Response:
+        response = self._http.get(url)
+        if not response.is_success:
+            raise error_from_response(response)
+        return response
+
+    def restore(self, image: ImageInput, task: str, *, request_id: str | None = None,
+                progress: ProgressCallback | None = None) -> RestoreResult:
+        """Restore one image (its bytes, or a path) with ``task``; the answer is always PNG.
+
+        ``progress``, if given, is called with a :class:`Progress` as the service finishes tiles
+        (at most four times a second), from 0 done to all of them; a retried attempt reports
+        from 0 again. An exception it raises ends the restore, and the service stops working on it.
+        """
+        request = _restore_request(task, _upload(image), request_id, progress)
+        result, attempts = self._retrying(lambda: self._restore_once(request, progress))
+        return replace(result, attempts=attempts)
+
+    def _restore_once(self, request: dict[str, Any], progress: ProgressCallback | None) -> RestoreResult:
+        with self._http.stream("POST", **request) as response:
+            if progress is None or not is_event_stream(response):
+                response.read()
+                return plain_result(response)
+            events = RestoreEvents(response, progress)
+            for line in response.iter_lines():
+                if events.feed(line):
+                    break
+            return events.outcome()
 
     def models(self) -> dict[str, Any]:
         """``GET /v1/models``: readiness, batching limits, and the model card of each task."""
-        return self._send("GET", "/v1/models")[0].json()
+        return self._retrying(lambda: self._get("/v1/models"))[0].json()
 
     def ready(self) -> bool:
         """Whether the service would take work now (``/readyz``); asked once, never retried."""
         try:
-            self._send("GET", "/readyz", retry=False)
+            self._retrying(lambda: self._get("/readyz"), retry=False)
         except Overloaded:
             return False
         return True
 
     def restore_folder(self, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, task: str, *,
-                       concurrency: int = 4, on_outcome: OutcomeCallback | None = None) -> list[FileOutcome]:
+                       concurrency: int = 4, on_outcome: OutcomeCallback | None = None,
+                       on_progress: FileProgressCallback | None = None) -> list[FileOutcome]:
         """See :meth:`AsyncClient.restore_folder`; runs it on a private event loop, so not from
-        inside a running one (``on_outcome`` is called on this thread)."""
+        inside a running one (``on_outcome`` and ``on_progress`` are called on this thread)."""
         async def run() -> list[FileOutcome]:
             async with AsyncClient(**self._arguments) as client:
                 return await client.restore_folder(inputs, out_dir, task, concurrency=concurrency,
-                                                   on_outcome=on_outcome)
+                                                   on_outcome=on_outcome, on_progress=on_progress)
         return asyncio.run(run())
 
 
@@ -264,7 +233,7 @@ class AsyncClient:
     def __init__(self, base_url: str, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, retries: int = 4,
                  backoff: float = 0.5, max_wait: float = 60.0, headers: dict[str, str] | None = None,
                  api_key: str | None = None):
-        self._policy = _Policy(base_url.rstrip("/"), retries, backoff, max_wait)
+        self._policy = RetryPolicy(base_url.rstrip("/"), retries, backoff, max_wait)
         self._http = httpx.AsyncClient(**_client_options(base_url, timeout, headers, api_key))
 
     async def __aenter__(self) -> AsyncClient:
@@ -276,52 +245,66 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, method: str, url: str, retry: bool = True, **kwargs: Any) -> tuple[httpx.Response, int]:
+    async def _retrying(self, attempt_once: Callable[[], Awaitable[T]], retry: bool = True) -> tuple[T, int]:
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = await self._http.request(method, url, **kwargs)
-            except _RETRIED_TRANSPORT_ERRORS as exc:
-                wait = self._policy.delay(attempt, None) if retry else None
-                if wait is None:
-                    raise self._policy.transport_error(exc, attempt) from exc
-            except httpx.TransportError as exc:
-                raise self._policy.transport_error(exc, attempt) from exc
-            else:
-                if response.is_success:
-                    return response, attempt
-                error = error_from_response(response)
-                wait = self._policy.delay(attempt, error.retry_after) if retry and response.status_code == 503 else None
-                if wait is None:
-                    raise error
+                return await attempt_once(), attempt
+            except (httpx.TransportError, Overloaded) as failure:
+                wait = self._policy.wait_after(failure, attempt, retry)
             await asyncio.sleep(wait)
 
-    async def restore(self, image: ImageInput, task: str, *, request_id: str | None = None) -> RestoreResult:
-        """Restore one image (its bytes, or a path) with ``task``; the answer is always PNG."""
+    async def _get(self, url: str) -> httpx.Response:
+        response = await self._http.get(url)
+        if not response.is_success:
+            raise error_from_response(response)
+        return response
+
+    async def restore(self, image: ImageInput, task: str, *, request_id: str | None = None,
+                      progress: ProgressCallback | None = None) -> RestoreResult:
+        """Restore one image (its bytes, or a path) with ``task``; the answer is always PNG.
+
+        ``progress`` as in :meth:`Client.restore`: a plain function, called in the event loop
+        between reads of the stream. A coroutine function is refused rather than awaited, which
+        would hold the stream's reading up for whatever it awaits; it can start a task itself.
+        """
+        if inspect.iscoroutinefunction(progress):
+            raise TypeError("progress must be a plain function, not a coroutine function: it is called, not awaited")
         if isinstance(image, (bytes, bytearray, memoryview)):
-            name, data, content_type = _upload(image)
+            upload = _upload(image)
         else:
-            name, data, content_type = await asyncio.to_thread(_upload, image)
-        headers = {REQUEST_ID_HEADER: request_id or uuid.uuid4().hex}
-        response, attempts = await self._send("POST", f"/v1/restore/{quote(task, safe='')}",
-                                              files={"image": (name, data, content_type)}, headers=headers)
-        return _result(response, attempts)
+            upload = await asyncio.to_thread(_upload, image)
+        request = _restore_request(task, upload, request_id, progress)
+        result, attempts = await self._retrying(lambda: self._restore_once(request, progress))
+        return replace(result, attempts=attempts)
+
+    async def _restore_once(self, request: dict[str, Any], progress: ProgressCallback | None) -> RestoreResult:
+        async with self._http.stream("POST", **request) as response:
+            if progress is None or not is_event_stream(response):
+                await response.aread()
+                return plain_result(response)
+            events = RestoreEvents(response, progress)
+            async for line in response.aiter_lines():
+                if events.feed(line):
+                    break
+            return events.outcome()
 
     async def models(self) -> dict[str, Any]:
         """``GET /v1/models``: readiness, batching limits, and the model card of each task."""
-        return (await self._send("GET", "/v1/models"))[0].json()
+        return (await self._retrying(lambda: self._get("/v1/models")))[0].json()
 
     async def ready(self) -> bool:
         """Whether the service would take work now (``/readyz``); asked once, never retried."""
         try:
-            await self._send("GET", "/readyz", retry=False)
+            await self._retrying(lambda: self._get("/readyz"), retry=False)
         except Overloaded:
             return False
         return True
 
     async def restore_folder(self, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, task: str, *,
-                             concurrency: int = 4, on_outcome: OutcomeCallback | None = None) -> list[FileOutcome]:
+                             concurrency: int = 4, on_outcome: OutcomeCallback | None = None,
+                             on_progress: FileProgressCallback | None = None) -> list[FileOutcome]:
         """Restore every image in ``inputs`` (files, and folders searched recursively) into
         ``out_dir/<stem>.png``, at most ``concurrency`` requests at a time.
 
@@ -329,7 +312,8 @@ class AsyncClient:
         its ``error`` (a :class:`ServiceError`, an ``OSError`` reading it, or :class:`OutputTaken`
         when an earlier input already claimed the same ``<stem>.png``) and nothing written.
         ``on_outcome``, if given, receives each outcome as soon as it is known (to drive a
-        progress bar, say), in completion order.
+        progress bar, say), in completion order. ``on_progress``, if given, receives
+        ``(path, Progress)`` as each file's tiles are done (see :meth:`restore`'s ``progress``).
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -354,7 +338,8 @@ class AsyncClient:
             while not work.empty():
                 index, path, target = work.get_nowait()
                 try:
-                    result = await self.restore(path, task)
+                    progress = None if on_progress is None else functools.partial(on_progress, path)
+                    result = await self.restore(path, task, progress=progress)
                     await asyncio.to_thread(_write_atomically, target, result.png)
                 except (ServiceError, OSError) as exc:
                     outcomes[index] = FileOutcome(path, target, error=exc)

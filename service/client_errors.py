@@ -96,9 +96,15 @@ def error_from_response(response: httpx.Response) -> ServiceError:
         # Not the service's JSON: a proxy or load balancer in between answered.
         code = f"http_{response.status_code}"
         message = response.text.strip()[:300] or response.reason_phrase or f"HTTP {response.status_code}"
-    cls = _ERROR_BY_STATUS.get(response.status_code, ServiceError)
-    return cls(message, code=code, status=response.status_code, request_id=request_id,
-               retry_after=_retry_after_seconds(response.headers.get("Retry-After")))
+    return error_for_status(response.status_code, code, message, request_id=request_id,
+                            retry_after=_retry_after_seconds(response.headers.get("Retry-After")))
+
+
+def error_for_status(status: int, code: str, message: str, *, request_id: str | None = None,
+                     retry_after: float | None = None) -> ServiceError:
+    """The error the service means by ``status``, whether it came as a response or as an event."""
+    cls = _ERROR_BY_STATUS.get(status, ServiceError)
+    return cls(message, code=code, status=status, request_id=request_id, retry_after=retry_after)
 
 
 def _retry_after_seconds(value: str | None) -> float | None:

@@ -38,7 +38,7 @@ from service.server import uvicorn_config
 
 __all__ = ["ROOT", "TINY_ARCHITECTURE", "tiny_checkpoint", "random_image", "encode", "decode_png", "metric_samples",
            "metric_value", "multipart_body", "wait_until", "eventually", "free_port", "RunningServer", "running_server",
-           "ServingProcess", "serving_process"]
+           "ForwardGate", "gated_forward", "ServingProcess", "serving_process"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,6 +206,33 @@ def running_server(settings: Settings, wait_ready: bool = True, side_door: bool 
         thread.join(timeout=30)
         for listener in listeners:
             listener.close()
+
+
+class ForwardGate:
+    """Stands in for a worker's forward pass and holds each call until the test sets ``release``."""
+
+    def __init__(self, forward: Callable):
+        self.forward = forward
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, tiles):
+        self.entered.set()
+        assert self.release.wait(60), "the test never released the forward pass"
+        return self.forward(tiles)
+
+
+@contextmanager
+def gated_forward(server: RunningServer, task: str) -> Iterator[ForwardGate]:
+    """Hold every forward pass of ``task`` on ``server``'s first worker at a :class:`ForwardGate`;
+    released on the way out."""
+    worker = server.service.batcher._workers[0]
+    gate = ForwardGate(worker.forward_by_task[task])
+    worker.forward_by_task[task] = gate
+    try:
+        yield gate
+    finally:
+        gate.release.set()
 
 
 # -- `python -m service serve` in a child process ---------------------------------------------------

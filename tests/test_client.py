@@ -1,12 +1,15 @@
 """service.client against the real service on loopback (success, typed errors, a full queue,
-folders, the CLI's remote mode), plus a scripted HTTP stub for the retry rules themselves:
-dropped connections, Retry-After, give-up bounds and foreign error pages are hard to provoke on
-demand from the real service, and what is under test there is only the client's reaction."""
+folders, progress over an event stream, the CLI's remote mode), plus a scripted HTTP stub for the
+retry rules and the stream's format themselves: dropped connections, Retry-After, give-up bounds,
+foreign error pages and every way of splitting a stream are hard to provoke on demand from the
+real service, and what is under test there is only the client's reaction."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +19,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,13 +32,24 @@ from service.client import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    Progress,
     ServiceError,
     Timeout,
     UnsupportedMediaType,
 )
 from service.config import Settings
+from service.tiling import plan_tiles
 
-from service_helpers import decode_png, encode, metric_value, random_image, running_server, tiny_checkpoint
+from service_helpers import (
+    decode_png,
+    encode,
+    eventually,
+    gated_forward,
+    metric_value,
+    random_image,
+    running_server,
+    tiny_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE, OVERLAP = 32, 8
@@ -43,8 +58,10 @@ MAX_PIXELS = 128 * 128
 
 
 def settings_for(weights: dict[str, Path], **overrides) -> Settings:
-    values = dict(tasks=tuple(weights), device="cpu", tile_size=TILE, tile_overlap=OVERLAP, max_batch_size=4,
-                  max_upload_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS,
+    # PyTorch: the client does not depend on the backend, and converting each tiny network to
+    # OpenVINO afresh in every run took 40-54 s on a busy 2-core machine.
+    values = dict(tasks=tuple(weights), device="cpu", backend="torch", tile_size=TILE, tile_overlap=OVERLAP,
+                  max_batch_size=4, max_upload_bytes=MAX_UPLOAD_BYTES, max_pixels=MAX_PIXELS,
                   **{f"weights_{task}": path for task, path in weights.items()})
     return Settings(**{**values, **overrides})
 
@@ -69,6 +86,17 @@ def close_to(restored: np.ndarray, expected: np.ndarray) -> bool:
 
 def requests_answered(server, code: str) -> float:
     return metric_value(server.metrics(), "mprnet_requests_total", code=code)
+
+
+def tiles_of(height: int, width: int) -> int:
+    return len(plan_tiles(height, width, TILE, OVERLAP))
+
+
+def assert_counts_up_to_the_total(reports: list[Progress], total: int) -> None:
+    done = [report.done for report in reports]
+    assert done and done[0] == 0 and done[-1] == total, done
+    assert done == sorted(set(done)), f"not increasing: {done}"
+    assert {report.total for report in reports} == {total}
 
 
 # -- against the real service -------------------------------------------------------------------
@@ -105,27 +133,31 @@ def test_async_client_restores_concurrently(server):
     assert ready and "denoising" in models["models"]
 
 
-@pytest.mark.parametrize("send, error_type, status, code", [
-    (lambda client: client.restore(b"plain text, not a picture", "denoising"), InvalidImage, 400, "invalid_image"),
-    (lambda client: client.restore(encode(random_image(8, 8, 2)), "colourising"), NotFound, 404, "unknown_task"),
-    (lambda client: client.restore(np.random.default_rng(0).bytes(MAX_UPLOAD_BYTES + 1), "denoising"),
-     PayloadTooLarge, 413, "payload_too_large"),
-    (lambda client: client.restore(encode(np.zeros((200, 200, 3), np.uint8)), "denoising"),
-     PayloadTooLarge, 413, "image_too_large"),
-    (lambda client: client.restore(encode(random_image(8, 8, 3), "GIF"), "denoising"), UnsupportedMediaType, 415,
-     "unsupported_media_type"),
+@pytest.mark.parametrize("image, task, error_type, status, code", [
+    (b"plain text, not a picture", "denoising", InvalidImage, 400, "invalid_image"),
+    (encode(random_image(8, 8, 2)), "colourising", NotFound, 404, "unknown_task"),
+    (np.random.default_rng(0).bytes(MAX_UPLOAD_BYTES + 1), "denoising", PayloadTooLarge, 413, "payload_too_large"),
+    (encode(np.zeros((200, 200, 3), np.uint8)), "denoising", PayloadTooLarge, 413, "image_too_large"),
+    (encode(random_image(8, 8, 3), "GIF"), "denoising", UnsupportedMediaType, 415, "unsupported_media_type"),
 ], ids=["invalid-image", "unknown-task", "body-too-large", "too-many-pixels", "gif"])
-def test_api_errors_arrive_typed_with_the_apis_code_and_message_and_are_not_retried(server, send, error_type,
+def test_api_errors_arrive_typed_with_the_apis_code_and_message_and_are_not_retried(server, image, task, error_type,
                                                                                      status, code):
-    before = requests_answered(server, str(status))
-    with Client(server.url, backoff=0.01) as client, pytest.raises(error_type) as raised:
-        send(client)
-    error = raised.value
-    assert isinstance(error, ServiceError)
-    assert (error.status, error.code) == (status, code)
-    assert error.message and error.message in str(error) and code in str(error)
-    assert len(error.request_id) == 32
-    assert requests_answered(server, str(status)) == before + 1, "a refused request was sent again"
+    # With progress, what is refused before the stream starts is an HTTP error as before, and
+    # what fails once it has started (400, 415, the pixel limit) an error event.
+    raised = []
+    for progress in (None, lambda report: None):
+        before = requests_answered(server, str(status))
+        with Client(server.url, backoff=0.01) as client, pytest.raises(error_type) as caught:
+            client.restore(image, task, progress=progress)
+        error = caught.value
+        assert isinstance(error, ServiceError)
+        assert (error.status, error.code) == (status, code)
+        assert error.message and error.message in str(error) and code in str(error)
+        assert len(error.request_id) == 32
+        assert requests_answered(server, str(status)) == before + 1, "a refused request was sent again"
+        raised.append(error)
+    plain, streamed = raised
+    assert type(streamed) is type(plain) and (streamed.message, streamed.retry_after) == (plain.message, None)
 
 
 def test_a_full_queue_answers_503_and_the_client_retries_until_it_gets_through(weights):
@@ -183,6 +215,117 @@ def test_restore_folder_writes_each_stem_and_reports_each_failure(server, tmp_pa
         assert by_name[name].result.png == (out / f"{stem}.png").read_bytes()
 
 
+# -- progress over an event stream ----------------------------------------------------------------
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_progress_counts_tiles_up_to_the_total_and_the_result_is_the_plain_restores(server, flavour):
+    image = encode(random_image(100, 120, seed=14))
+    reports: list[Progress] = []
+    if flavour == "sync":
+        with Client(server.url) as client:
+            plain = client.restore(image, "denoising")
+            streamed = client.restore(image, "denoising", request_id="streamed-1", progress=reports.append)
+    else:
+        async def scenario():
+            async with AsyncClient(server.url) as client:
+                return (await client.restore(image, "denoising"),
+                        await client.restore(image, "denoising", request_id="streamed-1", progress=reports.append))
+
+        plain, streamed = asyncio.run(scenario())
+    assert_counts_up_to_the_total(reports, tiles_of(100, 120))
+    assert streamed.png == plain.png
+    assert (streamed.request_id, streamed.attempts) == ("streamed-1", 1)
+    assert set(streamed.timings) == set(plain.timings) == {"decode", "queue", "inference", "encode", "total"}
+    assert all(type(value) is float and value >= 0 for value in streamed.timings.values())
+
+
+def test_restore_folder_reports_each_files_tile_progress(server, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(random_image(100, 120, 17)).save(inputs / "large.png")
+    Image.fromarray(random_image(20, 20, 18)).save(inputs / "small.png")
+    reports: dict[str, list[Progress]] = {}
+
+    def report(path: Path, progress: Progress) -> None:
+        reports.setdefault(path.name, []).append(progress)
+
+    with Client(server.url) as client:
+        outcomes = client.restore_folder([inputs], tmp_path / "out", "denoising", concurrency=2, on_progress=report)
+    assert [outcome.ok for outcome in outcomes] == [True, True]
+    assert sorted(reports) == ["large.png", "small.png"]
+    assert_counts_up_to_the_total(reports["large.png"], tiles_of(100, 120))
+    assert_counts_up_to_the_total(reports["small.png"], 1)
+
+
+@pytest.fixture
+def gated_server(weights):
+    """A server whose forward passes wait for ``gate.release``, one tile per batch, a queue of
+    five tiles, and keep-alives every 0.1 s of silence."""
+    settings = settings_for({"denoising": weights["denoising"]}, max_batch_size=1, max_queued_tiles=5,
+                            stream_keepalive_s=0.1)
+    with running_server(settings) as running, gated_forward(running, "denoising") as gate:
+        yield running, gate
+
+
+def test_a_503_error_event_is_retried_as_a_503_answer_is(gated_server):
+    server, gate = gated_server
+    four_tiles = encode(random_image(56, 56, 15))
+    assert tiles_of(56, 56) == 4
+
+    async def metric(name: str, **labels: str) -> float:
+        return metric_value(await asyncio.to_thread(server.metrics), name, **labels)
+
+    async def three_queued() -> bool:
+        return await metric("mprnet_queue_depth_tiles") == 3
+
+    async def refused() -> bool:
+        return await metric("mprnet_requests_total", code="503") == 1
+
+    async def scenario():
+        async with AsyncClient(server.url, backoff=0.05) as client:
+            first = asyncio.create_task(client.restore(four_tiles, "denoising"))
+            # One tile held in the forward pass, three queued: the queue has room for a request,
+            # so the second is admitted and streams, but its four tiles do not fit beside them.
+            await eventually(three_queued, "three queued tiles")
+            reports: list[Progress] = []
+            second = asyncio.create_task(client.restore(four_tiles, "denoising", progress=reports.append))
+            await eventually(refused, "the second request's queue_full")
+            gate.release.set()
+            return await first, await second, reports
+
+    first, second, reports = asyncio.run(scenario())
+    assert first.attempts == 1 and second.attempts == 2
+    assert [report.done for report in reports].count(0) == 2, "the first attempt was not a stream cut into tiles"
+    assert_counts_up_to_the_total(reports[1:], 4)
+    assert decode_png(second.png).size == (56, 56)
+
+
+def test_a_restore_outlasts_the_clients_read_timeout_on_the_streams_keep_alives(gated_server):
+    server, gate = gated_server
+    image = encode(random_image(24, 24, 16))
+    with Client(server.url, timeout=httpx.Timeout(1.0, connect=10.0), retries=0) as client:
+        with pytest.raises(Timeout):  # the same wait without a stream: nothing arrives within the read timeout
+            client.restore(image, "denoising")
+        release = threading.Timer(3.0, gate.release.set)
+        release.start()
+        started = time.monotonic()
+        result = client.restore(image, "denoising", progress=lambda report: None)
+    assert time.monotonic() - started >= 2.5
+    assert decode_png(result.png).size == (24, 24)
+
+
+def test_the_async_client_takes_a_plain_function_as_progress_not_a_coroutine_function():
+    async def report(progress: Progress) -> None:
+        pass
+
+    async def scenario():
+        async with AsyncClient("http://127.0.0.1:9") as client:
+            await client.restore(PNG, "denoising", progress=report)
+
+    with pytest.raises(TypeError, match="plain function"):
+        asyncio.run(scenario())
+
+
 def test_the_client_library_runs_without_the_cli_torch_or_fastapi(server, tmp_path):
     # In a fresh interpreter, since this one has imported everything; restoring a folder runs
     # the paths where a lazy import would hide.
@@ -233,6 +376,21 @@ def test_cli_remote_mode_matches_the_offline_command(server, weights, tmp_path):
     single = run_cli(inputs / "first.png", "-o", tmp_path / "single", "--task", "denoising", "--url", server.url)
     assert single.returncode == 0, single.stderr
     assert single.stderr.strip().endswith(f"first.png -> {tmp_path / 'single' / 'first.png'}")
+
+
+def test_cli_remote_mode_shows_a_bar_of_tiles_for_a_large_image_on_stderr_alone(server, tmp_path):
+    Image.fromarray(random_image(100, 120, 19)).save(tmp_path / "large.png")
+    Image.fromarray(random_image(20, 20, 20)).save(tmp_path / "small.png")
+    shown = run_cli(tmp_path / "large.png", tmp_path / "small.png", "-o", tmp_path / "out", "--task", "denoising",
+                    "--url", server.url)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == ""
+    tile_bars = [line for line in shown.stderr.replace("\r", "\n").splitlines() if "tile" in line]
+    assert tile_bars and all(line.startswith("large.png:") for line in tile_bars), tile_bars
+    assert f"0/{tiles_of(100, 120)} [" in shown.stderr  # a single tile's image gets no bar of its own
+    quiet = run_cli(tmp_path / "large.png", "-o", tmp_path / "quiet", "--task", "denoising", "--url", server.url,
+                    "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == quiet.stderr == "", quiet.stderr
 
 
 def test_cli_remote_mode_stops_early_for_a_service_it_cannot_use(weights, tmp_path):
@@ -295,7 +453,8 @@ def stub(*replies: Reply) -> Iterator[tuple[str, list[dict]]]:
 
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen.append({"at": time.monotonic(), "request_id": self.headers.get("X-Request-ID")})
+            seen.append({"at": time.monotonic(), "request_id": self.headers.get("X-Request-ID"),
+                         "accept": self.headers.get("Accept")})
             (script.pop(0) if len(script) > 1 else script[0])(self)
 
         do_GET = do_POST
@@ -380,3 +539,73 @@ def test_an_error_page_from_something_in_between_is_still_a_service_error():
     assert type(raised.value) is ServiceError and len(seen) == 1
     assert (raised.value.status, raised.value.code) == (502, "http_502")
     assert "Bad Gateway" in raised.value.message
+
+
+# -- the event stream's format, against a scripted stub -------------------------------------------
+
+def event_stream(text: str) -> Reply:
+    """A 200 event stream of ``text``, a byte per write (so that lines and line breaks arrive
+    split), ended by closing the connection."""
+    def send(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("X-Request-ID", "stub")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in text.encode():
+            handler.wfile.write(bytes([byte]))
+            time.sleep(0.0005)
+        handler.close_connection = True
+    return send
+
+
+RESULT_EVENT = ("event: result\r\ndata: " + json.dumps({
+    "png_base64": base64.b64encode(PNG).decode(), "width": 4, "height": 4, "request_id": "stub",
+    "timings": {"inference": 2.5, "total": 3}}) + "\r\n\r\n")
+
+
+def test_a_stream_is_read_whatever_its_chunks_line_breaks_comments_and_data_lines():
+    stream = event_stream(
+        ": restoring\r\n\r\n"
+        'event: progress\r\ndata: {"done": 0, "total": 2}\r\n\r\n'
+        ": keep-alive\r\n\r\n"
+        'event: progress\r\ndata: {"done": 1,\r\ndata:  "total": 2, "eta_s": 0.5}\r\n\r\n'  # data on two lines
+        'event: news-from-a-later-service\ndata: {}\n\n'
+        'event: progress\ndata:{"done": 2, "total": 2}\n\n'
+        + RESULT_EVENT)
+    reports: list[Progress] = []
+    with stub(stream) as (url, seen), Client(url) as client:
+        result = client.restore(PNG, "denoising", progress=reports.append)
+    with stub(ok()) as (url, plain_seen), Client(url) as client:
+        client.restore(PNG, "denoising")
+    assert reports == [Progress(0, 2), Progress(1, 2, 0.5), Progress(2, 2)]
+    assert (result.png, result.request_id, result.timings, result.attempts) == (
+        PNG, "stub", {"inference": 2.5, "total": 3.0}, 1)
+    assert seen[0]["accept"] == "text/event-stream"
+    assert plain_seen[0]["accept"] == "*/*", "a restore without progress asked for a stream"
+
+
+def test_a_503_error_event_waits_its_retry_after_then_tries_again():
+    refused = event_stream('event: progress\ndata: {"done": 0, "total": 2}\n\n'
+                           'event: error\ndata: {"error": {"code": "queue_full", "message": "the queue is full", '
+                           '"status": 503, "retry_after_s": 1}}\n\n')
+    with stub(refused, event_stream(RESULT_EVENT)) as (url, seen), Client(url, backoff=0.01) as client:
+        result = client.restore(PNG, "denoising", progress=lambda report: None)
+    assert result.attempts == 2 and result.png == PNG
+    assert seen[1]["at"] - seen[0]["at"] >= 1.0
+    assert seen[0]["request_id"] == seen[1]["request_id"]
+    with stub(refused) as (url, seen), Client(url, retries=1, backoff=0.01, max_wait=0.5) as client:
+        with pytest.raises(Overloaded) as raised:
+            client.restore(PNG, "denoising", progress=lambda report: None)
+    assert len(seen) == 1, "retried although the service asked for a longer pause than max_wait"
+    assert (raised.value.status, raised.value.code, raised.value.retry_after, raised.value.request_id) == (
+        503, "queue_full", 1.0, "stub")
+
+
+def test_a_stream_that_ends_before_its_result_is_a_dropped_connection():
+    cut = event_stream('event: progress\ndata: {"done": 0, "total": 2}\n\nevent: result\ndata: {"png_ba')
+    with stub(cut) as (url, seen), Client(url, retries=2, backoff=0.01) as client:
+        with pytest.raises(ConnectionFailed) as raised:
+            client.restore(PNG, "denoising", progress=lambda report: None)
+    assert len(seen) == 3 and "ended before" in raised.value.message

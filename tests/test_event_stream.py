@@ -19,7 +19,16 @@ from service.config import Settings
 from service.event_stream import wants_event_stream
 
 from attacks import smooth_image
-from service_helpers import ROOT, decode_png, encode, metric_value, running_server, tiny_checkpoint, wait_until
+from service_helpers import (
+    ROOT,
+    decode_png,
+    encode,
+    gated_forward,
+    metric_value,
+    running_server,
+    tiny_checkpoint,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -171,31 +180,12 @@ def test_without_the_accept_header_nothing_changes(server):
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
 
 
-class _Gate:
-    """Holds the worker's forward pass until the test releases it."""
-
-    def __init__(self, forward):
-        self.forward = forward
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, tiles):
-        self.entered.set()
-        assert self.release.wait(60), "the test never released the forward pass"
-        return self.forward(tiles)
-
-
 @pytest.fixture
 def gated(weights):
     """A server whose forward passes wait for ``gate.release``; keep-alives every 0.2 s."""
-    with running_server(_settings(weights, stream_keepalive_s=0.2, request_timeout_s=30)) as running:
-        worker = running.service.batcher._workers[0]
-        gate = _Gate(worker.forward_by_task["denoising"])
-        worker.forward_by_task["denoising"] = gate
-        try:
-            yield running, gate
-        finally:
-            gate.release.set()
+    with (running_server(_settings(weights, stream_keepalive_s=0.2, request_timeout_s=30)) as running,
+          gated_forward(running, "denoising") as gate):
+        yield running, gate
 
 
 def test_keep_alive_comments_flow_while_the_restore_waits_for_the_device(gated):
@@ -216,13 +206,8 @@ def test_keep_alive_comments_flow_while_the_restore_waits_for_the_device(gated):
 def test_the_deadline_ends_the_stream_with_a_timeout_error_event(weights):
     settings = _settings(weights, stream_keepalive_s=0.2, request_timeout_s=1.5)
     with running_server(settings) as server:
-        worker = server.service.batcher._workers[0]
-        gate = _Gate(worker.forward_by_task["denoising"])
-        worker.forward_by_task["denoising"] = gate
-        try:
+        with gated_forward(server, "denoising"):
             stream = post_stream(server.url, "denoising", encode(smooth_image(40, 40)))
-        finally:
-            gate.release.set()
         assert [name for name, _ in stream.events] == ["progress", "error"]
         assert stream.named("error")[0]["error"] | {"message": ""} == {"code": "timeout", "status": 504,
                                                                        "message": ""}
