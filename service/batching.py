@@ -141,8 +141,7 @@ class Batcher:
         self._work_arrived = asyncio.Event()
         self._pending: set[Job] = set()
         self._seconds_per_tile = 0.0  # moving average over all workers, for Retry-After and time left
-        self._closed = False
-        self._started = False
+        self._closed = self._started = False
 
     # -- public surface -----------------------------------------------------------------------
 
@@ -386,18 +385,16 @@ class Batcher:
         job.tiles = None  # the queue keeps the job object until it reaches the head; not its pixels
 
     def _record_speed(self, tiles: int, seconds: float) -> None:
-        per_tile = seconds / tiles
-        previous = self._seconds_per_tile
+        per_tile, previous = seconds / tiles, self._seconds_per_tile
         self._seconds_per_tile = per_tile if not previous else 0.8 * previous + 0.2 * per_tile
 
     def expected_seconds(self, tiles: int) -> float | None:
-        """How long ``tiles`` more would take to be done, behind those queued now, at the recent
-        speed; None before any batch has run."""
+        """How long ``tiles`` more would take, behind those queued now, with every worker at the
+        recent speed; None before any batch has run."""
         if not self._seconds_per_tile:
             return None
         return (self.queued_tiles + tiles) * self._seconds_per_tile / len(self._workers)
 
     def retry_after_s(self) -> int:
         """Seconds until the queued tiles should be done, at the recent speed (at least 1)."""
-        # The workers drain the queue side by side.
         return max(1, math.ceil(self.expected_seconds(0) or 0))
