@@ -68,7 +68,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tiny_weights):
-    settings = Settings(tasks=("denoising", "deraining"), device="cpu", tile_size=64, tile_overlap=8,
+    settings = Settings(tasks=("denoising", "deraining"), device="cpu", backend="torch", tile_size=64, tile_overlap=8,
                         max_batch_size=4, weights_denoising=tiny_weights(1), weights_deraining=tiny_weights(2))
     with running_server(settings) as running:
         yield running
