@@ -189,10 +189,46 @@ def test_an_upload_the_api_refuses_shows_the_apis_message(page, server, tmp_path
     assert [problem for problem in page.problems if "400" not in problem] == []
 
 
+# Lines end in CRLF, LF or CR; a comment, a byte-order mark, fields without a space or a value,
+# several data lines, an event without data and fields the page ignores.
+STREAM_TEXT = ("\ufeff: restoring\r\n\r\nevent: progress\r\ndata: {\"done\": 0}\r\n\r\n: keep-alive\n\n"
+               "event: result\ndata: line one\ndata:line two\ndata\n\nid: 7\nretry: 10\nevent: no data\n\n"
+               "data: plain\r\r")
+STREAM_EVENTS = [["progress", '{"done": 0}'], ["result", "line one\nline two\n"], ["message", "plain"]]
+
+
+def test_the_event_stream_parser_reads_events_however_the_text_is_split(page, server):
+    _open(page, server)
+    outcome = page.evaluate("""async (text) => {
+        const { EventStreamParser } = await import("/static/event-stream.js");
+        const parse = (pieces) => {
+            const events = [];
+            const parser = new EventStreamParser((type, data) => events.push([type, data]));
+            for (const piece of pieces) parser.push(piece);
+            return events;
+        };
+        const whole = parse([text]);
+        const differing = [];
+        // Into three pieces at every pair of places, the empty piece included.
+        for (let first = 0; first <= text.length; first += 1) {
+            for (let second = first; second <= text.length; second += 1) {
+                const pieces = [text.slice(0, first), text.slice(first, second), text.slice(second)];
+                if (JSON.stringify(parse(pieces)) !== JSON.stringify(whole)) differing.push(pieces);
+            }
+        }
+        return { whole, differing: differing.slice(0, 3), oneByOne: parse(Array.from(text)) };
+    }""", STREAM_TEXT)
+    assert outcome["whole"] == STREAM_EVENTS
+    assert outcome["differing"] == []
+    assert outcome["oneByOne"] == STREAM_EVENTS
+    assert page.problems == []
+
+
 def test_the_page_is_served_with_its_assets(server):
     page = httpx.get(f"{server.url}/", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for asset, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
+    for asset, kind in (("/static/app.js", "javascript"), ("/static/event-stream.js", "javascript"),
+                        ("/static/style.css", "text/css")):
         response = httpx.get(f"{server.url}{asset}", timeout=10)
         assert response.status_code == 200 and kind in response.headers["content-type"], asset
     missing = httpx.get(f"{server.url}/static/missing.js", timeout=10)
