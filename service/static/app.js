@@ -1,6 +1,8 @@
 // The try-it page. It uses only the public API (GET /v1/models, POST /v1/restore/{task}), so what
 // works here works for any client, and what fails here is shown exactly as the API reports it.
 
+import { EventStreamParser } from "./event-stream.js";
+
 const $ = (id) => document.getElementById(id);
 const form = $("restore-form");
 const fileInput = $("file-input");
@@ -130,17 +132,22 @@ function restore() {
   const body = new FormData();
   body.append("image", file, file.name);
 
-  // XMLHttpRequest rather than fetch: fetch reports no upload progress.
+  // XMLHttpRequest rather than fetch: fetch reports no upload progress. Asked for an event
+  // stream, the service answers at once and its responseText grows event by event.
   const request = new XMLHttpRequest();
   running = request;
-  updateButton();
   request.open("POST", `/v1/restore/${encodeURIComponent(task)}`);
-  request.responseType = "blob";
+  request.setRequestHeader("Accept", "text/event-stream");
+  request.responseType = "text";
   const started = performance.now();
   let ticker = null;
+  let settled = false; // a result or an error is shown: what the connection does next is moot
+  let parsedUpTo = 0; // characters of responseText already given to the parser
 
   hideError();
   resultBox.setAttribute("aria-busy", "true");
+  updateButton();
+  progress.max = 100;
   progress.value = 0;
   progress.hidden = false;
   showStatus(`Uploading ${file.name}\u2026`);
@@ -152,7 +159,8 @@ function restore() {
     statusText.textContent = `Uploading ${file.name}\u2026 ${percent}%`;
   });
   request.upload.addEventListener("load", () => {
-    progress.removeAttribute("value"); // indeterminate: the server reports no progress of its own
+    // Until the image is decoded and cut into tiles, the only thing known is the time it takes.
+    progress.removeAttribute("value");
     const tick = () => {
       const seconds = ((performance.now() - started) / 1000).toFixed(1);
       statusText.textContent = `Restoring (${task})\u2026 ${seconds} s`;
@@ -168,23 +176,72 @@ function restore() {
     updateButton();
   };
 
-  request.addEventListener("load", async () => {
+  const settle = () => {
+    settled = true;
     finish();
-    const roundTrip = performance.now() - started;
-    if (request.status === 200) {
-      await showResult(file, task, request.response, request, roundTrip);
+  };
+
+  const onEvent = (type, data) => {
+    if (settled) return;
+    let payload;
+    try {
+      payload = JSON.parse(data);
+    } catch (error) {
+      settle();
+      request.abort(); // nothing more from this stream can be trusted either
+      hideStatus();
+      showError(`The service sent a ${type} event this page cannot read.`, "unreadable_event");
+      return;
+    }
+    if (type === "progress") {
+      clearInterval(ticker);
+      showTiles(task, payload);
+    } else if (type === "result") {
+      settle();
+      const roundTrip = performance.now() - started;
+      showResult(file, task, pngFromBase64(payload.png_base64), payload.request_id, payload.timings,
+                 roundTrip);
+    } else if (type === "error") {
+      settle();
+      hideStatus();
+      showApiError(payload.error?.status, payload);
+    }
+  };
+  const events = new EventStreamParser(onEvent);
+
+  const isEventStream = () => request.status === 200 &&
+    (request.getResponseHeader("Content-Type") || "").startsWith("text/event-stream");
+  const readEvents = () => {
+    if (settled || !isEventStream()) return;
+    const text = request.responseText;
+    events.push(text.slice(parsedUpTo));
+    parsedUpTo = text.length;
+  };
+  request.addEventListener("progress", readEvents);
+
+  request.addEventListener("load", () => {
+    readEvents(); // whatever arrived after the last progress event
+    if (settled) return;
+    finish();
+    hideStatus();
+    if (isEventStream()) {
+      showError("The service ended the stream before the result.", "incomplete_stream");
+    } else if (request.status === 200) {
+      // Something between here and the service ignored the Accept header.
+      const type = request.getResponseHeader("Content-Type") || "no content type";
+      showError(`The service answered with ${type} instead of an event stream.`, "unexpected_response", 200);
     } else {
       let parsed = null;
       try {
-        parsed = JSON.parse(await request.response.text());
+        parsed = JSON.parse(request.responseText);
       } catch (error) {
         parsed = null; // not the API's JSON; a proxy in front answered
       }
-      hideStatus();
       showApiError(request.status, parsed, request.statusText);
     }
   });
   request.addEventListener("error", () => {
+    if (settled) return;
     finish();
     hideStatus();
     showError("The service could not be reached, or it closed the connection.", "network_error");
@@ -193,7 +250,23 @@ function restore() {
   request.send(body);
 }
 
-async function showResult(file, task, blob, request, roundTrip) {
+function showTiles(task, { done, total, eta_s: etaSeconds }) {
+  progress.max = total;
+  progress.value = done;
+  let text = `Restoring (${task})\u2026 ${done} / ${total} tiles`;
+  if (done >= total) text += ", finishing";
+  else if (etaSeconds !== undefined) text += `, ${formatTimeLeft(etaSeconds)}`;
+  statusText.textContent = text;
+}
+
+function pngFromBase64(encoded) {
+  const binary = atob(encoded);
+  const bytes = new Uint8Array(binary.length);
+  for (let index = 0; index < binary.length; index += 1) bytes[index] = binary.charCodeAt(index);
+  return new Blob([bytes], { type: "image/png" });
+}
+
+async function showResult(file, task, blob, requestId, timings, roundTrip) {
   for (const url of objectUrls) URL.revokeObjectURL(url);
   const originalUrl = URL.createObjectURL(file);
   const resultUrl = URL.createObjectURL(blob);
@@ -219,10 +292,8 @@ async function showResult(file, task, blob, request, roundTrip) {
   download.href = resultUrl;
   download.download = `${stem}-${task}.png`;
 
-  const requestId = request.getResponseHeader("X-Request-ID") || "";
   $("request-id").textContent = requestId;
   $("round-trip").textContent = `${formatMs(roundTrip)} ms`;
-  const timings = parseServerTiming(request.getResponseHeader("Server-Timing"));
   showTimings(timings);
 
   resultBox.hidden = false;
@@ -242,20 +313,6 @@ function loadImage(img, url) {
 }
 
 // -- latency breakdown --------------------------------------------------------------------------
-
-// "queue;dur=1.5, total;dur=9" -> {queue: 1.5, total: 9}, in the header's order.
-function parseServerTiming(header) {
-  const timings = {};
-  for (const entry of (header || "").split(",")) {
-    const [name, ...params] = entry.split(";").map((part) => part.trim());
-    for (const param of params) {
-      const [key, value] = param.split("=").map((part) => part.trim());
-      const number = Number.parseFloat((value || "").replace(/"/g, ""));
-      if (name && key.toLowerCase() === "dur" && Number.isFinite(number)) timings[name] = number;
-    }
-  }
-  return timings;
-}
 
 function showTimings(timings) {
   const tbody = $("timings").querySelector("tbody");
@@ -365,6 +422,13 @@ function hideError() {
 
 function formatMs(ms) {
   return ms >= 100 ? ms.toFixed(0) : ms.toFixed(1);
+}
+
+// Rounded as a person would say it: the estimate is never more precise than that.
+function formatTimeLeft(seconds) {
+  if (seconds < 1) return "less than a second left";
+  if (seconds < 90) return `about ${Math.round(seconds)} s left`;
+  return `about ${Math.round(seconds / 60)} min left`;
 }
 
 function formatBytes(bytes) {
