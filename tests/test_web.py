@@ -1,7 +1,7 @@
 """The page at `/`, driven in headless Chromium (Debian's, through Playwright) against the real
 service: a photo goes in through the file input, a bar counts its tiles while the service works,
-the restored image and its timings come out, and an upload the API refuses shows the API's own
-message.
+the restored image and its timings come out, a restore can be cancelled, and an upload the API
+refuses shows the API's own message.
 
 Screenshots go to $PYTEST_ARTIFACTS, else tests/artifacts/. Without Chromium or Playwright the
 tests skip, unless CI is set: there a missing browser must fail the build, not hide it.
@@ -21,7 +21,7 @@ import pytest
 
 from service.config import Settings
 
-from service_helpers import decode_png, encode, running_server
+from service_helpers import decode_png, encode, metric_value, running_server, wait_until
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -364,7 +364,7 @@ def test_the_bar_counts_tiles_while_the_service_works_then_the_result_appears(ti
     assert re.fullmatch(rf"Restoring \(denoising\)\u2026 5 / {TILED_TILES} tiles, "
                         r"(about \d+ (s|min)|less than a second) left", status), status
     assert page.is_hidden("#result") and page.get_attribute("#result", "aria-busy") == "true"
-    assert page.is_disabled("#restore-button")
+    assert page.is_visible("#cancel-button") and page.is_disabled("#restore-button")
     _screenshot(page, "web-progress.png")
 
     turnstile.open()
@@ -373,9 +373,53 @@ def test_the_bar_counts_tiles_while_the_service_works_then_the_result_appears(ti
     done = _tiles_in(texts)
     assert done[0] == 0 and 5 in done and done[-1] == TILED_TILES and done == sorted(done), texts
     assert texts[-1].startswith("Restored big.png (200 \u00d7 200)"), texts
-    assert page.is_hidden("#progress")
+    assert page.is_hidden("#progress") and page.is_hidden("#cancel-button")
     assert page.get_attribute("#result", "aria-busy") is None
     assert_same_pixels(_downloaded(page), _plain_restore(server, "denoising", upload))
+    assert page.problems == []
+
+
+def test_cancel_stops_the_restore_on_the_server_and_the_page_can_restore_again(tiled_page, tiled_server,
+                                                                                turnstile):
+    page, server = tiled_page, tiled_server
+    upload = encode(_photo(TILED_SIDE, TILED_SIDE), "PNG")
+    cancelled_before = metric_value(server.metrics(), "mprnet_restores_cancelled_by_client_total")
+    _open(page, server)
+    page.set_input_files("#file-input", files=[{"name": "big.png", "mimeType": "image/png", "buffer": upload}])
+    page.wait_for_function(TILES_SHOWN, arg=[0, TILED_TILES])
+
+    page.get_by_role("button", name="Cancel").click()
+    wait_until(lambda: metric_value(server.metrics(), "mprnet_restores_cancelled_by_client_total")
+               == cancelled_before + 1, "the server to count the cancelled restore")
+    assert page.inner_text("#status-text").startswith("Cancelled.")
+    assert page.is_hidden("#cancel-button") and page.is_hidden("#progress") and page.is_hidden("#error")
+    assert page.get_attribute("#result", "aria-busy") is None
+    # The keyboard is left on the button that starts the next try.
+    assert page.evaluate("document.activeElement.id") == "restore-button"
+
+    turnstile.open()
+    page.get_by_role("button", name="Restore").click()
+    page.wait_for_selector("#result:not([hidden])")
+    assert_same_pixels(_downloaded(page), _plain_restore(server, "denoising", upload))
+    assert page.problems == []
+
+
+def test_choosing_another_image_while_one_is_restored_cancels_the_first(tiled_page, tiled_server, turnstile):
+    page, server = tiled_page, tiled_server
+    cancelled_before = metric_value(server.metrics(), "mprnet_restores_cancelled_by_client_total")
+    _open(page, server)
+    first = encode(_photo(TILED_SIDE, TILED_SIDE), "PNG")
+    page.set_input_files("#file-input", files=[{"name": "first.png", "mimeType": "image/png", "buffer": first}])
+    page.wait_for_function(TILES_SHOWN, arg=[0, TILED_TILES])
+
+    second = encode(_photo(72, 48), "PNG")
+    page.set_input_files("#file-input", files=[{"name": "second.png", "mimeType": "image/png", "buffer": second}])
+    wait_until(lambda: metric_value(server.metrics(), "mprnet_restores_cancelled_by_client_total")
+               == cancelled_before + 1, "the server to count the abandoned restore")
+    turnstile.open()
+    page.wait_for_selector("#result:not([hidden])")
+    assert page.get_attribute("#result-image", "alt") == "Restored (denoising): second.png"
+    assert_same_pixels(_downloaded(page), _plain_restore(server, "denoising", second))
     assert page.problems == []
 
 

@@ -13,6 +13,7 @@ const restoreButton = $("restore-button");
 const statusBox = $("status");
 const statusText = $("status-text");
 const progress = $("progress");
+const cancelButton = $("cancel-button");
 const errorBox = $("error");
 const resultBox = $("result");
 const compare = $("compare");
@@ -146,6 +147,7 @@ function restore() {
 
   hideError();
   resultBox.setAttribute("aria-busy", "true");
+  cancelButton.hidden = false;
   updateButton();
   progress.max = 100;
   progress.value = 0;
@@ -172,8 +174,11 @@ function restore() {
   const finish = () => {
     clearInterval(ticker);
     if (running === request) running = null;
-    resultBox.removeAttribute("aria-busy");
     updateButton();
+    // Keyboard users go on from the button that starts the next try, not from a hidden one.
+    if (document.activeElement === cancelButton) restoreButton.focus();
+    cancelButton.hidden = true;
+    resultBox.removeAttribute("aria-busy");
   };
 
   const settle = () => {
@@ -249,6 +254,14 @@ function restore() {
   request.addEventListener("abort", finish);
   request.send(body);
 }
+
+// Closing the connection is what cancels the restore on the server: its tiles leave the queue.
+cancelButton.addEventListener("click", () => {
+  if (!running) return;
+  running.abort();
+  progress.hidden = true;
+  showStatus("Cancelled. Press Restore to try again, or choose another image.");
+});
 
 function showTiles(task, { done, total, eta_s: etaSeconds }) {
   progress.max = total;
