@@ -8,7 +8,9 @@ The network restores 8-bit RGB. What happens to everything else:
 * **Alpha** is kept aside, the colour is restored, and the original alpha is re-attached.
 * **Palette** images are expanded to RGB (RGBA when the palette has transparency); the result is
   a truecolour PNG, since restored pixels no longer fit a palette.
-* **16-bit** channels are reduced to 8 bits (scaled by 255/65535 and rounded); the result is 8-bit.
+* **16-bit** channels are reduced to 8 bits; the result is 8-bit. Grey is scaled by 255/65535 and
+  rounded; colour is what Pillow reads, the high byte of each sample (at most one level under
+  rounding), since Pillow has no 16-bit colour mode to read the full samples into.
 * **CMYK, YCbCr, LAB** are converted to RGB.
 * **Several frames** (animated GIF/PNG/WebP, multi-page TIFF) are refused: which frame a user
   wants restored is not ours to guess.
