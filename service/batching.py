@@ -389,12 +389,12 @@ class Batcher:
         self._seconds_per_tile = per_tile if not previous else 0.8 * previous + 0.2 * per_tile
 
     def expected_seconds(self, tiles: int) -> float | None:
-        """How long ``tiles`` more would take, behind those queued now, with every worker at the
-        recent speed; None before any batch has run."""
+        """How long ``tiles`` submitted now would take, sharing the workers with the jobs queued,
+        at the recent speed; None before any batch has run."""
         if not self._seconds_per_tile:
             return None
-        return (self.queued_tiles + tiles) * self._seconds_per_tile / len(self._workers)
+        return self._queue.tiles_until_done(tiles) * self._seconds_per_tile / len(self._workers)
 
     def retry_after_s(self) -> int:
         """Seconds until the queued tiles should be done, at the recent speed (at least 1)."""
-        return max(1, math.ceil(self.expected_seconds(0) or 0))
+        return max(1, math.ceil(self.queued_tiles * self._seconds_per_tile / len(self._workers)))

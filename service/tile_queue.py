@@ -105,6 +105,12 @@ class TileQueue:
     def depth_by_task(self) -> dict[str, int]:
         return dict(self._queued_by_task)
 
+    def tiles_until_done(self, tiles: int) -> int:
+        """About how many tiles the workers will take before a job of ``tiles`` added now has had
+        its last one taken: its own, and from each waiting job as many as it still has, up to as
+        many turns as the new job needs, since jobs share the device turn by turn."""
+        return tiles + sum(min(job.untaken, tiles) for jobs in self._groups.values() for job in jobs)
+
     def add(self, job: Job) -> None:
         job.start_tag = self._virtual_time
         self._groups.setdefault(job.key, []).append(job)

@@ -37,6 +37,22 @@ def test_a_job_arriving_while_a_large_one_runs_is_served_next():
     loop.close()
 
 
+def test_the_tiles_taken_until_a_new_job_is_done_count_fair_turns_not_the_whole_backlog():
+    loop = asyncio.new_event_loop()
+    for waiting, new in [((60,), 3), ((60, 2), 4), ((5, 5), 10), ((), 7)]:
+        queue = TileQueue(("denoising",), on_expired=lambda job: None)
+        for count in waiting:
+            queue.add(_job(loop, "denoising", count))
+        predicted = queue.tiles_until_done(new)
+        job = _job(loop, "denoising", new, arrived=1.0)
+        queue.add(job)
+        order = _serve(queue, batch_size=1)
+        taken_until_done = len(order) - order[::-1].index(job)
+        # Ties between equal tags may put one other tile before the new job's last one.
+        assert abs(predicted - taken_until_done) <= 1, (waiting, new, predicted, taken_until_done)
+    loop.close()
+
+
 def test_jobs_waiting_together_share_the_device_tile_by_tile():
     loop = asyncio.new_event_loop()
     queue = TileQueue(("denoising", "deblurring"), on_expired=lambda job: None)
