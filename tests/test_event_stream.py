@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from service_helpers import (
     encode,
     gated_forward,
     metric_value,
+    multipart_body,
     running_server,
     tiny_checkpoint,
     wait_until,
@@ -264,3 +267,54 @@ def test_a_2000x1500_photo_on_the_default_cpu_service_streams_progress_and_the_p
     streamed = np.asarray(decode_png(base64.b64decode(result["png_base64"])))
     assert streamed.shape == (1500, 2000, 3)
     assert np.array_equal(streamed, np.asarray(decode_png(plain.content))), f"backend {backend}"
+
+
+def test_streams_cut_at_random_points_all_at_once_leave_nothing_behind(weights):
+    """Thirty clients at once: a third hang up half way through the upload, the rest reset the
+    connection at a random moment after sending it, some after reading a little of the stream."""
+    # Room for all thirty in the queue and the memory budget, so that none is refused before it starts.
+    settings = _settings(weights, max_queued_tiles=4000, stream_keepalive_s=0.2, max_inflight_bytes=30 * 2_000_000,
+                         max_inflight_pixels=30 * 400 * 400, request_timeout_s=600)
+    body, content_type = multipart_body("image", "cut.png", encode(smooth_image(300, 300)))
+    # The forward pass is held throughout: every tile a cut stream leaves behind stays visible in
+    # the queue until its restore is cancelled, and none finishes first.
+    with running_server(settings) as server, gated_forward(server, "denoising") as gate:
+        url = httpx.URL(server.url)
+        head = (f"POST /v1/restore/denoising HTTP/1.1\r\nHost: {url.host}\r\nAccept: text/event-stream\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        delays = np.random.default_rng(7).uniform(0, 1.5, 30)
+
+        def cut(index: int) -> None:
+            with socket.create_connection((url.host, url.port), timeout=30) as connection:
+                if index % 3 == 0:
+                    connection.sendall(head + body[:len(body) // 2])
+                    time.sleep(delays[index] / 3)
+                else:
+                    connection.sendall(head + body)
+                    time.sleep(delays[index])
+                    if index % 3 == 2:
+                        connection.recv(100)
+                # Linger 0: the close sends a reset, as a killed client's kernel would.
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        clients = [threading.Thread(target=cut, args=(index,)) for index in range(30)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(60)
+
+        def settled() -> str | None:
+            text = server.metrics()
+            gauges = ("mprnet_progress_streams_open", "mprnet_requests_in_flight", "mprnet_queue_depth_tiles")
+            return text if all(metric_value(text, name) == 0 for name in gauges) else None
+
+        # Well before the deadline would drop the tiles anyway.
+        metrics = wait_until(settled, "every cut stream to be closed and its tiles dropped", timeout=30)
+        # Each ended as a cancelled restore (499) or an upload cut before it was all read (400);
+        # none as a server error.
+        answered = {code: metric_value(metrics, "mprnet_requests_total", code=code) for code in ("400", "499")}
+        assert sum(answered.values()) == metric_value(metrics, "mprnet_requests_total") == 30, metrics
+        assert answered["499"] == metric_value(metrics, "mprnet_restores_cancelled_by_client_total") >= 1
+        assert (server.service.budget.bytes, server.service.budget.pixels) == (0, 0)
+        gate.release.set()
+        assert_progress_then_result(post_stream(server.url, "denoising", encode(smooth_image(64, 64))))
