@@ -89,10 +89,9 @@ def error_event(error: ServiceError) -> bytes:
 
 
 async def restore_events(work: asyncio.Future, progress: RestoreProgress, deadline: float, keepalive_s: float,
-                         finished: Callable[[asyncio.Future | None], bytes]) -> AsyncIterator[bytes]:
-    """The stream of one restore: keep-alives and progress until ``work`` is done or ``deadline``
-    (``time.monotonic()``) passes, then ``finished(work)`` -- or ``finished(None)`` at the
-    deadline, after cancelling the work -- gives the last event."""
+                         finished: Callable[[asyncio.Future], bytes]) -> AsyncIterator[bytes]:
+    """The stream of one restore: keep-alives and progress until ``work`` is done, or cancelled
+    once ``deadline`` (``time.monotonic()``) passes; then ``finished(work)`` gives the last event."""
     yield _comment("restoring")
     last_write = last_progress_at = time.monotonic()
     sent: ProgressSnapshot | None = None
@@ -112,8 +111,8 @@ async def restore_events(work: asyncio.Future, progress: RestoreProgress, deadli
                 break
             if now >= deadline:
                 work.cancel()
-                yield finished(None)
-                return
+                await asyncio.wait({work})
+                break
             if now - last_write >= keepalive_s:
                 yield _comment("keep-alive")
                 last_write = time.monotonic()

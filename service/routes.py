@@ -73,14 +73,15 @@ def _event_stream(request: Request, service: ServiceState, task: str, work: asyn
     entry["stream"] = True
     metrics = service.metrics
 
-    def finished(done: asyncio.Future | None) -> bytes:
-        if done is None or done.cancelled():
+    def finished(done: asyncio.Future) -> bytes:
+        if done.cancelled():  # at the deadline
             answer = timed_out(timeout_s)
         elif done.exception() is not None:
             answer = _answer_to(done, request_id, timeout_s)
         else:
             entry["outcome"] = 200
-            return result_event(done.result(), request_id, _timings(done.result(), started))
+            restored = done.result()
+            return result_event(restored, request_id, _timings(restored, started))
         entry.update(error=answer.code, outcome=answer.status_code)
         return error_event(answer)
 
