@@ -155,3 +155,15 @@ def test_shipping_checks_flag_regressions_cbm3d_and_damaged_clean_photos():
               evaluate.shipping_checks(results, previous)}
     assert checks == {"denoising sigma 25": True, "denoising noise25": True, "denoising noise50": False,
                       "denoising on clean photos": False}  # camera_noise is not a classic row: not checked
+
+
+def test_held_out_camera_rows_lie_outside_every_range_the_denoising_mixture_draws():
+    # A "held out" label is only true while training never samples there; widening a training
+    # range (or adding a reweighted one) into the evaluation's territory must fail here.
+    from training.degradations import DENOISING_CAMERA_RANGES
+
+    assert len(DENOISING_CAMERA_RANGES) >= 2
+    for ranges in DENOISING_CAMERA_RANGES:
+        assert evaluate.COARSE_GRAIN.spread[0] > ranges.spread[1]
+        assert evaluate.HIGH_ISO.shot[0] >= ranges.shot[1]
+        assert ranges.jpeg_quality[0] >= 40  # the noisy-JPEG row's quality stays below: 15-35
