@@ -206,7 +206,8 @@ def test_noise_estimate_reads_white_noise_and_understates_coarse_grain():
     assert abs(camera.estimate_noise_sigma(white / 255) - camera.estimate_noise_sigma(white)) < 1e-9
 
 
-@pytest.mark.parametrize("family", [deg.saturating_rain, deg.smeared_rain, deg.misty_rain, deg.mixed_rain,
+@pytest.mark.parametrize("family", [deg.saturating_rain, deg.smeared_rain, deg.misty_rain, deg.faint_rain,
+                                    deg.mixed_rain,
                                     deg.mixed_blur, deg.mixed_noise])
 def test_new_families_are_seeded_keep_dtype_and_degrade(family):
     photo = _photo()
@@ -262,3 +263,25 @@ def test_classic_mixture_is_what_the_earlier_weights_trained_on():
                               family(photo, np.random.default_rng(1)))
     with pytest.raises(ValueError):
         deg.degrade("denoising", photo, np.random.default_rng(1), mixture="nonsense")
+
+
+def test_faint_rain_is_dimmer_than_the_other_families_and_may_darken():
+    grey = _flat(90)
+    def change(family, seed):
+        return np.abs(family(grey, np.random.default_rng(seed)).astype(int) - 90).max(axis=2)
+    faint = [np.percentile(change(deg.faint_rain, seed), 99.5) for seed in range(12)]
+    classic = [np.percentile(change(deg.add_rain, seed), 99.5) for seed in range(12)]
+    assert np.median(faint) < 0.5 * np.median(classic)
+    # Some drops darken the scene instead of adding light.
+    assert any((deg.faint_rain(grey, np.random.default_rng(seed)).astype(int) < 85).any() for seed in range(12))
+
+
+def test_a_blunt_streak_keeps_its_brightness_to_its_ends():
+    def along(taper):
+        kernel = deg._streak_kernel(30.0, 0.0, 1.0, taper)
+        return kernel[:, kernel.shape[1] // 2]
+    tapered, blunt = along(0.5), along(0.0)
+    lit = blunt > 0.5
+    # Three pixels in from the lit ends: the blunt streak is still near full, the tapered one dimmer.
+    ends = np.flatnonzero(lit)[[3, -4]]
+    assert blunt[ends].min() > 0.9 and tapered[ends].max() < blunt[ends].min()

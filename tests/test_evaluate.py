@@ -167,3 +167,17 @@ def test_held_out_camera_rows_lie_outside_every_range_the_denoising_mixture_draw
         assert evaluate.COARSE_GRAIN.spread[0] > ranges.spread[1]
         assert evaluate.HIGH_ISO.shot[0] >= ranges.shot[1]
         assert ranges.jpeg_quality[0] >= 40  # the noisy-JPEG row's quality stays below: 15-35
+
+
+def test_refracting_rain_streaks_take_their_colour_from_the_scene_behind_them():
+    # The held-out rain family shows a blurred, brightened scene through each streak: over a
+    # red photo its streaks are reddish, where every training family's streaks are near-white
+    # or darken the scene.
+    red = np.zeros((96, 96, 3), np.uint8)
+    red[..., 0] = 150
+    rainy = evaluate.refracted_rain(red, np.random.default_rng(0))
+    assert np.array_equal(rainy, evaluate.refracted_rain(red, np.random.default_rng(0)))
+    assert rainy.shape == red.shape and rainy.dtype == np.uint8
+    changed = np.abs(rainy.astype(int) - red).sum(axis=2) > 10
+    assert 0.05 < changed.mean() < 0.9
+    assert (rainy[changed][:, 0] > 150).all() and rainy[changed][:, 1:].max() < 60

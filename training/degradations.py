@@ -220,15 +220,16 @@ def blur(image: np.ndarray, rng: np.random.Generator, kernel: np.ndarray | None 
 # Rain
 # --------------------------------------------------------------------------------------------
 
-def _streak_kernel(length: float, angle: float, width: float) -> np.ndarray:
+def _streak_kernel(length: float, angle: float, width: float, taper: float = 0.5) -> np.ndarray:
     """A single streak's shape: a segment blurred across its direction by ``width``, peak 1.
 
-    Peak 1 (not sum 1) so that a drop's brightness does not fall with its length.
+    Peak 1 (not sum 1) so that a drop's brightness does not fall with its length. ``taper`` is
+    how sharply the streak thins towards its ends: 0 gives blunt ends and even brightness.
     """
     size = int(np.ceil(length + 3 * width)) | 1
     t = np.linspace(-0.5, 0.5, int(np.ceil(length * 3)) + 2)
     # Drops thin out towards the ends of a streak.
-    taper = np.sin(np.pi * (t + 0.5)) ** 0.5 + 0.05
+    taper = np.sin(np.pi * (t + 0.5)) ** taper + 0.05
     points = np.stack([t * length * np.sin(angle), t * length * np.cos(angle)], axis=1)
     line = _splat(_centred(points, size), size, taper)
     sigma = max(width / 2.0, 0.35)
@@ -420,6 +421,7 @@ class RainRanges:
     wind_degrees: tuple[float, float] = (-40.0, 40.0)
     brightness: tuple[float, float] = (0.35, 1.0)
     mist: tuple[float, float] = (0.0, 0.3)
+    taper: tuple[float, float] = (0.5, 0.5)   # see _streak_kernel; drawn only when a range is given
 
 
 RAIN_TRAINING = RainRanges()
@@ -436,9 +438,12 @@ def _streaks(shape: tuple[int, int], rng: np.random.Generator, ranges: RainRange
         density = float(np.exp(rng.uniform(np.log(ranges.density[0]), np.log(ranges.density[1]))))
         drops = (rng.random(shape) < density).astype(np.float32)
         drops *= rng.uniform(0.5, 1.0, size=shape).astype(np.float32) * rng.uniform(*ranges.brightness)
-        kernel = _streak_kernel(float(rng.uniform(*ranges.length)),
-                                float(np.deg2rad(wind + rng.uniform(-8.0, 8.0))),
-                                float(rng.uniform(*ranges.width)))
+        length = float(rng.uniform(*ranges.length))
+        angle = float(np.deg2rad(wind + rng.uniform(-8.0, 8.0)))
+        stroke = float(rng.uniform(*ranges.width))
+        # A fixed taper draws nothing, so the families made before it existed stay bit-identical.
+        taper = ranges.taper[0] if ranges.taper[0] == ranges.taper[1] else float(rng.uniform(*ranges.taper))
+        kernel = _streak_kernel(length, angle, stroke, taper)
         if unnormalised:
             # Longer and wider streaks keep more of the drop's water: kernel sum, not peak, matters.
             kernel = kernel * np.float32(rng.uniform(0.5, 2.0))
@@ -491,17 +496,38 @@ def misty_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRanges =
     return _from_float((1.0 - veil) * rainy + veil * airlight, image)
 
 
+# Faint rain: streaks dimmer than any other family's (brightness 0.35 and up), blunt or tapered.
+FAINT_RAIN = RainRanges(brightness=(0.08, 0.35), taper=(0.0, 0.5))
+
+
+def faint_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRanges = FAINT_RAIN) -> np.ndarray:
+    """Low-contrast streaks, as light rain looks in most photos: added, screen-blended, or
+    darkening the scene (drops against a bright sky show up darker than it)."""
+    clean = _to_float(image)
+    streaks = _streaks(clean.shape[:2], rng, ranges)[..., None]
+    blend = rng.random()
+    if blend < 1 / 3:
+        rainy = clean + streaks
+    elif blend < 2 / 3:
+        rainy = 1.0 - (1.0 - clean) * (1.0 - streaks)
+    else:
+        rainy = clean * (1.0 - streaks * np.float32(rng.uniform(0.5, 1.0)))
+    return _from_float(np.clip(rainy, 0.0, 1.0), image)
+
+
 def mixed_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The broad deraining mixture: 40 % the classic :func:`add_rain`, 20 % each saturating,
-    smeared and misty rain, all within :data:`RAIN_TRAINING`'s ranges."""
+    """The broad deraining mixture: 35 % the classic :func:`add_rain`, 15 % each saturating,
+    smeared and misty rain within :data:`RAIN_TRAINING`'s ranges, 20 % :func:`faint_rain`."""
     pick = rng.random()
-    if pick < 0.4:
+    if pick < 0.35:
         return add_rain(image, rng)
-    if pick < 0.6:
+    if pick < 0.5:
         return saturating_rain(image, rng)
-    if pick < 0.8:
+    if pick < 0.65:
         return smeared_rain(image, rng)
-    return misty_rain(image, rng)
+    if pick < 0.8:
+        return misty_rain(image, rng)
+    return faint_rain(image, rng)
 
 
 # --------------------------------------------------------------------------------------------

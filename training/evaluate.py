@@ -40,6 +40,7 @@ from .camera import CameraRanges, camera_noise, estimate_noise_sigma, gaussian_f
 from .card import CARD, replace_section
 from .degradations import (
     RainRanges,
+    _convolve,
     acceleration_kernel,
     add_noise,
     add_rain,
@@ -133,6 +134,34 @@ def noisy_jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (jpeg(noisy.astype(np.float32) / 255.0, int(rng.integers(15, 36))) * 255.0).round().astype(np.uint8)
 
 
+def refracted_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Held-out rain family, unlike every streak the training mixtures draw: thresholded noise
+    (each drop a soft blob, 2-8 % of pixels) smeared by a box-shaped linear motion of 20-60 px
+    within 30 degrees of vertical, so streaks have even brightness and blunt ends instead of
+    tapered ones, stretched by a levels curve; composited not as added light but as drops that
+    refract the scene: each streak pixel shows a blurred, brightened copy of its surroundings, at
+    an opacity of 0.4-0.8, so it stands out only where the scene behind it is darker."""
+    clean = image.astype(np.float32) / 255.0
+    height, width = clean.shape[:2]
+    density = float(np.exp(rng.uniform(np.log(0.02), np.log(0.08))))
+    drops = gaussian_filter((rng.random((height, width, 1)) < density).astype(np.float32),
+                            float(rng.uniform(0.4, 1.2)))
+    length = float(rng.uniform(20.0, 60.0))
+    angle = np.deg2rad(rng.uniform(-30.0, 30.0))
+    size = int(np.ceil(length)) | 1
+    t = np.linspace(-0.5, 0.5, 4 * size) * length
+    line = np.zeros((size, size), np.float32)
+    np.add.at(line, (np.rint(size // 2 + t * np.cos(angle)).astype(int),
+                     np.rint(size // 2 + t * np.sin(angle)).astype(int)), 1.0)
+    smeared = _convolve(drops, line / line.sum())[..., 0]
+    low, high = np.percentile(smeared, [50.0, 99.0])
+    streaks = np.clip((smeared - low) / max(float(high - low), 1e-6), 0.0, 1.0)[..., None]
+    behind = np.clip(gaussian_filter(clean, float(rng.uniform(3.0, 8.0))) * rng.uniform(1.1, 1.4)
+                     + rng.uniform(0.05, 0.15), 0.0, 1.0)
+    alpha = streaks * np.float32(rng.uniform(0.4, 0.8))
+    return np.clip(np.rint((clean * (1 - alpha) + behind * alpha) * 255.0), 0, 255).astype(np.uint8)
+
+
 # Held-out parameter ranges of the realistic families (training's are the dataclasses' defaults).
 # Coarse grain: made at a third of the size and enlarged (training spreads it up to 2.5x), strong.
 COARSE_GRAIN = with_settings(CameraRanges(), resize_chances=(1.0, 0.0), spread=(2.6, 3.5), shot=(4e-3, 2e-2),
@@ -198,13 +227,16 @@ SETTINGS = (
                                              noise_sigma=(1.0, 3.0), jpeg_chance=1.0, jpeg_quality=(30.0, 45.0)),
             UNSHARP, seen="held out: offset > 1 px, JPEG < 50"),
     Setting("clean_deblurring", "deblurring", "clean photo (no degradation)", _untouched, seen="-"),
-    Setting("rain_broad", "deraining", "broad rain mixture (additive/screen, saturating, smeared, misty)",
+    Setting("rain_broad", "deraining", "broad rain mixture (additive/screen, saturating, smeared, misty, faint)",
             mixed_rain, MEDIAN, seen="broad"),
     Setting("downpour", "deraining", "downpour: dense short streaks (2.5-6 % of pixels) in thick mist",
             lambda im, rng: misty_rain(im, rng, DOWNPOUR), MEDIAN, seen="held out: density, mist"),
     Setting("slanted", "deraining", "slanted long smeared streaks (45-65 degrees, 50-90 px)", _slanted_rain, MEDIAN,
             seen="held out: angle, length"),
     Setting("clean_deraining", "deraining", "clean photo (no degradation)", _untouched, seen="-"),
+    Setting("refracted_rain", "deraining", "refracting rain: blunt motion-smeared noise streaks (20-60 px), "
+            "refracting the blurred scene (opacity 0.4-0.8)", refracted_rain, MEDIAN,
+            seen="held out: refraction blend"),
 )
 
 
