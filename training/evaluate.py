@@ -40,13 +40,13 @@ from .camera import CameraRanges, camera_noise, estimate_noise_sigma, gaussian_f
 from .card import CARD, replace_section
 from .degradations import (
     RainRanges,
-    _convolve,
     acceleration_kernel,
     add_noise,
     add_rain,
     arc_kernel,
     blur,
     blur_then_record,
+    convolve,
     disc_kernel,
     gaussian_kernel,
     misty_rain,
@@ -153,7 +153,7 @@ def refracted_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     line = np.zeros((size, size), np.float32)
     np.add.at(line, (np.rint(size // 2 + t * np.cos(angle)).astype(int),
                      np.rint(size // 2 + t * np.sin(angle)).astype(int)), 1.0)
-    smeared = _convolve(drops, line / line.sum())[..., 0]
+    smeared = convolve(drops, line / line.sum())[..., 0]
     low, high = np.percentile(smeared, [50.0, 99.0])
     streaks = np.clip((smeared - low) / max(float(high - low), 1e-6), 0.0, 1.0)[..., None]
     behind = np.clip(gaussian_filter(clean, float(rng.uniform(3.0, 8.0))) * rng.uniform(1.1, 1.4)
