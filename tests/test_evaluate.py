@@ -96,13 +96,14 @@ def test_denoising_rows_report_residual_noise_and_the_clean_photo(photos, tiny_w
     printed = capsys.readouterr().out
     assert "CPU s / 512x512" not in printed and "Not timed" in printed
     settings = json.loads(out.read_text())["results"]["denoising"]["settings"]
-    for key in ("camera_noise", "coarse_grain", "high_iso", "coloured_noise", "noisy_jpeg", "clean_denoising"):
+    for key in ("camera_noise", "coarse_grain", "high_iso", "coloured_noise", "noisy_jpeg", "film_grain",
+                "clean_denoising"):
         for row in settings[key]:
             assert row["sigma_in"] >= 0 and row["sigma_out"] >= 0 and row["rms_out"] >= 0
     assert all(row["rms_in"] == 0 and row["input_psnr"] > 99 for row in settings["clean_denoising"])
     noise_rows = [line for line in printed.splitlines()
                   if "->" in line and line.count("|") == 7 and not line.startswith("| Degradation")]
-    assert len(noise_rows) == 6 and any("held out: spread" in line for line in noise_rows)
+    assert len(noise_rows) == 7 and any("held out: spread" in line for line in noise_rows)
     # Without a CBM3D cache the card still states the recorded CBM3D figure beside ours.
     assert f"{evaluate.CBM3D_SIGMA25_REFERENCE:.2f} dB" in printed
 
@@ -181,3 +182,14 @@ def test_refracting_rain_streaks_take_their_colour_from_the_scene_behind_them():
     changed = np.abs(rainy.astype(int) - red).sum(axis=2) > 10
     assert 0.05 < changed.mean() < 0.9
     assert (rainy[changed][:, 0] > 150).all() and rainy[changed][:, 1:].max() < 60
+
+
+def test_film_grain_is_shared_by_the_channels_and_clumped_over_pixels():
+    grey = np.full((128, 128, 3), 128, np.uint8)
+    grain = evaluate.film_grain(grey, np.random.default_rng(0)).astype(float) - 128
+    assert np.array_equal(evaluate.film_grain(grey, np.random.default_rng(0)),
+                          evaluate.film_grain(grey, np.random.default_rng(0)))
+    assert grain.std() > 4
+    # Mostly the same grain in every channel, and neighbours alike: clumps, not white noise.
+    assert np.corrcoef(grain[..., 0].ravel(), grain[..., 2].ravel())[0, 1] > 0.6
+    assert np.corrcoef(grain[:, :-1, 1].ravel(), grain[:, 1:, 1].ravel())[0, 1] > 0.3
