@@ -113,15 +113,19 @@ def _untouched(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
+def _partly_shared_noise(shape: tuple[int, ...], shared: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit white noise of ``shape`` (H, W, 3) whose variance is ``shared`` by the three channels."""
+    return rng.standard_normal(shape[:2] + (1,), dtype=np.float32) * np.float32(np.sqrt(shared)) \
+        + rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(1 - shared))
+
+
 def coloured_noise(image: np.ndarray, rng: np.random.Generator, sigma: tuple[float, float] = (10.0, 25.0),
                    correlation: tuple[float, float] = (0.7, 1.5)) -> np.ndarray:
     """Held-out noise family: white Gaussian noise low-pass filtered (Gaussian of ``correlation``
     px) and rescaled to a standard deviation in ``sigma``, partly shared between the channels:
     grain coarser than a pixel from no camera model at all (no mosaic, no tone curve)."""
     clean = image.astype(np.float32) / 255.0
-    shared = rng.uniform(0.0, 0.7)
-    white = rng.standard_normal(clean.shape[:2] + (1,), dtype=np.float32) * np.sqrt(shared) \
-        + rng.standard_normal(clean.shape, dtype=np.float32) * np.sqrt(1 - shared)
+    white = _partly_shared_noise(clean.shape, rng.uniform(0.0, 0.7), rng)
     grain = gaussian_filter(white, float(rng.uniform(*correlation)))
     grain *= np.float32(rng.uniform(*sigma) / 255.0) / max(float(grain.std()), 1e-8)
     return np.clip(np.rint((clean + grain) * 255.0), 0, 255).astype(np.uint8)
@@ -142,9 +146,8 @@ def film_grain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     clean = image.astype(np.float32) / 255.0
     luma = clean @ np.array([0.299, 0.587, 0.114], np.float32)
     clump = int(rng.integers(2, 5))
-    white = rng.standard_normal(clean.shape[:2] + (1,)).astype(np.float32) * np.sqrt(0.85) \
-        + rng.standard_normal(clean.shape).astype(np.float32) * np.sqrt(0.15)
-    grain = convolve(white, np.full((clump, clump), 1.0 / clump ** 2, np.float32))
+    box = np.full((clump, clump), 1.0 / clump ** 2, np.float32)
+    grain = convolve(_partly_shared_noise(clean.shape, 0.85, rng), box)
     grain /= max(float(grain.std()), 1e-8)
     strength = np.float32(rng.uniform(0.04, 0.09)) * (4 * luma * (1 - luma))[..., None] + np.float32(0.01)
     noisy = np.clip(clean + grain * strength, 0.0, 1.0)
@@ -164,13 +167,10 @@ def refracted_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     drops = gaussian_filter((rng.random((height, width, 1)) < density).astype(np.float32),
                             float(rng.uniform(0.4, 1.2)))
     length = float(rng.uniform(20.0, 60.0))
-    angle = np.deg2rad(rng.uniform(-30.0, 30.0))
-    size = int(np.ceil(length)) | 1
-    t = np.linspace(-0.5, 0.5, 4 * size) * length
-    line = np.zeros((size, size), np.float32)
-    np.add.at(line, (np.rint(size // 2 + t * np.cos(angle)).astype(int),
-                     np.rint(size // 2 + t * np.sin(angle)).astype(int)), 1.0)
-    smeared = convolve(drops, line / line.sum())[..., 0]
+    # motion_kernel measures its angle from the horizontal.
+    line = motion_kernel(rng, size=int(np.ceil(length)) + 3 | 1, length=length,
+                         angle=np.pi / 2 + np.deg2rad(rng.uniform(-30.0, 30.0)))
+    smeared = convolve(drops, line)[..., 0]
     low, high = np.percentile(smeared, [50.0, 99.0])
     streaks = np.clip((smeared - low) / max(float(high - low), 1e-6), 0.0, 1.0)[..., None]
     behind = np.clip(gaussian_filter(clean, float(rng.uniform(3.0, 8.0))) * rng.uniform(1.1, 1.4)
