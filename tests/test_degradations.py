@@ -208,7 +208,7 @@ def test_noise_estimate_reads_white_noise_and_understates_coarse_grain():
 
 @pytest.mark.parametrize("family", [deg.saturating_rain, deg.smeared_rain, deg.misty_rain, deg.faint_rain,
                                     deg.mixed_rain,
-                                    deg.mixed_blur, deg.mixed_noise])
+                                    deg.mixed_blur, deg.mixed_noise, deg.clumped_grain])
 def test_new_families_are_seeded_keep_dtype_and_degrade(family):
     photo = _photo()
     first = family(photo, np.random.default_rng(11))
@@ -216,6 +216,17 @@ def test_new_families_are_seeded_keep_dtype_and_degrade(family):
     assert first.shape == photo.shape and first.dtype == np.uint8
     values = [_psnr(family(photo, np.random.default_rng(seed)), photo) for seed in range(8)]
     assert np.median(values) < 38
+
+
+@pytest.mark.parametrize("shape", deg.CLUMP_SHAPES)
+def test_clumped_grain_shapes_make_neighbours_alike(shape):
+    white = deg.partly_shared_noise((96, 96, 3), 0.5, np.random.default_rng(2))
+    assert abs(np.corrcoef(white[:, :-1, 0].ravel(), white[:, 1:, 0].ravel())[0, 1]) < 0.1
+    clumped = shape(white, np.random.default_rng(3))
+    assert clumped.shape == white.shape
+    assert np.corrcoef(clumped[:, :-1, 0].ravel(), clumped[:, 1:, 0].ravel())[0, 1] > 0.3
+    # The channels share the grain as much as the white noise did.
+    assert np.corrcoef(clumped[..., 0].ravel(), clumped[..., 2].ravel())[0, 1] > 0.3
 
 
 def test_saturating_rain_covers_the_scene_where_streaks_pile_up():

@@ -97,13 +97,13 @@ def test_denoising_rows_report_residual_noise_and_the_clean_photo(photos, tiny_w
     assert "CPU s / 512x512" not in printed and "Not timed" in printed
     settings = json.loads(out.read_text())["results"]["denoising"]["settings"]
     for key in ("camera_noise", "coarse_grain", "high_iso", "coloured_noise", "noisy_jpeg", "film_grain",
-                "clean_denoising"):
+                "banded_noise", "clean_denoising"):
         for row in settings[key]:
             assert row["sigma_in"] >= 0 and row["sigma_out"] >= 0 and row["rms_out"] >= 0
     assert all(row["rms_in"] == 0 and row["input_psnr"] > 99 for row in settings["clean_denoising"])
     noise_rows = [line for line in printed.splitlines()
                   if "->" in line and line.count("|") == 7 and not line.startswith("| Degradation")]
-    assert len(noise_rows) == 7 and any("held out: spread" in line for line in noise_rows)
+    assert len(noise_rows) == 8 and any("held out: spread" in line for line in noise_rows)
     # Without a CBM3D cache the card still states the recorded CBM3D figure beside ours.
     assert f"{evaluate.CBM3D_SIGMA25_REFERENCE:.2f} dB" in printed
 
@@ -193,3 +193,15 @@ def test_film_grain_is_shared_by_the_channels_and_clumped_over_pixels():
     # Mostly the same grain in every channel, and neighbours alike: clumps, not white noise.
     assert np.corrcoef(grain[..., 0].ravel(), grain[..., 2].ravel())[0, 1] > 0.6
     assert np.corrcoef(grain[:, :-1, 1].ravel(), grain[:, 1:, 1].ravel())[0, 1] > 0.3
+
+
+def test_banded_noise_runs_along_rows_and_is_strongest_in_the_shadows():
+    photo = np.full((128, 128, 3), 40, np.uint8)  # dark, but above black so the noise is not clipped
+    photo[:, 64:] = 200
+    noisy = evaluate.banded_noise(photo, np.random.default_rng(1))
+    assert np.array_equal(noisy, evaluate.banded_noise(photo, np.random.default_rng(1)))
+    noise = noisy.astype(float) - photo
+    dark, bright = noise[:, 8:56], noise[:, 72:120]
+    # Averaging a row keeps its banding and cancels the per-pixel noise; a column's average cancels both.
+    assert dark.mean(axis=1).std() > 3 * dark.mean(axis=0).std()
+    assert dark.std() > 1.3 * bright.std()
