@@ -207,7 +207,7 @@ def test_noise_estimate_reads_white_noise_and_understates_coarse_grain():
 
 
 @pytest.mark.parametrize("family", [deg.saturating_rain, deg.smeared_rain, deg.misty_rain, deg.faint_rain,
-                                    deg.mixed_rain,
+                                    deg.scene_lit_rain, deg.mixed_rain,
                                     deg.mixed_blur, deg.mixed_noise, deg.clumped_grain])
 def test_new_families_are_seeded_keep_dtype_and_degrade(family):
     photo = _photo()
@@ -236,6 +236,19 @@ def test_saturating_rain_covers_the_scene_where_streaks_pile_up():
     assert 0.01 < streak.mean() < 0.9
     # Under opaque drops the scene shows through less: additive rain would keep the 100-level gap.
     assert np.median((grey - dark)[streak]) < 60
+
+
+def test_scene_lit_rain_takes_its_colour_from_the_scene():
+    # Over a red wall a drop shows brightened red: the red-green gap never shrinks, where a blend
+    # towards near-white light (every other family) closes it.
+    red = _flat(40)
+    red[..., 0] = 160
+    rainy = deg.scene_lit_rain(red, np.random.default_rng(3)).astype(int)
+    streak = np.abs(rainy - red).sum(axis=2) > 10
+    assert 0.01 < streak.mean() < 0.9
+    assert (rainy[streak][:, 0] - rainy[streak][:, 1]).min() >= 118
+    white = deg.faint_rain(red, np.random.default_rng(3)).astype(int)
+    assert (white[..., 0] - white[..., 1]).min() < 110
 
 
 def test_misty_rain_lowers_contrast():

@@ -205,3 +205,15 @@ def test_banded_noise_runs_along_rows_and_is_strongest_in_the_shadows():
     # Averaging a row keeps its banding and cancels the per-pixel noise; a column's average cancels both.
     assert dark.mean(axis=1).std() > 3 * dark.mean(axis=0).std()
     assert dark.std() > 1.3 * bright.std()
+
+
+def test_drawn_rain_shows_over_dark_parts_and_barely_over_bright_ones():
+    # Added in linear light: the same streak lifts a dark pixel by far more levels than a bright one.
+    photo = np.full((128, 128, 3), 30, np.uint8)
+    photo[:, 64:] = 220
+    rainy = evaluate.drawn_rain(photo, np.random.default_rng(4))
+    assert np.array_equal(rainy, evaluate.drawn_rain(photo, np.random.default_rng(4)))
+    lift = rainy.astype(float) - photo
+    assert lift[:, 8:56].mean() > 3 * abs(lift[:, 72:120].mean())
+    # Streaks, not a veil: a minority of the dark half is lifted.
+    assert 0.02 < (lift[:, 8:56].max(axis=2) > 20).mean() < 0.5

@@ -24,7 +24,8 @@ from .camera import to_float as _to_float
 __all__ = ["add_noise", "blur", "add_rain", "random_blur_kernel", "shake_kernel", "motion_kernel",
            "disc_kernel", "gaussian_kernel", "acceleration_kernel", "stroke_kernel", "arc_kernel",
            "blur_then_record", "mixed_blur", "RainRanges", "RAIN_TRAINING", "saturating_rain", "smeared_rain",
-           "misty_rain", "FAINT_RAIN", "faint_rain", "mixed_rain", "STRONG_GRAIN", "DENOISING_CAMERA_RANGES",
+           "misty_rain", "FAINT_RAIN", "faint_rain", "SCENE_RAIN", "scene_lit_rain",
+           "mixed_rain", "STRONG_GRAIN", "DENOISING_CAMERA_RANGES",
            "mixed_noise", "partly_shared_noise", "clumped_grain", "CLUMP_SHAPES", "convolve",
            "CLASSIC", "BROAD", "MIXTURES", "DEGRADATIONS", "degrade"]
 
@@ -516,19 +517,41 @@ def faint_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRanges =
     return _from_float(np.clip(rainy, 0.0, 1.0), image)
 
 
+# Drops that show the scene: streaks of every brightness, blunt to tapered.
+SCENE_RAIN = RainRanges(brightness=(0.2, 1.0), taper=(0.0, 0.5))
+
+
+def scene_lit_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRanges = SCENE_RAIN) -> np.ndarray:
+    """Streaks that take their colour from the scene instead of being near-white light: a drop is a
+    small lens, showing a displaced (3-15 px), softened (disc of radius 1-4 px) and brightened
+    (gain 1-1.5, plus 0-0.25 of ambient light) copy of the scene around it, at an opacity of
+    0.3-0.9. Over a dark scene such streaks are faint, over a coloured one they are coloured."""
+    clean = _to_float(image)
+    alpha = _streaks(clean.shape[:2], rng, ranges)[..., None] * np.float32(rng.uniform(0.3, 0.9))
+    shift = rng.uniform(3.0, 15.0) * np.array([np.sin(angle := rng.uniform(0, 2 * np.pi)), np.cos(angle)])
+    seen = np.roll(clean, tuple(int(round(v)) for v in shift), axis=(0, 1))
+    radius = float(rng.uniform(1.0, 4.0))
+    soft = convolve(seen, disc_kernel(rng, size=2 * int(np.ceil(radius)) + 3, radius=radius))
+    lit = np.clip(soft * np.float32(rng.uniform(1.0, 1.5)) + np.float32(rng.uniform(0.0, 0.25)), 0.0, 1.0)
+    return _from_float(clean * (1 - alpha) + lit * alpha, image)
+
+
 def mixed_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The broad deraining mixture: 35 % the classic :func:`add_rain`, 15 % each saturating,
-    smeared and misty rain within :data:`RAIN_TRAINING`'s ranges, 20 % :func:`faint_rain`."""
+    """The broad deraining mixture: 35 % the classic :func:`add_rain`, 12 % each saturating,
+    smeared and misty rain within :data:`RAIN_TRAINING`'s ranges, 15 % :func:`faint_rain`, 14 %
+    :func:`scene_lit_rain`."""
     pick = rng.random()
     if pick < 0.35:
         return add_rain(image, rng)
-    if pick < 0.5:
+    if pick < 0.47:
         return saturating_rain(image, rng)
-    if pick < 0.65:
+    if pick < 0.59:
         return smeared_rain(image, rng)
-    if pick < 0.8:
+    if pick < 0.71:
         return misty_rain(image, rng)
-    return faint_rain(image, rng)
+    if pick < 0.86:
+        return faint_rain(image, rng)
+    return scene_lit_rain(image, rng)
 
 
 # --------------------------------------------------------------------------------------------
