@@ -169,6 +169,39 @@ def test_bundling_a_run_updates_weights_manifest_and_card(photos, tmp_path, monk
     assert card.read_text().startswith("prose\n") and card.read_text().endswith("more prose\n")
 
 
+def test_bundling_can_average_the_run_with_the_weights_it_started_from(photos, tmp_path, monkeypatch):
+    from models import load_state_dict, sha256_file, weights
+    from training import bundle
+    from training.card import markers
+    start = tmp_path / "start.safetensors"
+    out = tmp_path / "run"
+    main(_args("denoising", photos, tmp_path / "first", "--iters", "1"))
+    main(["--out", str(tmp_path / "first"), "--export", str(start)])
+    main(_args("denoising", photos, out, "--iters", "3", "--init", str(start), "--lr", "1e-2"))
+    plain = tmp_path / "plain.safetensors"
+    main(["--out", str(out), "--export", str(plain)])
+    monkeypatch.setattr(weights, "BUNDLED_DIR", tmp_path / "bundled")
+    card = tmp_path / "CARD.md"
+    card.write_text("\n".join(markers("files")) + "\n")
+
+    entry = bundle.bundle("denoising", out / "last.pt", card=card, average_with=(start, 0.25))
+    assert entry["averaged_with"] == {"sha256": sha256_file(start), "share": 0.25}
+    averaged = load_state_dict(tmp_path / "bundled" / "denoising.safetensors")
+    run, origin = load_state_dict(plain), load_state_dict(start)
+    assert not torch.equal(run["shallow_feat1.0.weight"], origin["shallow_feat1.0.weight"])
+    for key, value in averaged.items():
+        torch.testing.assert_close(value, 0.75 * run[key] + 0.25 * origin[key])
+
+    other = tmp_path / "other"
+    main(_args("denoising", photos, other, "--iters", "1", "--n-feat", "12"))
+    wider = tmp_path / "wider.safetensors"
+    main(["--out", str(other), "--export", str(wider)])
+    with pytest.raises(ValueError, match="same architecture"):
+        bundle.bundle("denoising", out / "last.pt", card=card, average_with=(wider, 0.5))
+    with pytest.raises(SystemExit):
+        bundle.main(["denoising", str(out / "last.pt"), "--average-with", str(start), "half"])
+
+
 def test_sigterm_saves_a_resumable_checkpoint(photos, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -1,10 +1,11 @@
 """Bundle a training run's weights into ``models/weights/``, where serving finds them.
 
-    python -m training.bundle TASK runs/TASK/last.pt [--half]
+    python -m training.bundle TASK runs/TASK/last.pt [--half] [--average-with FILE SHARE]
 
-The run's weights become ``models/weights/TASK.safetensors``, its entry in ``manifest.json``
-records the file's sha256, configuration and how much training went into it, and the model
-card's files table is regenerated from the manifest.
+The run's weights (averaged with another file's when asked, see :func:`training.train.export`)
+become ``models/weights/TASK.safetensors``, its entry in ``manifest.json`` records the file's
+sha256, configuration, how much training went into it and what it was averaged with, and the
+model card's files table is regenerated from the manifest.
 """
 
 from __future__ import annotations
@@ -16,21 +17,23 @@ from pathlib import Path
 
 import torch
 
-from models import infer_config, load_state_dict, weights
+from models import infer_config, load_state_dict, sha256_file, weights
 
 from .card import CARD, replace_section
 from .train import export, total_training
 
 
-def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: Path = CARD) -> dict:
-    """Export a training run's ``last.pt`` as the bundled weights of ``task`` and record it in
-    the manifest (with the run's iterations and training time) and the model card's files table;
-    returns the manifest entry."""
+def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: Path = CARD,
+           average_with: tuple[str | os.PathLike, float] | None = None) -> dict:
+    """Export a training run's ``last.pt`` (averaged with ``average_with``'s weights file at its
+    share, if given) as the bundled weights of ``task`` and record it in the manifest (with the
+    run's iterations and training time) and the model card's files table; returns the manifest
+    entry."""
     path = weights.bundled_path(task)
     weights.BUNDLED_DIR.mkdir(exist_ok=True)
     tmp = path.with_name(f".{task}.partial.safetensors")
     try:
-        digest = export(checkpoint, tmp, half=half)
+        digest = export(checkpoint, tmp, half=half, average_with=average_with)
         config = infer_config(load_state_dict(tmp)).as_kwargs()
         os.replace(tmp, path)
     finally:
@@ -41,6 +44,8 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: P
              "iterations": iterations, "trained_minutes": round(seconds / 60, 1),
              "patch": run["meta"]["patch"], "batch": run["meta"]["batch"],
              "mixture": run["meta"].get("mixture", "classic")}
+    if average_with is not None:
+        entry["averaged_with"] = {"sha256": sha256_file(average_with[0]), "share": average_with[1]}
     listed = weights.manifest()
     listed[task] = entry
     (weights.BUNDLED_DIR / "manifest.json").write_text(json.dumps(dict(sorted(listed.items())), indent=2) + "\n")
@@ -62,8 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("task", choices=weights.TASKS)
     parser.add_argument("checkpoint", help="the run's last.pt")
     parser.add_argument("--half", action="store_true", help="store fp16")
+    parser.add_argument("--average-with", nargs=2, metavar=("FILE", "SHARE"),
+                        help="average the run's weights with FILE's (same architecture), FILE taking SHARE "
+                             "(0-1) of each tensor; typically the weights the run started from")
     args = parser.parse_args(argv)
-    entry = bundle(args.task, args.checkpoint, half=args.half)
+    average_with = None
+    if args.average_with:
+        other, share = args.average_with
+        try:
+            average_with = (other, float(share))
+        except ValueError:
+            parser.error(f"--average-with SHARE must be a number, got {share!r}")
+    entry = bundle(args.task, args.checkpoint, half=args.half, average_with=average_with)
     print(json.dumps({args.task: entry}, indent=2))
     return 0
 

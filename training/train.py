@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models import MPRNet, MPRNetConfig, infer_config, load_state_dict, save_safetensors
+from models import MPRNet, MPRNetConfig, infer_config, load_state_dict, save_safetensors, sha256_file
 from service.image_files import IMAGE_SUFFIXES
 
 from .degradations import MAX_KERNEL, MIXTURES
@@ -297,8 +297,15 @@ def total_training(state: dict) -> tuple[int, float]:
             float(state["schedule"]["elapsed"]) + float(meta.get("prior_seconds", 0)))
 
 
-def export(checkpoint: str | os.PathLike, path: str | os.PathLike, half: bool = False) -> str:
-    """Write a training checkpoint's weights as safetensors; returns the file's sha256."""
+def export(checkpoint: str | os.PathLike, path: str | os.PathLike, half: bool = False,
+           average_with: tuple[str | os.PathLike, float] | None = None) -> str:
+    """Write a training checkpoint's weights as safetensors; returns the file's sha256.
+
+    ``average_with`` (weights file, share) mixes another network of the same architecture into
+    the result, per tensor: ``(1 - share) * run + share * other``. Averaging a fine-tuned network
+    with the one it started from trades what the fine-tuning gained against what it lost
+    (Wortsman et al., "Robust fine-tuning of zero-shot models", 2022, call it WiSE-FT).
+    """
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = MPRNetConfig(**state["config"])
     model = config.build()
@@ -310,6 +317,18 @@ def export(checkpoint: str | os.PathLike, path: str | os.PathLike, half: bool = 
     metadata = {"config": json.dumps(config.as_kwargs()), "iteration": str(iterations),
                 "task": str(meta.get("task", "")), "trained_seconds": f"{seconds:.0f}",
                 "mixture": str(meta.get("mixture", "classic"))}
+    if average_with is not None:
+        other_path, share = average_with
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"the share of the other weights must be in [0, 1], got {share}")
+        other = load_state_dict(other_path)
+        if infer_config(other) != config:
+            raise ValueError(f"{other_path} is a {infer_config(other).as_kwargs()} network, the run a "
+                             f"{config.as_kwargs()} one: only the same architecture averages")
+        mine = model.state_dict()
+        model.load_state_dict({key: torch.lerp(value, other[key].to(value.dtype), share)
+                               for key, value in mine.items()})
+        metadata["averaged_with"] = json.dumps({"sha256": sha256_file(other_path), "share": share})
     return save_safetensors(model, path, half=half, metadata=metadata)
 
 
