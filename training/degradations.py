@@ -528,8 +528,9 @@ def scene_lit_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRang
     0.3-0.9. Over a dark scene such streaks are faint, over a coloured one they are coloured."""
     clean = _to_float(image)
     alpha = _streaks(clean.shape[:2], rng, ranges)[..., None] * np.float32(rng.uniform(0.3, 0.9))
-    shift = rng.uniform(3.0, 15.0) * np.array([np.sin(angle := rng.uniform(0, 2 * np.pi)), np.cos(angle)])
-    seen = np.roll(clean, tuple(int(round(v)) for v in shift), axis=(0, 1))
+    distance, direction = rng.uniform(3.0, 15.0), rng.uniform(0.0, 2 * np.pi)
+    shift = (int(round(distance * np.sin(direction))), int(round(distance * np.cos(direction))))
+    seen = np.roll(clean, shift, axis=(0, 1))
     radius = float(rng.uniform(1.0, 4.0))
     soft = convolve(seen, disc_kernel(rng, size=2 * int(np.ceil(radius)) + 3, radius=radius))
     lit = np.clip(soft * np.float32(rng.uniform(1.0, 1.5)) + np.float32(rng.uniform(0.0, 0.25)), 0.0, 1.0)
