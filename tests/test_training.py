@@ -183,11 +183,15 @@ def test_bundling_can_average_the_run_with_the_weights_it_started_from(photos, t
     monkeypatch.setattr(weights, "BUNDLED_DIR", tmp_path / "bundled")
     card = tmp_path / "CARD.md"
     card.write_text("\n".join(markers("files")) + "\n")
+    bundle.bundle("denoising", tmp_path / "first" / "last.pt", card=card)
+    bundled = weights.bundled_path("denoising")
+    replaced, origin = sha256_file(bundled), load_state_dict(bundled)
 
-    entry = bundle.bundle("denoising", out / "last.pt", card=card, average_with=(start, 0.25))
-    assert entry["averaged_with"] == {"sha256": sha256_file(start), "share": 0.25}
-    averaged = load_state_dict(tmp_path / "bundled" / "denoising.safetensors")
-    run, origin = load_state_dict(plain), load_state_dict(start)
+    # Averaged with the bundled file it replaces, as the README suggests.
+    entry = bundle.bundle("denoising", out / "last.pt", card=card, average_with=(bundled, 0.25))
+    assert entry["averaged_with"] == {"sha256": replaced, "share": 0.25} and sha256_file(bundled) != replaced
+    averaged = load_state_dict(bundled)
+    run = load_state_dict(plain)
     assert not torch.equal(run["shallow_feat1.0.weight"], origin["shallow_feat1.0.weight"])
     for key, value in averaged.items():
         torch.testing.assert_close(value, 0.75 * run[key] + 0.25 * origin[key])

@@ -32,6 +32,9 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: P
     path = weights.bundled_path(task)
     weights.BUNDLED_DIR.mkdir(exist_ok=True)
     tmp = path.with_name(f".{task}.partial.safetensors")
+    # Hashed before the export: the file averaged with is usually the bundled one it replaces.
+    averaged_with = None if average_with is None else {"sha256": sha256_file(average_with[0]),
+                                                       "share": average_with[1]}
     try:
         digest = export(checkpoint, tmp, half=half, average_with=average_with)
         config = infer_config(load_state_dict(tmp)).as_kwargs()
@@ -44,8 +47,8 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: P
              "iterations": iterations, "trained_minutes": round(seconds / 60, 1),
              "patch": run["meta"]["patch"], "batch": run["meta"]["batch"],
              "mixture": run["meta"].get("mixture", "classic")}
-    if average_with is not None:
-        entry["averaged_with"] = {"sha256": sha256_file(average_with[0]), "share": average_with[1]}
+    if averaged_with is not None:
+        entry["averaged_with"] = averaged_with
     listed = weights.manifest()
     listed[task] = entry
     (weights.BUNDLED_DIR / "manifest.json").write_text(json.dumps(dict(sorted(listed.items())), indent=2) + "\n")
