@@ -190,20 +190,20 @@ def refracted_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint((clean * (1 - alpha) + behind * alpha) * 255.0), 0, 255).astype(np.uint8)
 
 
-def _drawn_streaks(shape: tuple[int, int], rng: np.random.Generator, count: int, width: tuple[float, float],
+def _drawn_streaks(shape: tuple[int, int], rng: np.random.Generator, count: int, thickness: tuple[float, float],
                    length: tuple[float, float], wind: float) -> np.ndarray:
     """Straight anti-aliased lines drawn with PIL at 3x resolution and reduced: an HxW map in [0, 1]."""
-    height, width_px = shape
-    canvas = Image.new("L", (width_px * 3, height * 3))
+    height, width = shape
+    canvas = Image.new("L", (width * 3, height * 3))
     draw = ImageDraw.Draw(canvas)
     for _ in range(count):
         angle = wind + np.deg2rad(rng.uniform(-3.0, 3.0))
         half = rng.uniform(*length) * 1.5
-        x, y = rng.uniform(0, width_px * 3), rng.uniform(0, height * 3)
+        x, y = rng.uniform(0, width * 3), rng.uniform(0, height * 3)
         dx, dy = half * np.sin(angle), half * np.cos(angle)
         draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=int(rng.integers(128, 256)),
-                  width=max(1, int(round(rng.uniform(*width) * 3))))
-    return np.asarray(canvas.resize((width_px, height), Image.BOX), np.float32) / 255.0
+                  width=max(1, int(round(rng.uniform(*thickness) * 3))))
+    return np.asarray(canvas.resize((width, height), Image.BOX), np.float32) / 255.0
 
 
 def drawn_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
