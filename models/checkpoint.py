@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
+import struct
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -219,8 +221,18 @@ def save_safetensors(model: MPRNet, path: str | os.PathLike, half: bool = False,
     The shared PReLU appears under many keys; each gets its own copy, since safetensors stores no
     aliases, so the file reads back with the same keys as the released checkpoints.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.detach().to("cpu", dtype).clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=dict(metadata or {}))
+    Path(path).write_bytes(_sorted_header(save(tensors, metadata=dict(metadata or {}))))
     return sha256_file(path)
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted. The library writes the
+    metadata keys in a random order (a hash map), so the same weights would get a new sha256
+    on every export; the tensor offsets count from the end of the header, so they stay valid."""
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(header)) + header + data[8 + length:]

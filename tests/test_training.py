@@ -206,6 +206,22 @@ def test_bundling_can_average_the_run_with_the_weights_it_started_from(photos, t
         bundle.main(["denoising", str(out / "last.pt"), "--average-with", str(start), "half"])
 
 
+def test_exporting_the_same_run_twice_writes_the_same_bytes(photos, tmp_path):
+    # The manifest's sha256 is only worth recording if bundling the same run reproduces it.
+    from safetensors import safe_open
+
+    from models import sha256_file
+    out = tmp_path / "run"
+    main(_args("deraining", photos, out, "--iters", "1"))
+    files = [tmp_path / f"export{n}.safetensors" for n in range(3)]
+    for file in files:
+        main(["--out", str(out), "--export", str(file)])
+    assert len({sha256_file(file) for file in files}) == 1
+    assert load_checkpoint(files[0]).config == TINY_CONFIG
+    with safe_open(str(files[0]), framework="pt") as handle:
+        assert handle.metadata()["task"] == "deraining" and handle.metadata()["iteration"] == "1"
+
+
 def test_sigterm_saves_a_resumable_checkpoint(photos, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
