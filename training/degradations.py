@@ -26,7 +26,7 @@ __all__ = ["add_noise", "blur", "add_rain", "random_blur_kernel", "shake_kernel"
            "blur_then_record", "mixed_blur", "RainRanges", "RAIN_TRAINING", "saturating_rain", "smeared_rain",
            "misty_rain", "FAINT_RAIN", "faint_rain", "SCENE_RAIN", "scene_lit_rain",
            "mixed_rain", "STRONG_GRAIN", "DENOISING_CAMERA_RANGES",
-           "mixed_noise", "partly_shared_noise", "clumped_grain", "CLUMP_SHAPES", "convolve",
+           "mixed_noise", "luma", "partly_shared_noise", "clumped_grain", "CLUMP_SHAPES", "convolve",
            "CLASSIC", "BROAD", "MIXTURES", "DEGRADATIONS", "degrade"]
 
 MAX_KERNEL = 31
@@ -569,6 +569,11 @@ STRONG_GRAIN = with_settings(TRAINING_RANGES, shot=(2e-3, TRAINING_RANGES.shot[1
 DENOISING_CAMERA_RANGES: tuple[CameraRanges, CameraRanges] = (TRAINING_RANGES, STRONG_GRAIN)
 
 
+def luma(image: np.ndarray) -> np.ndarray:
+    """HxW brightness (BT.601 weights) of a float HxWx3 image: where tone-dependent noise looks."""
+    return image @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
 def partly_shared_noise(shape: tuple[int, ...], shared: float, rng: np.random.Generator) -> np.ndarray:
     """Unit white noise of ``shape`` (H, W, 3) whose variance is ``shared`` by the three channels."""
     return rng.standard_normal(shape[:2] + (1,), dtype=np.float32) * np.float32(np.sqrt(shared)) \
@@ -603,8 +608,8 @@ def clumped_grain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     white = partly_shared_noise(clean.shape, float(rng.uniform(0.0, 0.95)), rng)
     grain = CLUMP_SHAPES[int(rng.integers(len(CLUMP_SHAPES)))](white, rng)
     grain /= max(float(grain.std()), 1e-8)
-    luma = (clean @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-    tone = (np.ones_like(luma), 1.0 - luma, luma)[int(rng.integers(3))]
+    brightness = luma(clean)[..., None]
+    tone = (np.ones_like(brightness), 1.0 - brightness, brightness)[int(rng.integers(3))]
     floor = np.float32(rng.uniform(0.2, 1.0))
     strength = np.float32(rng.uniform(0.015, 0.10)) * (floor + (1 - floor) * tone)
     noisy = np.clip(clean + grain * strength, 0.0, 1.0)

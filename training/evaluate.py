@@ -36,7 +36,16 @@ from models.weights import TASKS, bundled_path
 from service.engine import Engine
 from service.tiling import Tiling
 
-from .camera import CameraRanges, camera_noise, estimate_noise_sigma, gaussian_filter, jpeg, with_settings
+from .camera import (
+    CameraRanges,
+    camera_noise,
+    estimate_noise_sigma,
+    from_float,
+    gaussian_filter,
+    jpeg,
+    to_float,
+    with_settings,
+)
 from .card import CARD, replace_section
 from .degradations import (
     RainRanges,
@@ -49,6 +58,7 @@ from .degradations import (
     convolve,
     disc_kernel,
     gaussian_kernel,
+    luma,
     misty_rain,
     mixed_blur,
     mixed_rain,
@@ -119,11 +129,11 @@ def coloured_noise(image: np.ndarray, rng: np.random.Generator, sigma: tuple[flo
     """Held-out noise family: white Gaussian noise low-pass filtered (Gaussian of ``correlation``
     px) and rescaled to a standard deviation in ``sigma``, partly shared between the channels:
     grain coarser than a pixel from no camera model at all (no mosaic, no tone curve)."""
-    clean = image.astype(np.float32) / 255.0
+    clean = to_float(image)
     white = partly_shared_noise(clean.shape, rng.uniform(0.0, 0.7), rng)
     grain = gaussian_filter(white, float(rng.uniform(*correlation)))
     grain *= np.float32(rng.uniform(*sigma) / 255.0) / max(float(grain.std()), 1e-8)
-    return np.clip(np.rint((clean + grain) * 255.0), 0, 255).astype(np.uint8)
+    return from_float(clean + grain, image)
 
 
 def noisy_jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -138,15 +148,15 @@ def film_grain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     (85 % of its variance), correlated by a 2-4 px box (grain clumps, not a Gaussian or a camera's
     demosaic), strongest in the mid-tones (standard deviation 4-9 % of full scale there, 1 % floor),
     then saved as a JPEG of quality 70-89."""
-    clean = image.astype(np.float32) / 255.0
-    luma = clean @ np.array([0.299, 0.587, 0.114], np.float32)
+    clean = to_float(image)
+    brightness = luma(clean)
     clump = int(rng.integers(2, 5))
     box = np.full((clump, clump), 1.0 / clump ** 2, np.float32)
     grain = convolve(partly_shared_noise(clean.shape, 0.85, rng), box)
     grain /= max(float(grain.std()), 1e-8)
-    strength = np.float32(rng.uniform(0.04, 0.09)) * (4 * luma * (1 - luma))[..., None] + np.float32(0.01)
+    strength = np.float32(rng.uniform(0.04, 0.09)) * (4 * brightness * (1 - brightness))[..., None] + np.float32(0.01)
     noisy = np.clip(clean + grain * strength, 0.0, 1.0)
-    return np.clip(np.rint(jpeg(noisy, int(rng.integers(70, 90))) * 255.0), 0, 255).astype(np.uint8)
+    return from_float(jpeg(noisy, int(rng.integers(70, 90))), image)
 
 
 def banded_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -154,15 +164,15 @@ def banded_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     4-10, 30 % shared by the channels) plus a random offset per sensor row (sigma 2-6, 70 %
     shared) and, a third of the time, a weaker one per column (the readout's banding), all up to
     twice as strong in the shadows, then JPEG 75-92. Nothing in training makes lines of noise."""
-    clean = image.astype(np.float32) / 255.0
+    clean = to_float(image)
     height, width = clean.shape[:2]
     noise = partly_shared_noise(clean.shape, 0.3, rng) * np.float32(rng.uniform(4.0, 10.0) / 255.0)
     noise += partly_shared_noise((height, 1, 3), 0.7, rng) * np.float32(rng.uniform(2.0, 6.0) / 255.0)
     if rng.random() < 1 / 3:
         noise += partly_shared_noise((1, width, 3), 0.7, rng) * np.float32(rng.uniform(1.0, 3.0) / 255.0)
-    luma = (clean @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-    noisy = np.clip(clean + noise * (1.0 + (1.0 - luma) ** 2), 0.0, 1.0)
-    return np.clip(np.rint(jpeg(noisy, int(rng.integers(75, 93))) * 255.0), 0, 255).astype(np.uint8)
+    shadows = (1.0 - luma(clean)[..., None]) ** 2
+    noisy = np.clip(clean + noise * (1.0 + shadows), 0.0, 1.0)
+    return from_float(jpeg(noisy, int(rng.integers(75, 93))), image)
 
 
 def refracted_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -172,7 +182,7 @@ def refracted_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     tapered ones, stretched by a levels curve; composited not as added light but as drops that
     refract the scene: each streak pixel shows a blurred, brightened copy of its surroundings, at
     an opacity of 0.4-0.8, so it stands out only where the scene behind it is darker."""
-    clean = image.astype(np.float32) / 255.0
+    clean = to_float(image)
     height, width = clean.shape[:2]
     density = float(np.exp(rng.uniform(np.log(0.02), np.log(0.08))))
     drops = gaussian_filter((rng.random((height, width, 1)) < density).astype(np.float32),
@@ -187,7 +197,7 @@ def refracted_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     behind = np.clip(gaussian_filter(clean, float(rng.uniform(3.0, 8.0))) * rng.uniform(1.1, 1.4)
                      + rng.uniform(0.05, 0.15), 0.0, 1.0)
     alpha = streaks * np.float32(rng.uniform(0.4, 0.8))
-    return np.clip(np.rint((clean * (1 - alpha) + behind * alpha) * 255.0), 0, 255).astype(np.uint8)
+    return from_float(clean * (1 - alpha) + behind * alpha, image)
 
 
 def _drawn_streaks(shape: tuple[int, int], rng: np.random.Generator, count: int, thickness: tuple[float, float],
@@ -212,7 +222,7 @@ def drawn_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     (few 3-6 px lines of 30-80 px, out of focus), within 25 degrees of vertical, added in linear
     light (so streaks stand out over dark parts and vanish over bright ones), bluish, then JPEG
     80-95."""
-    clean = image.astype(np.float32) / 255.0
+    clean = to_float(image)
     shape = clean.shape[:2]
     wind = np.deg2rad(rng.uniform(-25.0, 25.0))
     far = _drawn_streaks(shape, rng, int(shape[0] * shape[1] * rng.uniform(2e-3, 6e-3)), (0.6, 1.2), (8.0, 25.0), wind)
@@ -221,7 +231,7 @@ def drawn_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     light = far * rng.uniform(0.15, 0.5) + near * rng.uniform(0.1, 0.3)
     linear = clean ** 2.2 + light[..., None] * np.array([0.9, 0.95, 1.0], np.float32)
     rainy = np.clip(linear, 0.0, 1.0) ** (1 / 2.2)
-    return np.clip(np.rint(jpeg(rainy, int(rng.integers(80, 96))) * 255.0), 0, 255).astype(np.uint8)
+    return from_float(jpeg(rainy, int(rng.integers(80, 96))), image)
 
 
 # Held-out parameter ranges of the realistic families (training's are the dataclasses' defaults).
