@@ -72,6 +72,9 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
     assert any(label in rows[9] for label in ("circular-arc", "off-centre", "broad blur"))
 
     results = json.loads(out.read_text())["results"]["deblurring"]
+    # Beside the clean photos' mean, the one the network damages most, by name.
+    worst = min(results["settings"]["clean_deblurring"], key=lambda row: row["psnr"])
+    assert rows[9].endswith(f"({worst['psnr']:.2f} dB, {worst['image']}) |")
     assert list(results["settings"]) == DEBLURRING_ROWS
     for key, per_image in results["settings"].items():
         assert [r["image"] for r in per_image] == ["kodim00", "kodim01"]
@@ -155,7 +158,7 @@ def test_shipping_checks_flag_regressions_cbm3d_and_damaged_clean_photos():
     checks = {description.split(":")[0]: passed for passed, description in
               evaluate.shipping_checks(results, previous)}
     assert checks == {"denoising sigma 25": True, "denoising noise25": True, "denoising noise50": False,
-                      "denoising on clean photos": False}  # camera_noise is not a classic row: not checked
+                      "denoising camera_noise": False, "denoising on clean photos": False}
 
 
 def test_held_out_camera_rows_lie_outside_every_range_the_denoising_mixture_draws():

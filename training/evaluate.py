@@ -645,7 +645,7 @@ def _generalisation_table(results: dict) -> list[str]:
              "rows too), and a clean photo through the network (PSNR against itself; the issue asks "
              ">= 36 dB for the denoiser, >= 30 dB for the deblurrer).", "",
              "| Task | In-distribution gain (rows) | Unseen gain (rows) | Weakest unseen row | "
-             "Clean photo through it |", "|---|---|---|---|---|"]
+             "Clean photo through it: mean (worst photo) |", "|---|---|---|---|---|"]
     for task in TASKS:
         result = results.get(task)
         if result is None:
@@ -663,8 +663,15 @@ def _generalisation_table(results: dict) -> list[str]:
             + (f"{np.mean([gains[s.key] for s in seen]):+.2f} dB ({len(seen)}) | " if seen else "- | ")
             + (f"{np.mean([gains[s.key] for s in held]):+.2f} dB ({len(held)}) | " if held else "- | ")
             + (f"{weakest.label}: {gains[weakest.key]:+.2f} dB | " if weakest else "- | ")
-            + (f"{_fmt_psnr(_mean(result['settings'][clean.key], 'psnr'))} dB |" if clean else "- |"))
+            + (_clean_cell(result["settings"][clean.key]) if clean else "- |"))
     return lines
+
+
+def _clean_cell(rows: list[dict]) -> str:
+    # The mean hides the photo a network wrecks: the derainer once erased kodim07's louvres
+    # (23.4 dB) while its mean over 8 photos read 34.1 dB.
+    worst = min(rows, key=lambda row: row["psnr"])
+    return f"{_fmt_psnr(_mean(rows, 'psnr'))} dB ({_fmt_psnr(worst['psnr'])} dB, {worst['image']}) |"
 
 
 def _cbm3d_table(results: dict, cbm3d: dict, n_images: int, cbm3d_rows: list[dict] | None = None) -> list[str]:
@@ -704,8 +711,10 @@ MAX_REGRESSION = 0.3  # dB a row training already handled may lose when weights 
 
 def shipping_checks(results: dict, previous: dict, cbm3d_rows: list[dict] | None = None) -> list[tuple[bool, str]]:
     """Issue 16's conditions for replacing bundled weights, as (passed, description): sigma-25
-    denoising at or above CBM3D, no row of the previous weights' table (the classic rows) worse by
-    more than 0.3 dB, and clean photos through the denoiser and deblurrer above their floors."""
+    denoising at or above CBM3D, no row of the previous weights' table worse by more than 0.3 dB
+    (held-out and clean rows too: a run that gains on its own mixture tends to pay on exactly
+    the rows it never sampled), and clean photos through the denoiser and deblurrer above their
+    floors."""
     checks = []
     denoising = results.get("denoising", {}).get("settings", {})
     full = cbm3d_rows or denoising.get("noise25")
@@ -716,9 +725,8 @@ def shipping_checks(results: dict, previous: dict, cbm3d_rows: list[dict] | None
                        f"({len(full)} photos; CBM3D's mean is over 24)"))
     for task, old in previous.items():
         for key, old_rows in old["settings"].items():
-            setting = next(s for s in SETTINGS if s.key == key)
             new_rows = results.get(task, {}).get("settings", {}).get(key)
-            if setting.seen != "classic" or not new_rows:
+            if not new_rows:
                 continue
             change = _mean(new_rows, "psnr") - _mean(old_rows, "psnr")
             checks.append((change >= -MAX_REGRESSION, f"{task} {key}: {change:+.2f} dB against the previous weights"))
