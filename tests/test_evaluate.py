@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -128,6 +129,19 @@ def test_results_are_cached_per_weights_and_previous_weights_are_shown_beside(ph
     monkeypatch.setattr(evaluate, "_evaluate_image", no_computing)
     assert evaluate.main(arguments + ["--weights", f"deraining={tiny_weights}"]) == 0
     assert capsys.readouterr().out == first
+
+    # A generator changed under the same row and label is measured again, not served from the cache.
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluate, "CBM3D_CACHE", tmp_path / "no-cbm3d.json")
+    monkeypatch.setattr(evaluate, "RESULTS_CACHE", tmp_path / "eval" / "results.json")
+    heavier = [dataclasses.replace(s, degrade=lambda im, rng: evaluate.add_rain(im, rng, layers=3))
+               if s.key == "rain" else s for s in evaluate.SETTINGS]
+    monkeypatch.setattr(evaluate, "SETTINGS", tuple(heavier))
+    assert evaluate.main(arguments + ["--weights", f"deraining={tiny_weights}"]) == 0
+    cache = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert sum(key.startswith(f"{digest}|rain|") for key in cache) == 2 * 2
+    assert sum(key.startswith(f"{digest}|slanted|") for key in cache) == 2
+    capsys.readouterr()
 
     torch.manual_seed(1)
     other = tmp_path / "other.safetensors"

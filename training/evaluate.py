@@ -299,7 +299,8 @@ SETTINGS = (
                                              noise_sigma=(1.0, 3.0), jpeg_chance=1.0, jpeg_quality=(30.0, 45.0)),
             UNSHARP, seen="held out: offset > 1 px, JPEG < 50"),
     Setting("clean_deblurring", "deblurring", "clean photo (no degradation)", _untouched, seen="-"),
-    Setting("rain_broad", "deraining", "broad rain mixture (additive/screen, saturating, smeared, misty, faint)",
+    Setting("rain_broad", "deraining", "broad rain mixture (additive/screen, saturating, smeared, misty, faint, "
+            "scene-lit)",
             mixed_rain, MEDIAN, seen="broad"),
     Setting("downpour", "deraining", "downpour: dense short streaks (2.5-6 % of pixels) in thick mist",
             lambda im, rng: misty_rain(im, rng, DOWNPOUR), MEDIAN, seen="held out: density, mist"),
@@ -441,13 +442,13 @@ def trained_mixture(task: str, weights: Path) -> str:
     return "classic"
 
 
-def _cache_key(digest: str, setting: Setting, name: str) -> str:
-    # The label is in the key so that redefining a row (new label) never reuses stale numbers.
-    return f"{digest}|{setting.key}|{setting.label}|{name}|{EVAL_ENTROPY}"
+def _cache_key(digest: str, setting: Setting, name: str, noisy: np.ndarray) -> str:
+    # Keyed by the degraded input itself, not by the row's label: the broad rain mixture gained a
+    # family under an unchanged label, and a label-keyed cache served the old mixture's numbers.
+    return f"{digest}|{setting.key}|{name}|{hashlib.sha256(noisy.tobytes()).hexdigest()[:20]}"
 
 
-def _evaluate_image(setting: Setting, index: int, name: str, clean: np.ndarray, engine) -> dict:
-    noisy = degraded(setting, index, clean)
+def _evaluate_image(setting: Setting, noisy: np.ndarray, name: str, clean: np.ndarray, engine) -> dict:
     restored = WHOLE_IMAGES.restore(noisy, engine.forward)
     row = {"image": name, "input_psnr": psnr(noisy, clean), "input_ssim": ssim(noisy, clean),
            "psnr": psnr(restored, clean), "ssim": ssim(restored, clean)}
@@ -476,9 +477,10 @@ def evaluate_task(task: str, weights: Path, images, log, cache: dict | None = No
     for setting in (s for s in SETTINGS if s.task == task and (only is None or s.key in only)):
         rows = []
         for index, (name, clean) in enumerate(images):
-            key = _cache_key(digest, setting, name)
+            noisy = degraded(setting, index, clean)
+            key = _cache_key(digest, setting, name, noisy)
             if key not in cache:
-                cache[key] = _evaluate_image(setting, index, name, clean, engine)
+                cache[key] = _evaluate_image(setting, noisy, name, clean, engine)
                 if save:
                     save({key: cache[key]})  # an interrupted evaluation keeps every image it finished
             rows.append(cache[key])
