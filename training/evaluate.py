@@ -74,8 +74,9 @@ WHOLE_IMAGES = Tiling(tile_size=0)
 ROOT = Path(__file__).resolve().parents[1]
 KODAK = ROOT.parent / "shared" / "datasets" / "eval" / "Kodak24"
 CBM3D_CACHE = ROOT / "runs" / "eval" / "cbm3d.json"
-# Per-image results keyed by a digest of the weights, so re-evaluating after one task's weights change
-# recomputes only that task (each full pass costs about half an hour of this 2-core VM).
+# Per-image results keyed by a digest of the weights and of the degraded input, so re-evaluating after
+# one task's weights change recomputes only that task (each full pass costs about half an hour of
+# this 2-core VM), and a generator changed since is measured again.
 RESULTS_CACHE = ROOT / "runs" / "eval" / "results.json"
 # CBM3D's mean on the sigma-25 row when no per-image cache is on the machine: measured in the
 # fourth session (true sigma, `bm3d.bm3d_rgb`, 24 photos, 119 s each), the number the issue's
@@ -467,7 +468,8 @@ def evaluate_task(task: str, weights: Path, images, log, cache: dict | None = No
                   save: Callable[[dict], None] | None = None, only: set[str] | None = None,
                   timed: bool = True) -> dict:
     """Every setting of ``task`` (or those named in ``only``) on every photo; per-image rows come
-    from ``cache`` (keyed by a digest of the weights) when there, and are added to it when computed."""
+    from ``cache`` (keyed by digests of the weights and of the degraded input) when there, and are
+    added to it when computed."""
     checkpoint = load_checkpoint(weights)
     engine = Engine(checkpoint.model, config=checkpoint.config, device="cpu", tile_size=0)
     cache = {} if cache is None else cache
