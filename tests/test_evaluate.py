@@ -234,3 +234,18 @@ def test_drawn_rain_shows_over_dark_parts_and_barely_over_bright_ones():
     assert lift[:, 8:56].mean() > 3 * abs(lift[:, 72:120].mean())
     # Streaks, not a veil: a minority of the dark half is lifted.
     assert 0.02 < (lift[:, 8:56].max(axis=2) > 20).mean() < 0.5
+
+
+def test_gusty_rain_lightens_dark_parts_and_never_darkens():
+    photo = np.full((128, 128, 3), 30, np.uint8)
+    photo[:, 64:] = 250  # the brightest tenth: the sky whose colour the streaks take
+    rainy = evaluate.gusty_rain(photo, np.random.default_rng(2))
+    assert np.array_equal(rainy, evaluate.gusty_rain(photo, np.random.default_rng(2)))
+    lift = rainy.astype(float) - photo
+    # A lighten blend: streaks show over the dark half, not over a sky as bright as they are,
+    # and nothing gets darker but for JPEG's ringing beside a streak.
+    assert 0.01 < (lift[:, 8:56].max(axis=2) > 20).mean() < 0.5
+    assert np.abs(lift[:, 72:120]).mean() < 2
+    darkened = -np.minimum(lift[:, 8:56], 0).mean()
+    assert darkened < 0.2 * np.maximum(lift[:, 8:56], 0).mean()
+    assert rainy.shape == photo.shape and rainy.dtype == np.uint8
