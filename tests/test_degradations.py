@@ -207,7 +207,7 @@ def test_noise_estimate_reads_white_noise_and_understates_coarse_grain():
 
 
 @pytest.mark.parametrize("family", [deg.saturating_rain, deg.smeared_rain, deg.misty_rain, deg.faint_rain,
-                                    deg.scene_lit_rain, deg.depth_rain, deg.mixed_rain,
+                                    deg.scene_lit_rain, deg.mixed_rain,
                                     deg.mixed_blur, deg.mixed_noise, deg.clumped_grain])
 def test_new_families_are_seeded_keep_dtype_and_degrade(family):
     photo = _photo()
@@ -249,20 +249,6 @@ def test_scene_lit_rain_takes_its_colour_from_the_scene():
     assert (rainy[streak][:, 0] - rainy[streak][:, 1]).min() >= 118
     white = deg.faint_rain(red, np.random.default_rng(3)).astype(int)
     assert (white[..., 0] - white[..., 1]).min() < 110
-
-
-def test_depth_rain_adds_light_in_linear_space_so_streaks_fade_over_bright_scenes():
-    # Added in sRGB, a streak would lift a dark and a bright wall by the same levels (short of
-    # clipping); added in linear light it lifts the dark one several times more.
-    lifted = 0
-    for seed in range(12):
-        dark, bright = (deg.depth_rain(_flat(level), np.random.default_rng(seed)).astype(float) - level
-                        for level in (30, 200))
-        if dark.mean() <= 0:
-            continue  # drops drawn as attenuation, against a bright sky
-        lifted += 1
-        assert dark.mean() > 2.5 * max(bright.mean(), 0.05)
-    assert lifted >= 6
 
 
 def test_misty_rain_lowers_contrast():

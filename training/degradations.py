@@ -24,7 +24,7 @@ from .camera import to_float as _to_float
 __all__ = ["add_noise", "blur", "add_rain", "random_blur_kernel", "shake_kernel", "motion_kernel",
            "disc_kernel", "gaussian_kernel", "acceleration_kernel", "stroke_kernel", "arc_kernel",
            "blur_then_record", "mixed_blur", "RainRanges", "RAIN_TRAINING", "saturating_rain", "smeared_rain",
-           "misty_rain", "FAINT_RAIN", "faint_rain", "SCENE_RAIN", "scene_lit_rain", "depth_rain",
+           "misty_rain", "FAINT_RAIN", "faint_rain", "SCENE_RAIN", "scene_lit_rain",
            "mixed_rain", "STRONG_GRAIN", "DENOISING_CAMERA_RANGES",
            "mixed_noise", "luma", "partly_shared_noise", "clumped_grain", "CLUMP_SHAPES", "convolve",
            "CLASSIC", "BROAD", "MIXTURES", "DEGRADATIONS", "degrade"]
@@ -537,78 +537,22 @@ def scene_lit_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRang
     return _from_float(clean * (1 - alpha) + lit * alpha, image)
 
 
-def depth_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRanges = RAIN_TRAINING) -> np.ndarray:
-    """Rain as a camera sees a volume of falling drops, composited in linear light and saved as a
-    JPEG.
-
-    Every other family draws one to three layers whose drops share a size. Here 2-5 depth planes
-    lie between the nearest drops and 2-6x as far: a plane's streaks shrink in length and width
-    with its distance, while the share of the drops it holds grows with it (a plane further away
-    covers more of the scene), and they grow dimmer. The nearest plane is often out of focus (a Gaussian of up to
-    3 px), its drops up to 7 px wide. Light adds in the camera's linear space, not in its
-    gamma-encoded sRGB, so streaks that glare over a dark background all but vanish over a
-    bright sky; drops that instead block a bright sky are drawn as attenuation. Half the photos
-    are then saved as JPEGs of quality 60-95, as nearly every rainy photo is.
-    """
-    clean = _to_float(image)
-    shape = clean.shape[:2]
-    gamma = np.float32(rng.uniform(2.0, 2.4))
-    linear = clean ** gamma
-    wind = rng.uniform(*ranges.wind_degrees)
-    farthest = rng.uniform(2.0, 6.0)
-    planes = int(rng.integers(2, 6))
-    near_length = rng.uniform(ranges.length[1] / 2, ranges.length[1])
-    near_width = rng.uniform(1.5, 7.0)
-    near_brightness = rng.uniform(*ranges.brightness)
-    # The drops of all planes together are as dense as one layer of the other families.
-    total_density = _log_uniform(rng, *ranges.density)
-    near_defocus = rng.uniform(0.5, 3.0) if rng.random() < 0.6 else 0.0
-    light = np.zeros(shape + (1,), np.float32)
-    distances = np.geomspace(1.0, farthest, planes)
-    for plane, distance in enumerate(distances):
-        density = total_density * distance / distances.sum()
-        drops = (rng.random(shape) < density).astype(np.float32)
-        drops *= rng.uniform(0.5, 1.0, size=shape).astype(np.float32)
-        length = float(np.clip(near_length / distance, ranges.length[0], ranges.length[1]))
-        width = float(np.clip(near_width / distance, ranges.width[0], near_width))
-        # Perspective spreads the wind's angle a little between planes.
-        angle = float(np.deg2rad(wind + rng.uniform(-5.0, 5.0)))
-        kernel = _streak_kernel(length, angle, width, float(rng.uniform(0.0, 1.0)))
-        streaks = convolve(drops[..., None], kernel)
-        if plane == 0 and near_defocus > 0:
-            # A normalised kernel: defocus spreads a near drop's light into a dim, wide smear.
-            streaks = convolve(streaks, gaussian_kernel(rng, size=2 * int(np.ceil(3 * near_defocus)) + 1,
-                                                        sigma=(near_defocus, near_defocus)))
-        light += np.clip(streaks, 0.0, 1.0) * np.float32(near_brightness / np.sqrt(distance))
-    tint = rng.uniform(0.9, 1.0, size=3).astype(np.float32)
-    if rng.random() < 0.8:
-        rainy = linear + light * tint
-    else:
-        rainy = linear * (1.0 - np.clip(light, 0.0, 1.0) * np.float32(rng.uniform(0.3, 0.8)))
-    rainy = np.clip(rainy, 0.0, 1.0) ** (1.0 / gamma)
-    if rng.random() < 0.5:
-        rainy = jpeg(rainy, int(rng.integers(60, 96)))
-    return _from_float(rainy, image)
-
-
 def mixed_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The broad deraining mixture: 30 % the classic :func:`add_rain`, 10 % each saturating,
-    smeared and misty rain within :data:`RAIN_TRAINING`'s ranges, 12 % :func:`faint_rain`, 12 %
-    :func:`scene_lit_rain`, 16 % :func:`depth_rain`."""
+    """The broad deraining mixture: 35 % the classic :func:`add_rain`, 12 % each saturating,
+    smeared and misty rain within :data:`RAIN_TRAINING`'s ranges, 15 % :func:`faint_rain`, 14 %
+    :func:`scene_lit_rain`."""
     pick = rng.random()
-    if pick < 0.30:
+    if pick < 0.35:
         return add_rain(image, rng)
-    if pick < 0.40:
+    if pick < 0.47:
         return saturating_rain(image, rng)
-    if pick < 0.50:
+    if pick < 0.59:
         return smeared_rain(image, rng)
-    if pick < 0.60:
+    if pick < 0.71:
         return misty_rain(image, rng)
-    if pick < 0.72:
+    if pick < 0.86:
         return faint_rain(image, rng)
-    if pick < 0.84:
-        return scene_lit_rain(image, rng)
-    return depth_rain(image, rng)
+    return scene_lit_rain(image, rng)
 
 
 # --------------------------------------------------------------------------------------------
