@@ -341,7 +341,7 @@ SETTINGS = (
             UNSHARP, seen="held out: offset > 1 px, JPEG < 50"),
     Setting("clean_deblurring", "deblurring", "clean photo (no degradation)", _untouched, seen="-"),
     Setting("rain_broad", "deraining", "broad rain mixture (additive/screen, saturating, smeared, misty, faint, "
-            "scene-lit, depth planes in linear light)",
+            "scene-lit)",
             mixed_rain, MEDIAN, seen="broad"),
     Setting("downpour", "deraining", "downpour: dense short streaks (2.5-6 % of pixels) in thick mist",
             lambda im, rng: misty_rain(im, rng, DOWNPOUR), MEDIAN, seen="held out: density, mist"),
@@ -356,7 +356,7 @@ SETTINGS = (
     Setting("banded_noise", "denoising", "shadow-pushed noise with row (and column) banding, then JPEG 75-92",
             banded_noise, seen="held out: family", noise_figure=True),
     Setting("drawn_rain", "deraining", "drawn rain: flat-ended lines in two depth layers, added in linear light, "
-            "then JPEG 80-95", drawn_rain, MEDIAN, seen="held out: line shape"),
+            "then JPEG 80-95", drawn_rain, MEDIAN, seen="held out: family"),
     Setting("gusty_rain", "deraining", "gusty rain: curved streaks brightest mid-way, lightening the scene towards "
             "its sky's colour (max blend), then JPEG 70-90", gusty_rain, MEDIAN, seen="held out: family"),
 )
