@@ -241,8 +241,9 @@ def gusty_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     its 15-50 px length), brightest mid-way and fading to nothing at both ends (a Gaussian
     profile along the path, not a taper of width), 1-2.5 px wide, 0.1-0.5 % of pixels starting
     one; composited with a *lighten* blend (each pixel the brighter of the scene and the streak,
-    whose colour is that of the photo's brightest tenth, its sky), then JPEG 70-90. No training
-    family bends a streak or blends by the maximum."""
+    whose colour is a tenth brighter than the mean of the photo's brightest tenth: its sky where
+    it has one, else its brightest things, so some photos get tinted rain), then JPEG 70-90. No
+    training family bends a streak or blends by the maximum."""
     clean = to_float(image)
     height, width = clean.shape[:2]
     scale = 2  # drawn at twice the size and reduced, for anti-aliased curves
