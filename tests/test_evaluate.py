@@ -249,3 +249,16 @@ def test_gusty_rain_lightens_dark_parts_and_never_darkens():
     darkened = -np.minimum(lift[:, 8:56], 0).mean()
     assert darkened < 0.2 * np.maximum(lift[:, 8:56], 0).mean()
     assert rainy.shape == photo.shape and rainy.dtype == np.uint8
+
+
+def test_gusty_rain_blends_by_the_maximum_so_faint_streak_ends_vanish_over_mid_grey():
+    # Lighten: a streak shows over mid-grey only where it is brighter than the grey, so far fewer
+    # grey pixels than dark ones are lifted. Added or alpha-blended streaks (measured: 1.03x and
+    # 0.84x as many) would lift nearly as many.
+    photo = np.full((128, 128, 3), 30, np.uint8)
+    photo[:, 43:86] = 140
+    photo[:, 86:] = 250
+    lift = evaluate.gusty_rain(photo, np.random.default_rng(2)).astype(float).max(axis=2) - photo[..., 0]
+    dark, grey = (lift[:, 4:39] > 12).mean(), (lift[:, 47:82] > 12).mean()
+    assert dark > 0.05
+    assert grey < 0.4 * dark
