@@ -201,20 +201,30 @@ def refracted_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return from_float(clean * (1 - alpha) + behind * alpha, image)
 
 
+def _supersampled(shape: tuple[int, int], scale: int, draw_on: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+    """What ``draw_on`` draws on a black canvas ``scale`` times the size of ``shape``, reduced by
+    averaging: PIL's lines are not anti-aliased, so this is. An HxW map in [0, 1]."""
+    height, width = shape
+    canvas = Image.new("L", (width * scale, height * scale))
+    draw_on(ImageDraw.Draw(canvas))
+    return np.asarray(canvas.resize((width, height), Image.BOX), np.float32) / 255.0
+
+
 def _drawn_streaks(shape: tuple[int, int], rng: np.random.Generator, count: int, thickness: tuple[float, float],
                    length: tuple[float, float], wind: float) -> np.ndarray:
-    """Straight anti-aliased lines drawn with PIL at 3x resolution and reduced: an HxW map in [0, 1]."""
+    """Straight lines drawn with PIL at 3x resolution and reduced: an HxW map in [0, 1]."""
     height, width = shape
-    canvas = Image.new("L", (width * 3, height * 3))
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(count):
-        angle = wind + np.deg2rad(rng.uniform(-3.0, 3.0))
-        half = rng.uniform(*length) * 1.5
-        x, y = rng.uniform(0, width * 3), rng.uniform(0, height * 3)
-        dx, dy = half * np.sin(angle), half * np.cos(angle)
-        draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=int(rng.integers(128, 256)),
-                  width=max(1, int(round(rng.uniform(*thickness) * 3))))
-    return np.asarray(canvas.resize((width, height), Image.BOX), np.float32) / 255.0
+
+    def lines(draw: ImageDraw.ImageDraw) -> None:
+        for _ in range(count):
+            angle = wind + np.deg2rad(rng.uniform(-3.0, 3.0))
+            half = rng.uniform(*length) * 1.5
+            x, y = rng.uniform(0, width * 3), rng.uniform(0, height * 3)
+            dx, dy = half * np.sin(angle), half * np.cos(angle)
+            draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=int(rng.integers(128, 256)),
+                      width=max(1, int(round(rng.uniform(*thickness) * 3))))
+
+    return _supersampled(shape, 3, lines)
 
 
 def drawn_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -246,30 +256,31 @@ def gusty_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     training family bends a streak or blends by the maximum."""
     clean = to_float(image)
     height, width = clean.shape[:2]
-    scale = 2  # drawn at twice the size and reduced, for anti-aliased curves
-    canvas = Image.new("L", (width * scale, height * scale))
-    draw = ImageDraw.Draw(canvas)
+    scale = 2
     wind = np.deg2rad(rng.uniform(-30.0, 30.0))
     bend_side = 1.0 if rng.random() < 0.5 else -1.0  # one gust bends every streak the same way
     steps = np.linspace(0.0, 1.0, 13)
-    for _ in range(int(height * width * rng.uniform(1e-3, 5e-3))):
-        length = rng.uniform(15.0, 50.0) * scale
-        angle = wind + np.deg2rad(rng.uniform(-5.0, 5.0))
-        direction = np.array([np.sin(angle), np.cos(angle)])
-        across = np.array([direction[1], -direction[0]])
-        start = np.array([rng.uniform(0, width * scale), rng.uniform(0, height * scale)])
-        bend = bend_side * rng.uniform(0.03, 0.12) * length
-        # A quadratic Bezier curve through start, a middle pushed sideways, and the end.
-        control = start + direction * length / 2 + across * 2 * bend
-        end = start + direction * length
-        points = ((1 - steps)[:, None] ** 2 * start + 2 * ((1 - steps) * steps)[:, None] * control
-                  + steps[:, None] ** 2 * end)
-        peak = rng.uniform(0.5, 1.0) * 255
-        stroke = max(1, int(round(rng.uniform(1.0, 2.5) * scale)))
-        for (a, b), t in zip(zip(points[:-1], points[1:]), (steps[:-1] + steps[1:]) / 2):
-            level = peak * np.exp(-0.5 * ((t - 0.5) / 0.2) ** 2)
-            draw.line([tuple(a), tuple(b)], fill=int(level), width=stroke)
-    streaks = np.asarray(canvas.resize((width, height), Image.BOX), np.float32)[..., None] / 255.0
+
+    def curves(draw: ImageDraw.ImageDraw) -> None:
+        for _ in range(int(height * width * rng.uniform(1e-3, 5e-3))):
+            length = rng.uniform(15.0, 50.0) * scale
+            angle = wind + np.deg2rad(rng.uniform(-5.0, 5.0))
+            direction = np.array([np.sin(angle), np.cos(angle)])
+            across = np.array([direction[1], -direction[0]])
+            start = np.array([rng.uniform(0, width * scale), rng.uniform(0, height * scale)])
+            bend = bend_side * rng.uniform(0.03, 0.12) * length
+            # A quadratic Bezier curve through start, a middle pushed sideways, and the end.
+            control = start + direction * length / 2 + across * 2 * bend
+            end = start + direction * length
+            points = ((1 - steps)[:, None] ** 2 * start + 2 * ((1 - steps) * steps)[:, None] * control
+                      + steps[:, None] ** 2 * end)
+            peak = rng.uniform(0.5, 1.0) * 255
+            stroke = max(1, int(round(rng.uniform(1.0, 2.5) * scale)))
+            for (a, b), t in zip(zip(points[:-1], points[1:]), (steps[:-1] + steps[1:]) / 2):
+                level = peak * np.exp(-0.5 * ((t - 0.5) / 0.2) ** 2)
+                draw.line([tuple(a), tuple(b)], fill=int(level), width=stroke)
+
+    streaks = _supersampled((height, width), scale, curves)[..., None]
     brightness = clean.mean(axis=2)
     sky = clean[brightness >= np.quantile(brightness, 0.9)].mean(axis=0)
     rainy = np.maximum(clean, streaks * np.clip(sky * 1.1, 0.0, 1.0))
