@@ -626,10 +626,10 @@ CLEAN_SHARE = 0.08
 def mixed_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The broad denoising mixture: :data:`CLEAN_SHARE` of the photos untouched; of the others,
     45 % :func:`add_noise` (white Gaussian or per-pixel Poisson-Gaussian, as the bundled weights
-    were trained on, so that they keep what they have), 15 % :func:`clumped_grain`, 40 % :func:`training.camera.camera_noise` (raw-space noise through
-    demosaicing, colour correction, tone curve, resizing and JPEG: correlated grain): 60 % of that
-    with its training ranges, 40 % with :data:`STRONG_GRAIN`, the strong and spread end of the same
-    ranges."""
+    were trained on, so that they keep what they have), 15 % :func:`clumped_grain`, 40 %
+    :func:`training.camera.camera_noise` (raw-space noise through demosaicing, colour correction,
+    tone curve, resizing and JPEG: correlated grain): 60 % of that with its training ranges, 40 %
+    with :data:`STRONG_GRAIN`, the strong and spread end of the same ranges."""
 
     choice = rng.random()
     if choice < CLEAN_SHARE:
