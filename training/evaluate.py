@@ -214,17 +214,18 @@ def _drawn_streaks(shape: tuple[int, int], rng: np.random.Generator, count: int,
                    length: tuple[float, float], wind: float) -> np.ndarray:
     """Straight lines drawn with PIL at 3x resolution and reduced: an HxW map in [0, 1]."""
     height, width = shape
+    scale = 3
 
     def lines(draw: ImageDraw.ImageDraw) -> None:
         for _ in range(count):
             angle = wind + np.deg2rad(rng.uniform(-3.0, 3.0))
-            half = rng.uniform(*length) * 1.5
-            x, y = rng.uniform(0, width * 3), rng.uniform(0, height * 3)
+            half = rng.uniform(*length) * (scale / 2)
+            x, y = rng.uniform(0, width * scale), rng.uniform(0, height * scale)
             dx, dy = half * np.sin(angle), half * np.cos(angle)
             draw.line([(x - dx, y - dy), (x + dx, y + dy)], fill=int(rng.integers(128, 256)),
-                      width=max(1, int(round(rng.uniform(*thickness) * 3))))
+                      width=max(1, int(round(rng.uniform(*thickness) * scale))))
 
-    return _supersampled(shape, 3, lines)
+    return _supersampled(shape, scale, lines)
 
 
 def drawn_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
