@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from models import MPRNetConfig, load_checkpoint
 
+from .precision import emulated_precision_problem
 from .tiling import DEFAULT_TILE_SIZE, check_tiling
 
 __all__ = ["Engine", "PRECISIONS", "default_batch_size", "emulated_precision_problem", "is_out_of_memory",
@@ -31,66 +31,6 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 # outgrow the caches: 0.25 vs 0.18 MP/s at batch 1 vs 4 on this project's 2-core VM, BENCHMARKS.md),
 # so there tiles go one by one; a GPU needs batches to fill.
 _DEFAULT_BATCH_SIZES = {"cuda": 4, "cpu": 1}
-
-
-# CPU instruction sets that run bf16 natively, as /proc/cpuinfo names them: AVX512-BF16 (Cooper
-# Lake, Zen 4), AMX-BF16 (Sapphire Rapids), AVX-NE-CONVERT (oneDNN's avx2_vnni_2 path) on x86, and
-# FEAT_BF16 on Arm. Without one, oneDNN and ATen emulate bf16 through fp32 conversions: the
-# service measured a 256x256 photo at 3.5 s against 0.4 s in fp32 on an AVX2-only CPU.
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert", "bf16")
-
-
-def _cpuinfo_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return set()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return flags
-
-
-def _cpu_bf16_problem(device: torch.device) -> str | None:
-    # torch's own probes first (private, hence looked up rather than assumed), then the kernel's view.
-    native = set()
-    for flag, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
-        check = getattr(torch.cpu, probe, None)
-        if check is not None and check():
-            native.add(flag)
-    native |= _cpuinfo_flags() & set(_CPU_BF16_FLAGS)
-    if native:
-        return None
-    return (f"this CPU has no bf16 instructions ({', '.join(_CPU_BF16_FLAGS)} are all missing), so bf16 would be "
-            f"emulated, about 9x slower than fp32")
-
-
-def _cuda_bf16_problem(device: torch.device) -> str | None:
-    # Tensor cores take bf16 from Ampere (compute capability 8.0) on; older GPUs emulate it.
-    major, minor = torch.cuda.get_device_capability(device)
-    if major >= 8:
-        return None
-    return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 tensor cores "
-            f"(8.0 or later needed), so bf16 would be emulated, slower than fp16")
-
-
-# (precision, device type) -> why that precision would run emulated there, or None when it runs
-# natively. A pair not listed needs no check (fp32 everywhere, fp16 on CUDA); a new precision
-# adds its rows here.
-_NATIVE_PRECISION_CHECKS = {
-    ("bf16", "cpu"): _cpu_bf16_problem,
-    ("bf16", "cuda"): _cuda_bf16_problem,
-}
-
-
-def emulated_precision_problem(precision: str, device: str | torch.device) -> str | None:
-    """Why ``precision`` would be emulated (slowly) on ``device``, or None when it runs natively."""
-    device = torch.device(device)
-    check = _NATIVE_PRECISION_CHECKS.get((precision, device.type))
-    return check(device) if check is not None else None
 
 
 def default_batch_size(device: str | torch.device) -> int:
