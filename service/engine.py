@@ -8,8 +8,11 @@ Cutting images into tiles and blending them back is :mod:`service.tiling`'s job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,6 +48,31 @@ _AUTO_TILE_SIDES = (1024, 768, 512, 384, 256)
 _AUTO_MIN_BATCH = 4
 _AUTO_MAX_BATCH = 64
 _AUTO_MEMORY_FRACTION = 0.6
+
+# Batch shapes compiled by all engines of this process. Dynamo keeps at most recompile_limit (8 by
+# default) graphs per code object, and every engine runs the same MPRNet.forward: three tasks of five
+# shapes would pass it, the shapes past it running eagerly after one warning. So the limits are raised
+# to the count (older torch names them cache_size_limit and accumulated_cache_size_limit).
+_compiled_batch_shapes = 0
+
+
+def _allow_compiled_shapes(count: int) -> None:
+    global _compiled_batch_shapes
+    _compiled_batch_shapes += count
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for names in (("recompile_limit", "cache_size_limit"),
+                  ("accumulated_recompile_limit", "accumulated_cache_size_limit")):
+        name = next((name for name in names if hasattr(config, name)), None)
+        if name is not None:
+            setattr(config, name, max(getattr(config, name), _compiled_batch_shapes))
+
+
+def _dynamo_graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]  # every engine's, every shape's, so far
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -89,7 +117,8 @@ class Engine:
             on for the CPU, where it halves the bundled network's time (see BENCHMARKS.md), and
             leaves it off on CUDA, where it has not been measured yet.
         compile: ``torch.compile`` the network for the serving tile shape (compiled in :meth:`warmup`).
-        cuda_graphs: replay one captured CUDA graph per batch shape of the serving tile (CUDA only).
+        cuda_graphs: replay one captured CUDA graph per batch shape of the serving tile (CUDA only);
+            a batch size whose capture fails runs eagerly from then on.
         allow_emulated_precision: run a precision this device has no instructions for (bf16 on a
             CPU without AVX512-BF16 or AMX), with a warning, instead of raising ``ValueError``.
 
@@ -128,17 +157,33 @@ class Engine:
         self.compile = compile
         self.cuda_graphs = cuda_graphs
         self.oom_splits = 0  # batches halved after running out of memory, for logs and tests
+        self.bytes_per_pixel: float | None = None  # activation memory, measured by choose_sizes on CUDA
         # Both layouts set explicitly: Module.to works in place, so a model may arrive converted.
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=layout).eval().requires_grad_(False)
         self._on_cuda = self.device.type == "cuda"
         if self._on_cuda:
-            # The serving tile shape is fixed, so cuDNN's per-shape autotuning pays for itself.
+            # The serving tile shape is fixed, so cuDNN's per-shape autotuning pays for itself, once
+            # per batch shape at warm-up: the serving tile's batches are padded to batch_shapes().
             torch.backends.cudnn.benchmark = True
+        # Padding costs the padded tiles' compute: worth it where each batch shape is prepared (cuDNN's
+        # autotuning, a compilation, a graph), not for the CPU's eager passes, which prepare nothing.
+        self._pads_batches = self._on_cuda or compile or cuda_graphs
         # The network as the fast path runs it, for the serving tile shape only; other shapes (a
         # small image's single tile) go through the plain model rather than recompiling or capturing.
         self._fast_model = torch.compile(self.model, dynamic=False) if compile else self.model
+        if compile:
+            _allow_compiled_shapes(len(self.batch_shapes()))
+        self.compiled_graphs = 0  # graphs Dynamo compiled in this engine's forward passes, for logs and tests
+        self._warmed_up = False
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._failed_captures: dict[int, torch.cuda.CUDAGraph] = {}  # batch sizes that run eagerly for good
+        if cuda_graphs:
+            # All captures share one side stream and one memory pool (torch.cuda.graph shares a pool
+            # well only between captures on the same stream): replays run one at a time, under the lock.
+            self._capture_stream = torch.cuda.Stream(self.device)
+            self._graph_pool = torch.cuda.graph_pool_handle()
+            self._replay_lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, path, **options) -> Engine:
@@ -186,18 +231,22 @@ class Engine:
     def _forward_once(self, tiles: np.ndarray) -> np.ndarray:
         count = len(tiles)
         host = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
-        fast = tuple(host.shape[1:]) == self.serving_shape and (self.compile or self.cuda_graphs)
-        if fast and count < self.max_batch_size:
+        serving = tuple(host.shape[1:]) == self.serving_shape
+        if serving and self._pads_batches and count < self.max_batch_size:
             padded = next(size for size in self.batch_shapes() if size >= count)
             host = torch.cat([host, host[-1:].expand(padded - count, *host.shape[1:])])
+        # A batch over max_batch_size (a caller's own batching) runs eagerly rather than compiling
+        # or capturing once more for a shape warm-up did not prepare.
+        fast = serving and (self.compile or self.cuda_graphs) and len(host) <= self.max_batch_size
         if self._on_cuda:
             # Page-locked memory lets the copy run by DMA, overlapping whatever the stream is doing.
             host = host.pin_memory()
         batch = host.to(self.device, non_blocking=True)
-        if fast and self.cuda_graphs:
-            restored = self._replay(batch)
+        captured = self._graph_for(len(batch)) if fast and self.cuda_graphs else None
+        if captured is not None:
+            restored = self._replay(captured, batch)
         else:
-            restored = self._run(self._fast_model if fast else self.model, batch)
+            restored = self._run_fast(batch) if fast else self._run(self.model, batch)
         restored = restored[:count]
         if not self._on_cuda:
             return restored.contiguous().numpy()
@@ -214,36 +263,80 @@ class Engine:
             restored = network(batch)[0]
         return restored.float().clamp_(0, 1)
 
-    def _replay(self, batch: torch.Tensor) -> torch.Tensor:
-        graph, static_in, static_out = self._graphs.get(len(batch)) or self._capture(len(batch))
-        static_in.copy_(batch)
-        graph.replay()
-        return static_out.clone()  # the next replay overwrites static_out
+    def _run_fast(self, batch: torch.Tensor) -> torch.Tensor:
+        if not self.compile:
+            return self._run(self._fast_model, batch)
+        # Dynamo recompiles silently when a guard fails; after warm-up that stalls a request, so it is logged.
+        before = _dynamo_graphs_compiled()
+        restored = self._run(self._fast_model, batch)
+        compiled = _dynamo_graphs_compiled() - before
+        self.compiled_graphs += compiled
+        if compiled and self._warmed_up:
+            log.warning("torch.compile compiled %d graph(s) on %s for a batch of shape %s after warm-up; "
+                        "set TORCH_LOGS=recompiles for the reason", compiled, self.device, tuple(batch.shape))
+        return restored
 
-    def _capture(self, batch_size: int):
-        static_in = torch.rand(batch_size, *self.serving_shape, device=self.device)
-        # Capture needs its allocations made, and cuDNN's algorithms chosen, on a side stream first.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._run(self._fast_model, static_in)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+    def _graph_for(self, batch_size: int):
+        """The graph for ``batch_size`` tiles, captured now if need be; None once its capture failed."""
+        if batch_size in self._graphs or batch_size in self._failed_captures:
+            return self._graphs.get(batch_size)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self._run(self._fast_model, static_in)
-        self._graphs[batch_size] = (graph, static_in, static_out)
-        return self._graphs[batch_size]
+        try:
+            self._graphs[batch_size] = self._capture(graph, batch_size)
+            return self._graphs[batch_size]
+        except Exception as error:  # whatever broke the capture, eager still serves this batch size
+            failure = f"{type(error).__name__}: {error}"
+        # Cleaned up outside the except block, so that the failed attempt's tensors are freed first.
+        with torch.cuda.device(self.device), torch.cuda.stream(self._capture_stream):
+            if torch.cuda.is_current_stream_capturing():  # work queued now would join a dead graph
+                with contextlib.suppress(RuntimeError):  # an invalidated capture ends with an error
+                    graph.capture_end()
+            # A capture failing at its end raises before the allocator stops routing to the pool (and
+            # refers to the graph, hence kept in _failed_captures). Private, older torch's name second.
+            stop_routing = (getattr(torch._C, "_cuda_endAllocateToPool", None)
+                            or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None))
+            with contextlib.suppress(Exception):  # it raises when the capture let go already
+                stop_routing(torch.cuda.current_device(), self._graph_pool)
+        # Its eager passes may still be reading the static input, freed with the attempt's frames.
+        self._capture_stream.synchronize()
+        torch.cuda.empty_cache()
+        self._failed_captures[batch_size] = graph
+        log.warning("capturing a CUDA graph for batches of %d tiles on %s failed, so they run eagerly from now on: %s",
+                    batch_size, self.device, failure)
+        return None
+
+    def _capture(self, graph: torch.cuda.CUDAGraph, batch_size: int):
+        with torch.cuda.device(self.device):
+            caller, side = torch.cuda.current_stream(self.device), self._capture_stream
+            static_in = torch.rand(batch_size, *self.serving_shape, device=self.device)
+            # Capture needs its allocations made, and cuDNN's algorithms chosen, on the side stream first.
+            side.wait_stream(caller)
+            # Its own stream context too: a capture failing at its end skips torch.cuda.graph's restore.
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._run_fast(static_in)
+                with torch.cuda.graph(graph, pool=self._graph_pool, stream=side):
+                    static_out = self._run_fast(static_in)
+            caller.wait_stream(side)
+        return graph, static_in, static_out
+
+    def _replay(self, captured, batch: torch.Tensor) -> torch.Tensor:
+        graph, static_in, static_out = captured
+        # Graphs share a pool, so a replay may overwrite another graph's output: cloned before the next.
+        with self._replay_lock, torch.cuda.device(self.device):
+            static_in.copy_(batch)
+            graph.replay()
+            return static_out.clone()
 
     def choose_sizes(self) -> tuple[int, int]:
         """(tile side, batch size) that fit in this device's free memory; the defaults on the CPU.
 
         A pass of a 256x256 tile measures the activation memory per pixel at this precision and
-        layout: the second pass, since the first one also holds cuDNN's autotuning workspaces.
-        The budget is a share of free memory plus what the allocator already holds unused (the
-        engines of all tasks on a device run one batch at a time and reuse it). The largest tile
-        side whose batch of 4 fits is chosen, and the batch is as many of those tiles as fit, up
-        to 64.
+        layout (kept as ``bytes_per_pixel``): the second pass, since the first one also holds cuDNN's
+        autotuning workspaces. The budget is a share of free memory plus what the allocator already
+        holds unused (the engines of all tasks on a device run one batch at a time and reuse it).
+        The largest tile side whose batch of 4 fits is chosen, and the batch is as many of those
+        tiles as fit, up to 64.
         """
         if not self._on_cuda:
             return DEFAULT_TILE_SIZE, default_batch_size(self.device)
@@ -256,7 +349,7 @@ class Engine:
         with torch.inference_mode():
             self._run(self.model, probe)
         torch.cuda.synchronize(self.device)
-        per_pixel = (torch.cuda.max_memory_allocated(self.device) - before) / probe[0, 0].numel()
+        per_pixel = self.bytes_per_pixel = (torch.cuda.max_memory_allocated(self.device) - before) / probe[0, 0].numel()
         free, _ = torch.cuda.mem_get_info(self.device)
         held_unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         budget = _AUTO_MEMORY_FRACTION * (free + held_unused)
@@ -270,14 +363,21 @@ class Engine:
     def warmup(self, batch_size: int = 1) -> None:
         """Forward passes of the serving tile shape, so no request pays for first-call setup.
 
-        With compile or CUDA graphs on, every prepared batch shape is compiled or captured now.
+        On CUDA, and with compile on, every batch shape the serving tile is padded to runs now
+        (cuDNN autotunes, Dynamo compiles, graphs are captured); elsewhere one batch of ``batch_size``.
         """
         side = self.tile_size or 256
-        sizes = self.batch_shapes() if (self.compile or self.cuda_graphs) and self.tile_size else [batch_size]
-        for size in sizes:
+        sizes = self.batch_shapes() if self._pads_batches and self.tile_size else [batch_size]
+        compiled_before, started = self.compiled_graphs, time.perf_counter()
+        # Largest first: smaller graphs then fit in the memory the largest left in the shared pool.
+        for size in sorted(sizes, reverse=True):
             self.forward(np.random.default_rng(size).random((size, 3, side, side), dtype=np.float32))
         if self._on_cuda:
             torch.cuda.synchronize(self.device)
+        if self.compile:
+            log.info("warm-up on %s compiled %d graph(s) for batch shapes %s in %.1f s", self.device,
+                     self.compiled_graphs - compiled_before, sizes, time.perf_counter() - started)
+        self._warmed_up = True
 
     def describe(self) -> dict:
         return {

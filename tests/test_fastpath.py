@@ -4,6 +4,8 @@ channels-last, torch.compile, CUDA graphs, automatic sizing, out-of-memory split
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 
 import httpx
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from models import MPRNet
+from service import engine as engine_module
 from service.config import Settings, add_serve_arguments, settings_from_args
 from service.engine import Engine, default_batch_size, is_out_of_memory
 from service.tiling import DEFAULT_TILE_SIZE, Tiling
@@ -125,8 +128,10 @@ def test_auto_sizes_are_the_defaults_on_the_cpu(tiny_model):
 
 @pytest.mark.skipif(not ON_CUDA, reason="auto sizing measures CUDA memory")
 def test_auto_sizes_fit_the_free_device_memory(tiny_model):
-    tile_size, batch = Engine(tiny_model, device="cuda").choose_sizes()
+    engine = Engine(tiny_model, device="cuda")
+    tile_size, batch = engine.choose_sizes()
     assert tile_size % 8 == 0 and 1 <= batch <= 64
+    assert 0 < engine.bytes_per_pixel < 1e5  # what the sizes came from: a tiny network's activations
     Engine(tiny_model, device="cuda", tile_size=tile_size, max_batch_size=batch).warmup(batch)
 
 
@@ -136,14 +141,116 @@ def test_cuda_graphs_are_refused_on_the_cpu(tiny_model):
         Engine(tiny_model, device="cpu", cuda_graphs=True)
 
 
+@pytest.fixture
+def without_tf32():
+    """fp32 convolutions and matrix products in full fp32, so two ways of running them agree closely."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _last_cuda_device() -> torch.device:
+    # The last one: where there are several, capturing on device 0's streams would show.
+    return torch.device("cuda", torch.cuda.device_count() - 1)
+
+
+class _RecordedGraphs:
+    """Stands in for torch.cuda.graph: records each capture's options, passes it to the real one,
+    and can fail the capture numbered ``fail_at`` after its work was recorded, as a capture that
+    runs out of memory at its end does."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.real, self.options, self.fail_at = torch.cuda.graph, [], fail_at
+
+    @contextlib.contextmanager
+    def __call__(self, graph, **options):
+        self.options.append(options)
+        with self.real(graph, **options):
+            yield
+            if len(self.options) == self.fail_at:
+                raise torch.OutOfMemoryError("CUDA out of memory (raised by the test at the end of a capture)")
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a CUDA device")
-def test_cuda_graphs_give_the_eager_output(tiny_model):
-    tiles = _tiles(3, side=64)
-    eager = Engine(tiny_model, device="cuda", tile_size=64, max_batch_size=4)
-    graphed = Engine(tiny_model, device="cuda", tile_size=64, max_batch_size=4, cuda_graphs=True)
+def test_cuda_graphs_capture_on_the_engines_device_and_stream_and_give_the_eager_output(tiny_model, monkeypatch,
+                                                                                       without_tf32):
+    device = _last_cuda_device()
+    recorded = _RecordedGraphs()
+    monkeypatch.setattr(torch.cuda, "graph", recorded)
+    eager = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4)
+    graphed = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4, cuda_graphs=True)
+    current_device = torch.cuda.current_device()
     graphed.warmup()
-    assert sorted(graphed._graphs) == [1, 2, 4]
-    np.testing.assert_allclose(graphed.forward(tiles), eager.forward(tiles), atol=1e-4, rtol=0)
+    # Largest first, all on the engine's own side stream and into its one memory pool.
+    assert list(graphed._graphs) == [4, 2, 1] and not graphed._failed_captures
+    assert all(options["stream"] is graphed._capture_stream for options in recorded.options)
+    assert graphed._capture_stream.device == device
+    assert all(options["pool"] == graphed._graph_pool for options in recorded.options)
+    # Capturing left the caller where it was: same device, its device's default stream, not capturing.
+    assert torch.cuda.current_device() == current_device
+    assert torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
+    assert not torch.cuda.is_current_stream_capturing()
+    # The graphs share memory: every size is replayed after the others, and each still gives eager's output.
+    for count in (3, 1, 4, 2, 3):
+        tiles = _tiles(count, side=64, seed=count)
+        np.testing.assert_allclose(graphed.forward(tiles), eager.forward(tiles), atol=1e-5, rtol=0)
+    assert len(recorded.options) == 3  # nothing captured after warm-up
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a CUDA device")
+def test_a_failed_cuda_graph_capture_runs_that_batch_size_eagerly_without_capturing_again(tiny_model, monkeypatch,
+                                                                                           caplog):
+    device = _last_cuda_device()
+    recorded = _RecordedGraphs(fail_at=1)
+    monkeypatch.setattr(torch.cuda, "graph", recorded)
+    eager = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4)
+    graphed = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4, cuda_graphs=True)
+    with caplog.at_level(logging.WARNING, logger="service.engine"):
+        graphed.warmup()  # the first capture, of 4 tiles, fails
+        assert list(graphed._failed_captures) == [4] and sorted(graphed._graphs) == [1, 2]
+        assert torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
+        assert not torch.cuda.is_current_stream_capturing()
+        for count in (4, 3, 4, 2):
+            tiles = _tiles(count, side=64, seed=count)
+            np.testing.assert_allclose(graphed.forward(tiles), eager.forward(tiles), atol=1e-4, rtol=0)
+    assert len(recorded.options) == 3  # 4 (failed), 2, 1; batches of 4 (and 3, padded to 4) never retried
+    warnings = [record.getMessage() for record in caplog.records if record.name == "service.engine"]
+    assert len(warnings) == 1 and "capturing a CUDA graph for batches of 4 tiles" in warnings[0]
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="cuDNN's autotuning per batch shape is CUDA's")
+def test_cuda_warmup_runs_every_batch_shape_and_pads_partial_batches_to_them(tiny_model):
+    engine = Engine(tiny_model, device="cuda", tile_size=64, max_batch_size=6)
+    sizes = []
+
+    def recording(network, batch):
+        sizes.append(len(batch))
+        return Engine._run(engine, network, batch)
+
+    engine._run = recording
+    engine.warmup(1)
+    assert sizes == [6, 4, 2, 1]
+    sizes.clear()
+    tiles = _tiles(5, side=64, seed=2)
+    assert engine.forward(tiles).shape == tiles.shape and engine.forward(tiles[:3]).shape == (3, 3, 64, 64)
+    engine.forward(_tiles(2, side=40))
+    assert sizes == [6, 4, 2]  # 5 -> 6, 3 -> 4; another tile shape is not padded
+
+
+def test_cpu_eager_batches_run_as_they_come(tiny_model):
+    engine = Engine(tiny_model, device="cpu", tile_size=32, max_batch_size=4)
+    sizes = []
+
+    def recording(network, batch):
+        sizes.append(len(batch))
+        return Engine._run(engine, network, batch)
+
+    engine._run = recording
+    engine.warmup(2)
+    engine.forward(_tiles(3))
+    engine.forward(_tiles(6))
+    assert sizes == [2, 3, 6]  # no batch shapes prepared, nothing padded
 
 
 def test_fast_path_batch_shapes_are_powers_of_two_and_the_largest(tiny_model):
@@ -165,6 +272,49 @@ def test_compiled_engine_matches_eager_and_compiles_only_at_warmup(tiny_model):
     frames = counters["stats"]["unique_graphs"]
     np.testing.assert_allclose(compiled.forward(tiles), eager.forward(tiles), atol=1e-4, rtol=0)
     assert counters["stats"]["unique_graphs"] == frames  # the request paid for no compilation
+    assert compiled.compiled_graphs >= len(compiled.batch_shapes())  # none fell back to eager at the limit
+
+
+def test_compiled_engines_raise_dynamos_recompile_limit_to_their_batch_shapes(tiny_model, monkeypatch):
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    monkeypatch.setattr(engine_module, "_compiled_batch_shapes", 0)
+    monkeypatch.setattr(config, "recompile_limit", 8)  # torch's default, restored afterwards
+    # Building a compiled engine compiles nothing yet (that is warm-up's job), so this is quick.
+    first = Engine(tiny_model, device="cpu", tile_size=32, max_batch_size=16, compile=True)
+    second = Engine(tiny_model, device="cpu", tile_size=32, max_batch_size=16, compile=True)
+    needed = len(first.batch_shapes()) + len(second.batch_shapes())
+    assert needed == 10 and config.recompile_limit == needed
+    Engine(tiny_model, device="cpu", tile_size=32, max_batch_size=16)  # not compiled: needs nothing
+    assert config.recompile_limit == needed
+
+
+def test_a_compilation_after_warmup_is_logged(tiny_model, monkeypatch, caplog):
+    engine = Engine(tiny_model, device="cpu", tile_size=32, max_batch_size=4, compile=True)
+    # Compiling is out of reach on this CPU (see the compile test), so the fast path runs a
+    # stand-in that counts a compiled graph for each input shape it has not seen, as Dynamo does.
+    seen, compiled = set(), []
+
+    def compiling(batch):
+        if batch.shape not in seen:
+            seen.add(batch.shape)
+            compiled.append(batch.shape)
+        return engine.model(batch)
+
+    engine._fast_model = compiling
+    monkeypatch.setattr(engine_module, "_dynamo_graphs_compiled", lambda: len(compiled))
+    def warnings() -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.name == "service.engine"]
+
+    with caplog.at_level(logging.WARNING, logger="service.engine"):
+        engine.warmup()
+        engine.forward(_tiles(3))
+        assert engine.compiled_graphs == 3 and not warnings()  # 4, 2 and 1 at warm-up; 3 is padded to 4
+        seen.clear()  # as if a guard failed
+        engine.forward(_tiles(1))
+    assert engine.compiled_graphs == 4
+    assert len(warnings()) == 1 and "after warm-up" in warnings()[0]
 
 
 def test_fast_path_settings_parse_from_flags_and_environment(monkeypatch):
@@ -224,4 +374,6 @@ def test_fast_path_pads_partial_batches_of_the_serving_tile_and_leaves_other_sha
     reference = Engine(tiny_model, device="cpu", tile_size=32).forward(tiles)
     np.testing.assert_allclose(engine.forward(tiles), reference, atol=1e-5, rtol=0)
     engine.forward(_tiles(2, side=40))
-    assert seen == [(True, 4, (32, 32)), (False, 2, (40, 40))]
+    engine.forward(_tiles(5, seed=9))  # over max_batch_size: eager, not one more compiled shape
+    assert seen == [(True, 4, (32, 32)), (False, 2, (40, 40)), (False, 5, (32, 32))]
+
