@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
+import subprocess
+import sys
+import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
 
+from bench import fastpath_check
 from models import MPRNet
 from service import engine as engine_module
 from service.config import Settings, add_serve_arguments, settings_from_args
 from service.engine import Engine, default_batch_size, is_out_of_memory
 from service.tiling import DEFAULT_TILE_SIZE, Tiling
 
-from service_helpers import TINY_ARCHITECTURE, decode_png, encode, random_image
+from service_helpers import ROOT, TINY_ARCHITECTURE, decode_png, encode, random_image
 
 pytestmark = pytest.mark.timeout(300)  # hangs fail; a slow shared CI machine does not
 
@@ -377,3 +382,32 @@ def test_fast_path_pads_partial_batches_of_the_serving_tile_and_leaves_other_sha
     engine.forward(_tiles(5, seed=9))  # over max_batch_size: eager, not one more compiled shape
     assert seen == [(True, 4, (32, 32)), (False, 2, (40, 40)), (False, 5, (32, 32))]
 
+
+def test_fastpath_check_reports_every_part_on_the_cpu(tmp_path):
+    # The device run's script, as its CPU run: what needs CUDA, or more time than the budget, says so.
+    report_path = tmp_path / "fastpath.json"
+    assert fastpath_check.main(["--device", "cpu", "--json", str(report_path), "--time-budget", "60"]) == 0
+    report = json.loads(report_path.read_text())
+    parts = report["parts"]
+    assert list(parts) == ["auto_sizing", "graphs_vs_eager", "graph_batches", "compiled_shape"]
+    assert parts["auto_sizing"]["status"] == "ok" and parts["auto_sizing"]["tile_size"] == DEFAULT_TILE_SIZE
+    assert parts["graphs_vs_eager"] == parts["graph_batches"] == {"status": "skipped",
+                                                                  "reason": "CUDA graphs need a CUDA device"}
+    assert parts["compiled_shape"]["status"] == "skipped" and "of the budget left" in parts["compiled_shape"]["reason"]
+    assert report["device"] == "cpu" and report["total_s"] < 60
+
+
+def test_fastpath_check_keeps_its_report_when_a_part_overruns_the_budget(tmp_path):
+    # A part that cannot be interrupted (torch.compile) is stood in for by a sleep; the watchdog
+    # writes the report, with the part marked, and ends the process before a caller's limit would.
+    report_path = tmp_path / "fastpath.json"
+    script = (f"import time; from bench import fastpath_check as check\n"
+              f"check.PARTS['auto_sizing'] = lambda setup: time.sleep(60)\n"
+              f"check.main(['--device', 'cpu', '--time-budget', '3', '--json', {str(report_path)!r}])\n")
+    started = time.monotonic()
+    finished = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 3, finished.stderr
+    assert time.monotonic() - started < 3 + fastpath_check._GRACE_S + 20
+    report = json.loads(report_path.read_text())
+    assert report["parts"]["auto_sizing"]["status"] == "error" and report["stopped"] is True
+    assert "past the time budget" in report["parts"]["auto_sizing"]["error"]
