@@ -12,12 +12,16 @@ compared with fp32's on the same tiles, as PSNR in dB over [0, 1].
 
 Peak rates are the vendor's dense figures, leads rather than measured ceilings; fp32 convolutions
 on CUDA run as TF32 on the tensor cores while ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's
-default), so fp32's fraction is given against the TF32 peak then.
+default), so fp32's fraction is given against the TF32 peak then. ``fp32-no-tf32`` is fp32 with
+TF32 off for matrix products and convolutions, the reference the half precisions are judged
+against (speed and agreement): with TF32 on, "fp32" already runs on the tensor cores, and bf16's
+peak is exactly twice TF32's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -60,9 +64,30 @@ def flops_per_pixel(model: torch.nn.Module, side: int = 128) -> float:
     return counter.get_total_flops() / (side * side)
 
 
-def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
-    """The device's peak for ``precision`` and which unit it is, or None where no table entry applies."""
+# The precisions this benchmark knows: the engine's, and fp32 with TF32 off.
+NO_TF32 = "fp32-no-tf32"
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 for CUDA matrix products and convolutions on or off inside the block; restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def peak_flops(device: torch.device, precision: str, stand_in: float | None = None) -> tuple[float | None, str]:
+    """The device's peak for ``precision`` and which unit it is, or None where no table entry applies.
+
+    ``stand_in`` is used where no table entry applies (a CPU), so that a dry run on a machine
+    without a GPU still produces every line of a report; the unit then says so.
+    """
     if device.type != "cuda":
+        if stand_in:
+            return stand_in, "stand-in (no GPU)"
         return None, "n/a (CPU: achieved rate only)"
     name = torch.cuda.get_device_name(device)
     unit = precision
@@ -136,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--configs", default=",".join([*RELEASED_CONFIGS, "bundled"]),
                         help="comma-separated: released configuration names and/or bundled")
-    parser.add_argument("--precisions", default="fp32,fp16,bf16", help="those the device cannot run are skipped")
+    parser.add_argument("--precisions", default=f"{NO_TF32},fp32,fp16,bf16",
+                        help=f"fp32, {NO_TF32} (fp32 with TF32 off), fp16, bf16; fp16 is skipped off CUDA")
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--tile", type=int, default=512, help="tile side in pixels (multiple of 8)")
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per case; the median is reported")
@@ -144,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="NHWC layout (default: the engine's, on for the CPU, off on CUDA)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--stand-in-peak", type=float, metavar="FLOPS",
+                        help="peak FLOP/s to report fractions against where the device has none (dry runs)")
+    parser.add_argument("--allow-emulated-precision", action="store_true",
+                        help="run bf16 on a CPU that would emulate it (dry runs: slow, but every row is made)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -171,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{label}: {per_pixel / 1e6:.3f} MFLOP per pixel", flush=True)
         reference: dict[int, np.ndarray] = {}
         for precision in precisions:
-            engine = Engine(model, device=device, precision=precision, tile_size=args.tile,
+            strict = precision == NO_TF32
+            engine = Engine(model, device=device, precision="fp32" if strict else precision, tile_size=args.tile,
                             max_batch_size=max(batch_sizes), channels_last=args.channels_last,
-                            compile=args.compile)
-            peak, unit = peak_flops(device, precision)
+                            compile=args.compile, allow_emulated_precision=args.allow_emulated_precision)
+            with tf32(False) if strict else contextlib.nullcontext():
+                peak, unit = peak_flops(device, engine.precision, args.stand_in_peak)
             for batch_size in batch_sizes:
                 tiles = _test_tiles(batch_size, args.tile, seed=batch_size)
                 row = {"model": label, "flops_per_pixel": per_pixel, "precision": precision,
@@ -182,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                        "hardware": hardware, "peak_unit": unit}
                 try:
                     batch = torch.from_numpy(tiles).to(device)
-                    times = _time_forward(engine, batch, args.repeats)
-                    output = engine.forward(tiles)
+                    with tf32(False) if strict else contextlib.nullcontext():
+                        times = _time_forward(engine, batch, args.repeats)
+                        output = engine.forward(tiles)
                 except Exception as error:  # an oversized case is a result, not the end
                     if not is_out_of_memory(error):
                         raise
@@ -197,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(seconds_median=median, seconds_all=times, megapixels_per_s=pixels / median / 1e6,
                            achieved_flops=achieved, peak_flops=peak,
                            fraction_of_peak=achieved / peak if peak else None)
-                if precision == "fp32":
+                # Agreement is judged against the strictest fp32 run there is.
+                if precision == NO_TF32 or (precision == "fp32" and batch_size not in reference):
                     reference[batch_size] = output
                 elif batch_size in reference:
                     row["psnr_vs_fp32_db"] = _psnr(output, reference[batch_size])

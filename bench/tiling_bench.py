@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.loadgen import synthetic_photo
 from bench.model_bench import BUNDLED_CONFIG
 from models import RELEASED_CONFIGS
 from service.engine import Engine, is_out_of_memory
@@ -55,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = BUNDLED_CONFIG.build() if args.config == "bundled" else RELEASED_CONFIGS[args.config].build()
     height, width = map(int, args.size.split("x"))
-    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = synthetic_photo((height, width), np.random.default_rng(0))
     rows = []
     for tile in [0, *map(int, args.tiles.split(","))]:
         overlap = args.overlap if tile else 0
-        engine = Engine(model, device=args.device, precision=args.precision, tile_size=tile)
+        # max_batch_size is the batch restored with, so the engine's prepared shapes are the ones timed.
+        engine = Engine(model, device=args.device, precision=args.precision, tile_size=tile,
+                        max_batch_size=args.batch)
         tiling = Tiling(tile, overlap)
         row = {"tile": tile or "whole", "tiles": len(tiling.plan(height, width)), "overlap": overlap}
         try:
