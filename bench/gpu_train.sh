@@ -12,7 +12,6 @@
 # The three trainers share the GPU: the bundled network is small (n_feat 16), so one trainer
 # leaves most of an H100 idle between its kernel launches. Deblurring, the task furthest from its
 # goal, gets the largest batch and most patch workers (its degradations cost the most CPU).
-# A short forward benchmark of the bundled network follows (model_bench.json).
 # TASKS="deblurring" trains only the tasks named (one alone gets the GPU to itself: deblurring ran
 # 9.4 steps/s alone against 6.8 sharing); WORKERS overrides each trainer's patch processes (16
 # cores: 12 suit a trainer alone). MINUTES is the training budget of each (default 7); INIT_DIR
@@ -25,7 +24,8 @@
 # with noise and JPEG) mixed with the classic ones; "classic" is what the weights were first
 # trained on. The camera pipeline costs more CPU per patch than white noise: give denoising more
 # WORKERS than before (4 suit it when it shares the GPU).
-# Files written (8 at most): log.txt, gpu_util.csv, model_bench.json, {task}/last.pt, {task}/train.log.
+# Files written: log.txt, gpu_util.csv, {task}/last.pt, {task}/train.log (a call brings back 8 files at most:
+# after bench/gpu.sh's 4 in the same call, one task fits). The forward benchmark is bench/gpu.sh's.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-train-out}
@@ -70,8 +70,5 @@ done
 wait "${trainers[@]}"
 echo "training done at ${SECONDS}s"
 tail -n 2 "$OUT"/*/train.log
-
-timeout 45 $PY -m bench.model_bench --device ${BENCH_DEVICE:-cuda} --configs bundled --precisions fp32,bf16 --batch-sizes 1,8 \
-  --tile 512 --repeats 5 --json "$OUT/model_bench.json"
 kill $monitor 2>/dev/null
 echo "total ${SECONDS}s"

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -41,7 +42,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from models import MPRNet, save_safetensors
+from models import MPRNet, load_checkpoint, save_safetensors
 from service.engine import Engine
 from service.tiling import Tiling
 from tests.service_helpers import ROOT, TINY_ARCHITECTURE, serving_process
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per round")
     parser.add_argument("--rounds", type=int, default=1, help="service phases, each between two engine phases")
     parser.add_argument("--engine-seconds", type=float, default=None,
-                        help="seconds for each engine-only measurement (default: --duration / 2)")
+                        help="seconds for each engine-only measurement (default: --duration / 2; 0: none, and no "
+                             "engine in this process, for a run that needs the service's figures only)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--tile-size", type=int, default=256)
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    engine_seconds = args.engine_seconds or args.duration / 2
+    engine_seconds = args.duration / 2 if args.engine_seconds is None else args.engine_seconds
 
     scratch = tempfile.TemporaryDirectory(prefix="mprnet-loadgen-")
     weights = args.weights
@@ -268,16 +270,21 @@ def main(argv: list[str] | None = None) -> int:
 
     images = load_images(args.images, args.size, args.source, seed=0)
     uploads = [png_bytes(image) for image in images]
-    engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision, tile_size=args.tile_size)
+    architecture = load_checkpoint(weights).config.as_kwargs()
     tiling = Tiling(args.tile_size, args.tile_overlap)
-    engine.warmup(args.max_batch_size)
-
-    # Every shape the engine phases time runs once first: cuDNN's autotuning and the allocator's
-    # first growth happen per shape, and would otherwise land in the first measured window.
-    tiling.restore(images[0], engine.forward, batch_size=args.max_batch_size)
-    engine_full_batches(engine, tiling, images[:1], args.max_batch_size, seconds=0)
+    engine = None
+    if engine_seconds > 0:
+        engine = Engine.from_checkpoint(weights, device=args.device, precision=args.precision,
+                                        tile_size=args.tile_size, max_batch_size=args.max_batch_size)
+        engine.warmup(args.max_batch_size)
+        # Every shape the engine phases time runs once first: cuDNN's autotuning and the allocator's
+        # first growth happen per shape, and would otherwise land in the first measured window.
+        tiling.restore(images[0], engine.forward, batch_size=args.max_batch_size)
+        engine_full_batches(engine, tiling, images[:1], args.max_batch_size, seconds=0)
 
     def measure_engine() -> dict:
+        if engine is None:
+            return {kind: {"images_per_s": math.nan} for kind in ("per_image", "full_batches")}
         print(f"engine alone ({engine_seconds:g} s per mode) ...", flush=True)
         return {"per_image": engine_per_image(engine, tiling, images, args.max_batch_size, engine_seconds),
                 "full_batches": engine_full_batches(engine, tiling, images, args.max_batch_size, engine_seconds)}
@@ -290,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         "MPRNET_MAX_QUEUED_TILES": str(args.max_queued_tiles),
         "MPRNET_REQUEST_TIMEOUT_S": str(args.request_timeout),
         "MPRNET_MAX_PIXELS": str(max(args.size[0] * args.size[1], 1)), "MPRNET_LOG_LEVEL": "info",
+        # Room for every client's image at once: the default (two images of max_pixels) answers 503 to
+        # all but two clients, and a run at concurrency 32 would measure the admission limit.
+        "MPRNET_MAX_INFLIGHT_PIXELS": str(max(args.size[0] * args.size[1], 1) * max(2, args.clients)),
     }
     for setting in args.serve_setting:
         name, _, value = setting.partition("=")
@@ -349,10 +359,10 @@ def main(argv: list[str] | None = None) -> int:
                    for kind in ("per_image", "full_batches")}
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": str(engine.device),
-                    "gpu": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None,
+                    "torch_threads": torch.get_num_threads(), "device": args.device,
+                    "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
                     "load_average_at_end": os.getloadavg()},
-        "settings": {"task": args.task, "weights": str(weights), "architecture": engine.config.as_kwargs(),
+        "settings": {"task": args.task, "weights": str(weights), "architecture": architecture,
                      "images": args.images, "size": f"{args.size[0]}x{args.size[1]}", "clients": args.clients,
                      "rounds": args.rounds, "warmup_s": args.warmup, "duration_s": args.duration,
                      "engine_seconds": engine_seconds, "tile_size": args.tile_size,
