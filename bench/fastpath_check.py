@@ -122,7 +122,7 @@ def _free_device_memory(device: torch.device) -> None:
 
 
 def auto_sizing(setup: argparse.Namespace) -> dict:
-    engine = Engine(_network(setup.config), device=setup.device, precision=setup.half)
+    engine = Engine(_network(setup.config), device=setup.device, precision=setup.half, cuda_graphs=False)
     tile_size, batch_size = engine.choose_sizes()
     result = {"precision": setup.half, "tile_size": tile_size, "batch_size": batch_size}
     if setup.device.type != "cuda":
@@ -136,7 +136,7 @@ def graphs_vs_eager(setup: argparse.Namespace) -> dict:
     model = _network(setup.config)
     tiles = _tiles(count, side, seed=1)
     with _without_tf32():
-        eager = Engine(model, device=setup.device, tile_size=side, max_batch_size=count)
+        eager = Engine(model, device=setup.device, tile_size=side, max_batch_size=count, cuda_graphs=False)
         graphed = Engine(model, device=setup.device, tile_size=side, max_batch_size=count, cuda_graphs=True)
         graphed.warmup()
         expected, replayed = eager.forward(tiles), graphed.forward(tiles)
@@ -155,7 +155,7 @@ def graph_batches(setup: argparse.Namespace) -> dict:
     options = dict(device=setup.device, precision=setup.half, tile_size=side, max_batch_size=largest)
     # Eager first: its warm-up autotunes cuDNN for every batch shape, so that the captures after it
     # time capturing, not autotuning.
-    eager = Engine(model, **options)
+    eager = Engine(model, cuda_graphs=False, **options)
     started = time.perf_counter()
     eager.warmup(largest)
     eager_warmup_s = time.perf_counter() - started
@@ -191,7 +191,7 @@ def compiled_shape(setup: argparse.Namespace) -> dict:
     model = _network(setup.config)
     options = dict(device=setup.device, precision=setup.half, tile_size=side, max_batch_size=1)
     tiles = _tiles(1, side, seed=3)
-    eager = Engine(model, **options)
+    eager = Engine(model, cuda_graphs=False, **options)
     eager.warmup()
     eager_ms = _ms_per_forward(eager, tiles)
     compiled = Engine(model, compile=True, **options)

@@ -151,9 +151,12 @@ fastpath_budget=$((BUDGET - SECONDS - RESERVE - 15)); [ $fastpath_budget -gt 110
 step fastpath 45 125 $PY -m bench.fastpath_check --device $DEVICE --json "$WORK/fastpath.json" \
   --time-budget $fastpath_budget
 
-loadgen bundled_c32 25 70 "${bundled[@]}" "${batched[@]}" --clients $CLIENTS
-loadgen bundled_graphs_c32 25 70 "${bundled[@]}" "${batched[@]}" --clients $CLIENTS --serve-setting $GRAPHS_SETTING
-loadgen bundled_channels_last_c32 25 70 "${bundled[@]}" "${batched[@]}" --clients $CLIENTS \
+# Each switch alone against eager NCHW (the CUDA defaults turn both on).
+eager=(--serve-setting cuda_graphs=false --serve-setting channels_last=false)
+loadgen bundled_c32 25 70 "${bundled[@]}" "${batched[@]}" --clients $CLIENTS "${eager[@]}"
+loadgen bundled_graphs_c32 25 70 "${bundled[@]}" "${batched[@]}" --clients $CLIENTS "${eager[@]}" \
+  --serve-setting $GRAPHS_SETTING
+loadgen bundled_channels_last_c32 25 70 "${bundled[@]}" "${batched[@]}" --clients $CLIENTS "${eager[@]}" \
   --serve-setting channels_last=true
 
 loadgen unbatched_c32 30 70 "${released[@]}" --size $LOAD_SIZE --tile-size $LOAD_TILE --clients $CLIENTS \

@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--tile", type=int, default=512, help="tile side in pixels (multiple of 8)")
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per case; the median is reported")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                        help="NHWC layout (default: the engine's, on for the CPU, off on CUDA)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC layout, the engine's default (--no-channels-last: NCHW)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--stand-in-peak", type=float, metavar="FLOPS",
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             strict = precision == NO_TF32
             engine = Engine(model, device=device, precision="fp32" if strict else precision, tile_size=args.tile,
                             max_batch_size=max(batch_sizes), channels_last=args.channels_last,
-                            compile=args.compile, allow_emulated_precision=args.allow_emulated_precision)
+                            compile=args.compile, cuda_graphs=False,  # the forward pass alone is timed
+                            allow_emulated_precision=args.allow_emulated_precision)
             with tf32(False) if strict else contextlib.nullcontext():
                 peak, unit = peak_flops(device, engine.precision, args.stand_in_peak)
             for batch_size in batch_sizes:

@@ -44,8 +44,8 @@ def resolve_backend(wanted: str, device: torch.device, precision: str) -> tuple[
 
 
 def build_engine(checkpoint: LoadedCheckpoint, model: torch.nn.Module, backend: str, *, device: torch.device,
-                 precision: str, tile_size: int, max_batch_size: int | None, channels_last: bool | None = None,
-                 compile: bool = False, cuda_graphs: bool = False, allow_emulated_precision: bool = False,
+                 precision: str, tile_size: int, max_batch_size: int | None, channels_last: bool = True,
+                 compile: bool = False, cuda_graphs: bool | None = None, allow_emulated_precision: bool = False,
                  cache_dir: str | os.PathLike | None = None) -> Engine | OpenVinoRunner:
     """``model`` (the checkpoint's network, or a copy of it for another device) on ``backend``."""
     if backend == "openvino":

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     tile_overlap: int = Field(default=DEFAULT_TILE_OVERLAP, ge=0,
                               description="pixels neighbouring tiles share, under half a tile")
     max_batch_size: int | None = Field(
-        default=None, ge=1, le=1024, description="most tiles in one forward pass (default: 4 on CUDA; 1 on the CPU, "
+        default=None, ge=1, le=1024, description="most tiles in one forward pass (default: 16 on CUDA; 1 on the CPU, "
                                                  "where bigger batches of 512 px tiles run slower per pixel)")
     max_batch_wait_ms: float = Field(
         default=10.0, ge=0, le=10_000,
@@ -120,13 +120,14 @@ class Settings(BaseSettings):
         default_factory=lambda: default_model_cache_dir(),
         description="where converted and compiled models are kept across restarts (OpenVINO), keyed by weights, "
                     "shape and versions; empty: nowhere")
-    channels_last: bool | None = Field(
-        default=None, description="run the network in channels-last (NHWC) memory format (default: on for the "
-                                  "CPU, where it is about twice as fast, off on CUDA)")
+    channels_last: bool = Field(
+        default=True, description="run the network in channels-last (NHWC) memory format (about twice as fast "
+                                  "on the CPU, 1.7x on CUDA without graphs)")
     compile: bool = Field(default=False, description="torch.compile the network for the serving tile shape at "
                                                      "start-up (slower start, faster batches)")
-    cuda_graphs: bool = Field(default=False, description="replay captured CUDA graphs for the serving tile shape "
-                                                         "(CUDA only)")
+    cuda_graphs: bool | None = Field(
+        default=None, description="replay captured CUDA graphs for the serving tile shape (default: on for CUDA, "
+                                  "where they served 3.7x the images per second; CUDA only)")
     auto_size: bool = Field(default=False, description="on CUDA, choose tile_size and the batch size (up to "
                                                        "max_batch_size) from free device memory at start-up; "
                                                        "on the CPU the configured values stay")

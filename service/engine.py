@@ -32,12 +32,13 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 # On the CPU a batch of 512 px tiles runs slower per pixel than one tile at a time (its activations
 # outgrow the caches: 0.25 vs 0.18 MP/s at batch 1 vs 4 on this project's 2-core VM, BENCHMARKS.md),
-# so there tiles go one by one; a GPU needs batches to fill.
-_DEFAULT_BATCH_SIZES = {"cuda": 4, "cpu": 1}
+# so there tiles go one by one; a GPU needs batches to fill. 16 on CUDA is the configuration measured
+# on an H200 (BENCHMARKS.md, GPU goals): 32 clients of 512x512 uploads filled batches of 9-15 tiles.
+_DEFAULT_BATCH_SIZES = {"cuda": 16, "cpu": 1}
 
 
 def default_batch_size(device: str | torch.device) -> int:
-    """Tiles per forward pass when none is configured: 4 on CUDA, 1 on the CPU."""
+    """Tiles per forward pass when none is configured: 16 on CUDA, 1 on the CPU."""
     return _DEFAULT_BATCH_SIZES.get(torch.device(device).type, 1)
 
 # Auto sizing on CUDA: tile sides tried, largest first (bigger tiles re-compute less overlap), the
@@ -113,12 +114,15 @@ class Engine:
         max_batch_size: most tiles :meth:`forward` will be given at once; :meth:`warmup` prepares
             every batch shape up to it. ``None``: :func:`default_batch_size` for the device.
         channels_last: keep weights and activations in NHWC, the layout oneDNN's CPU convolutions
-            and cuDNN's tensor-core ones read without transposing. ``None`` (the default) turns it
-            on for the CPU, where it halves the bundled network's time (see BENCHMARKS.md), and
-            leaves it off on CUDA, where it has not been measured yet.
+            and cuDNN's tensor-core ones read without transposing: it halves the bundled network's
+            time on the CPU, and served 1.68x the images per second of NCHW on an H200 (eager;
+            BENCHMARKS.md).
         compile: ``torch.compile`` the network for the serving tile shape (compiled in :meth:`warmup`).
-        cuda_graphs: replay one captured CUDA graph per batch shape of the serving tile (CUDA only);
-            a batch size whose capture fails runs eagerly from then on.
+        cuda_graphs: replay one captured CUDA graph per batch shape of the serving tile; a batch
+            size whose capture fails runs eagerly from then on. ``None`` (the default): on for CUDA
+            unless ``compile`` is, since the bundled network is bound by kernel launches there and
+            graphs served 3.7x the images per second of eager on an H200 (BENCHMARKS.md); there is
+            nothing to capture on the CPU.
         allow_emulated_precision: run a precision this device has no instructions for (bf16 on a
             CPU without AVX512-BF16 or AMX), with a warning, instead of raising ``ValueError``.
 
@@ -128,8 +132,8 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, *, config: MPRNetConfig | None = None,
                  device: str | torch.device = "auto", precision: str = "fp32", tile_size: int = DEFAULT_TILE_SIZE,
-                 max_batch_size: int | None = None, channels_last: bool | None = None, compile: bool = False,
-                 cuda_graphs: bool = False, allow_emulated_precision: bool = False):
+                 max_batch_size: int | None = None, channels_last: bool = True, compile: bool = False,
+                 cuda_graphs: bool | None = None, allow_emulated_precision: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
@@ -146,6 +150,9 @@ class Engine:
             log.warning("precision %s on %s runs emulated, as allowed: %s", precision, self.device, emulated)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; {self.device} has no graphs to capture")
+        if cuda_graphs is None:
+            # Graphs over compiled code were not measured; compile alone was (1.9x eager at batch 1, graphs 3.2x).
+            cuda_graphs = self.device.type == "cuda" and not compile
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         check_tiling(tile_size, 0)
@@ -153,7 +160,7 @@ class Engine:
         self.precision = precision
         self.tile_size = tile_size
         self.max_batch_size = max_batch_size
-        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        self.channels_last = channels_last
         self.compile = compile
         self.cuda_graphs = cuda_graphs
         self.oom_splits = 0  # batches halved after running out of memory, for logs and tests

@@ -183,7 +183,7 @@ def test_cuda_graphs_capture_on_the_engines_device_and_stream_and_give_the_eager
     device = _last_cuda_device()
     recorded = _RecordedGraphs()
     monkeypatch.setattr(torch.cuda, "graph", recorded)
-    eager = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4)
+    eager = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4, cuda_graphs=False)
     graphed = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4, cuda_graphs=True)
     current_device = torch.cuda.current_device()
     graphed.warmup()
@@ -209,7 +209,7 @@ def test_a_failed_cuda_graph_capture_runs_that_batch_size_eagerly_without_captur
     device = _last_cuda_device()
     recorded = _RecordedGraphs(fail_at=1)
     monkeypatch.setattr(torch.cuda, "graph", recorded)
-    eager = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4)
+    eager = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4, cuda_graphs=False)
     graphed = Engine(tiny_model, device=device, tile_size=64, max_batch_size=4, cuda_graphs=True)
     with caplog.at_level(logging.WARNING, logger="service.engine"):
         graphed.warmup()  # the first capture, of 4 tiles, fails
@@ -226,7 +226,7 @@ def test_a_failed_cuda_graph_capture_runs_that_batch_size_eagerly_without_captur
 
 @pytest.mark.skipif(not ON_CUDA, reason="cuDNN's autotuning per batch shape is CUDA's")
 def test_cuda_warmup_runs_every_batch_shape_and_pads_partial_batches_to_them(tiny_model):
-    engine = Engine(tiny_model, device="cuda", tile_size=64, max_batch_size=6)
+    engine = Engine(tiny_model, device="cuda", tile_size=64, max_batch_size=6, cuda_graphs=False)
     sizes = []
 
     def recording(network, batch):
@@ -269,7 +269,7 @@ def test_fast_path_batch_shapes_are_powers_of_two_and_the_largest(tiny_model):
                            "or with MPRNET_TEST_CPU_COMPILE=1, it runs")
 def test_compiled_engine_matches_eager_and_compiles_only_at_warmup(tiny_model):
     device = "cuda" if ON_CUDA else "cpu"
-    eager = Engine(tiny_model, device=device, tile_size=32, max_batch_size=2)
+    eager = Engine(tiny_model, device=device, tile_size=32, max_batch_size=2, cuda_graphs=False)
     compiled = Engine(tiny_model, device=device, tile_size=32, max_batch_size=2, compile=True)
     compiled.warmup()
     tiles = _tiles(1, seed=4)
@@ -328,21 +328,35 @@ def test_fast_path_settings_parse_from_flags_and_environment(monkeypatch):
     settings = settings_from_args(parser.parse_args(["--channels-last", "true", "--compile", "1",
                                                      "--auto-size", "yes"]))
     assert (settings.channels_last, settings.compile, settings.cuda_graphs, settings.auto_size) == (
-        True, True, False, True)
-    monkeypatch.setenv("MPRNET_CUDA_GRAPHS", "true")
-    assert Settings().cuda_graphs is True
-    defaults = Settings(_env_file=None, cuda_graphs=False)
-    assert (defaults.channels_last, defaults.compile, defaults.auto_size) == (None, False, False)
+        True, True, None, True)
+    monkeypatch.setenv("MPRNET_CUDA_GRAPHS", "false")
+    assert Settings().cuda_graphs is False
+    monkeypatch.delenv("MPRNET_CUDA_GRAPHS")
+    defaults = Settings(_env_file=None)
+    # Graphs are left to the device (on for CUDA); channels-last is on everywhere (both measured).
+    assert (defaults.channels_last, defaults.compile, defaults.cuda_graphs, defaults.auto_size) == (
+        True, False, None, False)
 
 
-def test_batch_size_defaults_to_one_on_the_cpu_and_four_on_cuda(tiny_model):
+def test_cuda_graphs_default_to_off_on_the_cpu(tiny_model):
+    engine = Engine(tiny_model, device="cpu", tile_size=32)
+    assert engine.describe()["cuda_graphs"] is False and engine.describe()["channels_last"] is True
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the default is decided for a CUDA device")
+def test_cuda_graphs_default_to_on_for_cuda_unless_compiling(tiny_model):
+    assert Engine(tiny_model, device="cuda", tile_size=32).cuda_graphs is True
+    assert Engine(tiny_model, device="cuda", tile_size=32, compile=True).cuda_graphs is False
+
+
+def test_batch_size_defaults_to_one_on_the_cpu_and_sixteen_on_cuda(tiny_model):
     assert Settings(_env_file=None, device="cpu").max_batch_size == 1
-    assert Settings(_env_file=None, device="cuda:1").max_batch_size == 4  # read from the name; not loaded
+    assert Settings(_env_file=None, device="cuda:1").max_batch_size == 16  # read from the name; not loaded
     assert Settings(_env_file=None, devices="cpu,cuda:0").max_batch_size == 1  # the first device's
-    assert Settings(_env_file=None, device="auto").max_batch_size == (4 if torch.cuda.is_available() else 1)
+    assert Settings(_env_file=None, device="auto").max_batch_size == (16 if torch.cuda.is_available() else 1)
     assert Settings(_env_file=None, device="cpu", max_batch_size=3).max_batch_size == 3
     engine = Engine(tiny_model, device="cpu", tile_size=32)
-    assert engine.max_batch_size == default_batch_size("cpu") == 1 and default_batch_size("cuda") == 4
+    assert engine.max_batch_size == default_batch_size("cpu") == 1 and default_batch_size("cuda") == 16
 
 
 def test_service_serves_with_channels_last_and_auto_size_on_the_cpu(tiny_weights, start_server):
