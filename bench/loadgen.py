@@ -184,7 +184,18 @@ def batch_counters(url: str, task: str) -> tuple[float, float]:
 @dataclass
 class LoadResult:
     completed: list[tuple[float, float, int]] = field(default_factory=list)  # (start, end, status)
+    stages: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (start, Server-Timing ms)
     errors: int = 0
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``decode;dur=12.5, inference;dur=80`` -> {"decode": 12.5, "inference": 80.0}."""
+    stages = {}
+    for entry in header.split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        if name and duration:
+            stages[name] = float(duration)
+    return stages
 
 
 async def drive(url: str, task: str, uploads: list[bytes], clients: int, warmup_s: float, duration_s: float,
@@ -203,6 +214,8 @@ async def drive(url: str, task: str, uploads: list[bytes], clients: int, warmup_
             try:
                 response = await client.post(f"/v1/restore/{task}", files={"image": ("bench.png", data, "image/png")})
                 result.completed.append((mark, time.perf_counter(), response.status_code))
+                if response.status_code == 200:
+                    result.stages.append((mark, server_timing(response.headers.get("server-timing", ""))))
             except httpx.HTTPError:
                 result.errors += 1
 
@@ -334,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
             # Throughput counts what finished in the window; latency only what also started in it, so
             # that a request sent during the warm-up (and autotuned there) is not timed.
             ok = [end - start for start, end in finished if start >= window_start]
+            # Where the time of a request goes, by the service's own account (Server-Timing), median per stage.
+            timed = [stages for start, stages in load.stages if window_start <= start <= window_end]
+            stage_ms = {name: round(float(np.median([t[name] for t in timed if name in t])), 1)
+                        for name in dict.fromkeys(name for t in timed for name in t)}
             statuses: dict[str, int] = {}
             for _, _, status in load.completed:
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
@@ -344,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append({
                 "images_per_s": rate, "completed_in_window": len(finished), "latencies_s": ok,
                 "p50_ms": percentile_ms(ok, 50), "p95_ms": percentile_ms(ok, 95), "p99_ms": percentile_ms(ok, 99),
-                "statuses": statuses, "transport_errors": load.errors,
+                "statuses": statuses, "transport_errors": load.errors, "server_timing_median_ms": stage_ms,
                 "mean_batch_size": (tiles_1 - tiles_0) / batches if batches else None,
                 "vs_engine_per_image": rate / engine_rate["per_image"],
                 "vs_engine_full_batches": rate / engine_rate["full_batches"],
@@ -390,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
               f"mean batch {result['mean_batch_size'] or 0:.2f}, "
               f"{result['vs_engine_per_image']:.1%} of engine.restore, {result['vs_engine_full_batches']:.1%} of "
               f"full-batch forward (engine runs either side)")
+        print(f"    server timing, median ms: {result['server_timing_median_ms']}")
     print(f"engine.restore per image: {engine_rate['per_image']:.3f} images/s; forward on full batches: "
           f"{engine_rate['full_batches']:.3f} images/s (means of {len(engine_runs)} runs)")
     if args.json:
