@@ -33,7 +33,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 # On the CPU a batch of 512 px tiles runs slower per pixel than one tile at a time (its activations
 # outgrow the caches: 0.25 vs 0.18 MP/s at batch 1 vs 4 on this project's 2-core VM, BENCHMARKS.md),
 # so there tiles go one by one; a GPU needs batches to fill. 16 on CUDA is the configuration measured
-# on an H200 (BENCHMARKS.md, GPU goals): 32 clients of 512x512 uploads filled batches of 9-15 tiles.
+# on an H200 (BENCHMARKS.md, GPU goals): 32 clients of 512x512 uploads filled batches of 9-16 tiles on average.
 _DEFAULT_BATCH_SIZES = {"cuda": 16, "cpu": 1}
 
 
