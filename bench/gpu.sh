@@ -52,6 +52,10 @@ EOF
   tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.safetensors' . 2>/dev/null
 }
 
+running=  # the process session of the step in progress, ended with this script however it ends
+trap '[ -n "$running" ] && kill -- -"$running" 2>/dev/null' EXIT
+trap 'exit 143' INT TERM
+
 step() {  # name estimate_s limit_s command... ; runs it if about estimate_s are left
   local name=$1 estimate=$2 limit=$3; shift 3
   local left=$((BUDGET - SECONDS - RESERVE))
@@ -64,9 +68,11 @@ step() {  # name estimate_s limit_s command... ; runs it if about estimate_s are
   local started=$SECONDS
   setsid timeout -k 5 "$limit" "$@" > "$WORK/$name.log" 2>&1 &
   local pid=$!
+  running=$pid
   wait $pid
   local code=$?
   kill -- -$pid 2>/dev/null
+  running=
   local status=ok
   [ $code -eq 124 ] && status="timed out after ${limit}s"
   [ $code -ne 0 ] && [ $code -ne 124 ] && status="failed (exit $code)"
@@ -167,7 +173,7 @@ if [ "$DRY" = 1 ]; then
   record pytest "skipped: dry run (the CUDA-only tests skip on a CPU)" 0
 elif [ $SERVICE = 1 ]; then
   step pytest 60 120 $PY -m pytest -q -p no:cacheprovider --timeout 60 tests/test_fastpath.py
-  tail -n 1 "$WORK/pytest.log" > "$WORK/pytest.txt"
+  [ -s "$WORK/pytest.log" ] && tail -n 1 "$WORK/pytest.log" > "$WORK/pytest.txt"
 fi
 
 summarise

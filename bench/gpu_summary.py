@@ -178,7 +178,7 @@ def _fast_path_part(part: dict) -> str:
 
 def tests_line(work: Path, steps: dict[str, str]) -> str:
     path = work / "pytest.txt"
-    if not path.is_file():
+    if not path.is_file() or not path.read_text().strip():
         return f"- CUDA-only tests: {_why_missing(steps, 'pytest')}"
     tail = [line for line in path.read_text().splitlines() if line.strip()]
     return f"- CUDA-only tests: {tail[-1] if tail else 'no output'}"

@@ -24,7 +24,8 @@ rm -rf .whl && mkdir -p .whl
 for version in $VERSIONS; do
   $PY -m pip download -q --only-binary=:all: --python-version "$version" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform manylinux1_x86_64 -d .whl "${pins[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+    --platform manylinux1_x86_64 -d .whl "${pins[@]}" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "pip could not download the wheels for Python $version"; exit 1; }
 done
 printf '%s\n' "${pins[@]}" > .whl/PINS.txt
 echo "$(ls .whl/*.whl | wc -l) wheels, $(du -sh .whl | cut -f1), for Python $VERSIONS: ${pins[*]}"

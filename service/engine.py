@@ -76,6 +76,23 @@ def _dynamo_graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]  # every engine's, every shape's, so far
 
 
+# One side stream, graph memory pool and lock per CUDA device, shared by every engine on it (all
+# tasks, and a device's second worker): warm-up captures one engine at a time and replays are
+# serialised, so the device's graphs take the memory of its largest one rather than one pool per task.
+_graph_resources_by_device: dict[torch.device, tuple] = {}
+_graph_resources_guard = threading.Lock()
+
+
+def _graph_resources(device: torch.device) -> tuple[torch.cuda.Stream, tuple, threading.RLock]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = torch.device("cuda", index)
+    with _graph_resources_guard:
+        if key not in _graph_resources_by_device:
+            _graph_resources_by_device[key] = (torch.cuda.Stream(key), torch.cuda.graph_pool_handle(),
+                                               threading.RLock())
+        return _graph_resources_by_device[key]
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """A device allocation failure, as opposed to a real fault of the model or its input."""
     return isinstance(error, torch.OutOfMemoryError) or (
@@ -121,7 +138,7 @@ class Engine:
         cuda_graphs: replay one captured CUDA graph per batch shape of the serving tile; a batch
             size whose capture fails runs eagerly from then on. ``None`` (the default): on for CUDA
             unless ``compile`` is, since the bundled network is bound by kernel launches there and
-            graphs served 3.7x the images per second of eager on an H200 (BENCHMARKS.md); there is
+            graphs served 3.7x the images per second of eager on an H200 (bf16; BENCHMARKS.md); there is
             nothing to capture on the CPU.
         allow_emulated_precision: run a precision this device has no instructions for (bf16 on a
             CPU without AVX512-BF16 or AMX), with a warning, instead of raising ``ValueError``.
@@ -186,11 +203,7 @@ class Engine:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._failed_captures: dict[int, torch.cuda.CUDAGraph] = {}  # batch sizes that run eagerly for good
         if cuda_graphs:
-            # All captures share one side stream and one memory pool (torch.cuda.graph shares a pool
-            # well only between captures on the same stream): replays run one at a time, under the lock.
-            self._capture_stream = torch.cuda.Stream(self.device)
-            self._graph_pool = torch.cuda.graph_pool_handle()
-            self._replay_lock = threading.Lock()
+            self._capture_stream, self._graph_pool, self._graph_lock = _graph_resources(self.device)
 
     @classmethod
     def from_checkpoint(cls, path, **options) -> Engine:
@@ -249,10 +262,8 @@ class Engine:
             # Page-locked memory lets the copy run by DMA, overlapping whatever the stream is doing.
             host = host.pin_memory()
         batch = host.to(self.device, non_blocking=True)
-        captured = self._graph_for(len(batch)) if fast and self.cuda_graphs else None
-        if captured is not None:
-            restored = self._replay(captured, batch)
-        else:
+        restored = self._replay(batch) if fast and self.cuda_graphs else None
+        if restored is None:
             restored = self._run_fast(batch) if fast else self._run(self.model, batch)
         restored = restored[:count]
         if not self._on_cuda:
@@ -327,10 +338,16 @@ class Engine:
             caller.wait_stream(side)
         return graph, static_in, static_out
 
-    def _replay(self, captured, batch: torch.Tensor) -> torch.Tensor:
-        graph, static_in, static_out = captured
-        # Graphs share a pool, so a replay may overwrite another graph's output: cloned before the next.
-        with self._replay_lock, torch.cuda.device(self.device):
+    def _replay(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """The batch through its captured graph (captured now if need be); None when its capture failed."""
+        # The device's graphs share a pool, so no two may run at once, and a replay may overwrite
+        # another graph's output: it is cloned before the lock is let go. Capturing is under the
+        # lock too, since two captures at once are refused.
+        with self._graph_lock, torch.cuda.device(self.device):
+            captured = self._graph_for(len(batch))
+            if captured is None:
+                return None
+            graph, static_in, static_out = captured
             static_in.copy_(batch)
             graph.replay()
             return static_out.clone()

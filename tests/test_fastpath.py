@@ -201,6 +201,14 @@ def test_cuda_graphs_capture_on_the_engines_device_and_stream_and_give_the_eager
         tiles = _tiles(count, side=64, seed=count)
         np.testing.assert_allclose(graphed.forward(tiles), eager.forward(tiles), atol=1e-5, rtol=0)
     assert len(recorded.options) == 3  # nothing captured after warm-up
+    # Another engine on the device (another task) captures into the same pool, on the same stream.
+    other = Engine(tiny_model, device=device, tile_size=64, max_batch_size=2, cuda_graphs=True)
+    assert (other._graph_pool, other._capture_stream, other._graph_lock) == (
+        graphed._graph_pool, graphed._capture_stream, graphed._graph_lock)
+    other.warmup()
+    tiles = _tiles(2, side=64, seed=9)
+    np.testing.assert_allclose(other.forward(tiles), eager.forward(tiles), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(graphed.forward(tiles), eager.forward(tiles), atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a CUDA device")
