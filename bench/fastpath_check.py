@@ -37,13 +37,12 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.model_bench import BUNDLED_CONFIG
+from bench.model_bench import BUNDLED_CONFIG, tf32
 from models import MPRNetConfig
 from service.engine import Engine
 
@@ -103,16 +102,6 @@ def _ms_per_forward(engine: Engine, tiles: np.ndarray, repeats: int = _REPEATS) 
     return round(statistics.median(times), 2)
 
 
-@contextmanager
-def _without_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _free_device_memory(device: torch.device) -> None:
     """Frees what finished parts left cached, so that the next part's memory figures are its own."""
     gc.collect()
@@ -135,7 +124,7 @@ def graphs_vs_eager(setup: argparse.Namespace) -> dict:
     side, count = setup.small_tile, 2
     model = _network(setup.config)
     tiles = _tiles(count, side, seed=1)
-    with _without_tf32():
+    with tf32(False):
         eager = Engine(model, device=setup.device, tile_size=side, max_batch_size=count, cuda_graphs=False)
         graphed = Engine(model, device=setup.device, tile_size=side, max_batch_size=count, cuda_graphs=True)
         graphed.warmup()

@@ -232,9 +232,8 @@ def test_a_failed_cuda_graph_capture_runs_that_batch_size_eagerly_without_captur
     assert len(warnings) == 1 and "capturing a CUDA graph for batches of 4 tiles" in warnings[0]
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="cuDNN's autotuning per batch shape is CUDA's")
-def test_cuda_warmup_runs_every_batch_shape_and_pads_partial_batches_to_them(tiny_model):
-    engine = Engine(tiny_model, device="cuda", tile_size=64, max_batch_size=6, cuda_graphs=False)
+def _record_batch_sizes(engine: Engine) -> list[int]:
+    """The batch sizes the engine's network is run on from now on, in order."""
     sizes = []
 
     def recording(network, batch):
@@ -242,6 +241,13 @@ def test_cuda_warmup_runs_every_batch_shape_and_pads_partial_batches_to_them(tin
         return Engine._run(engine, network, batch)
 
     engine._run = recording
+    return sizes
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="cuDNN's autotuning per batch shape is CUDA's")
+def test_cuda_warmup_runs_every_batch_shape_and_pads_partial_batches_to_them(tiny_model):
+    engine = Engine(tiny_model, device="cuda", tile_size=64, max_batch_size=6, cuda_graphs=False)
+    sizes = _record_batch_sizes(engine)
     engine.warmup(1)
     assert sizes == [6, 4, 2, 1]
     sizes.clear()
@@ -253,13 +259,7 @@ def test_cuda_warmup_runs_every_batch_shape_and_pads_partial_batches_to_them(tin
 
 def test_cpu_eager_batches_run_as_they_come(tiny_model):
     engine = Engine(tiny_model, device="cpu", tile_size=32, max_batch_size=4)
-    sizes = []
-
-    def recording(network, batch):
-        sizes.append(len(batch))
-        return Engine._run(engine, network, batch)
-
-    engine._run = recording
+    sizes = _record_batch_sizes(engine)
     engine.warmup(2)
     engine.forward(_tiles(3))
     engine.forward(_tiles(6))
