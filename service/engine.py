@@ -13,14 +13,13 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from models import MPRNetConfig, load_checkpoint
 
-from .precision import emulated_precision_problem
+from .devices import emulated_precision_problem, resolve_device, resolve_devices
 from .tiling import DEFAULT_TILE_SIZE, check_tiling
 
 __all__ = ["Engine", "PRECISIONS", "default_batch_size", "emulated_precision_problem", "is_out_of_memory",
@@ -97,24 +96,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     """A device allocation failure, as opposed to a real fault of the model or its input."""
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error))
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but this machine has no usable CUDA device")
-    return resolved
-
-
-def resolve_devices(devices: Sequence[str]) -> list[torch.device]:
-    """Each of ``devices`` resolved, repeats kept; ``["all"]`` is every visible CUDA device, else the CPU."""
-    if list(devices) == ["all"]:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return [torch.device("cuda", index) for index in range(count)] or [torch.device("cpu")]
-    return [resolve_device(device) for device in devices]
 
 
 class Engine:

@@ -91,7 +91,8 @@ def test_the_client_library_never_imports_the_command_line(module):
 
 
 @pytest.mark.parametrize("module", ["service.tiling", "service.tile_queue", "service.watchdog", "service.memory",
-                                    "service.imaging", "service.image_files", "service.progress"])
+                                    "service.imaging", "service.image_files", "service.progress",
+                                    "service.devices"])
 def test_the_bottom_layer_imports_no_other_service_module(module):
     assert not {m for m in _imports_of(module) if m.startswith("service")}
 

@@ -1,16 +1,18 @@
-"""Which precisions a device runs natively, and why one would be emulated (slowly) where it is not.
+"""Devices: which one a setting names, and which precisions it runs natively (and why one would
+be emulated, slowly, where it is not).
 
-:class:`service.engine.Engine` refuses an emulated precision unless allowed (and re-exports
-:func:`emulated_precision_problem`); the server asks the same question before loading anything.
+:class:`service.engine.Engine` resolves its device here and refuses an emulated precision unless
+allowed (it re-exports these functions); the server asks the same questions before loading anything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["emulated_precision_problem"]
+__all__ = ["emulated_precision_problem", "resolve_device", "resolve_devices"]
 
 
 # CPU instruction sets that run bf16 natively, as /proc/cpuinfo names them: AVX512-BF16 (Cooper
@@ -71,3 +73,21 @@ def emulated_precision_problem(precision: str, device: str | torch.device) -> st
     device = torch.device(device)
     check = _NATIVE_PRECISION_CHECKS.get((precision, device.type))
     return check(device) if check is not None else None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but this machine has no usable CUDA device")
+    return resolved
+
+
+def resolve_devices(devices: Sequence[str]) -> list[torch.device]:
+    """Each of ``devices`` resolved, repeats kept; ``["all"]`` is every visible CUDA device, else the CPU."""
+    if list(devices) == ["all"]:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [torch.device("cuda", index) for index in range(count)] or [torch.device("cpu")]
+    return [resolve_device(device) for device in devices]
