@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -21,6 +22,8 @@ from PIL import Image
 from bench.gpu_summary import write_summary
 from bench.install_wheels import fits_this_interpreter, unpack
 from bench.loadgen import synthetic_photo
+
+from service_helpers import ROOT
 
 HERE = f"cp{sys.version_info.major}{sys.version_info.minor}"
 OTHER = "cp39" if HERE != "cp39" else "cp38"
@@ -130,3 +133,19 @@ def test_the_summary_reads_every_part_of_a_device_fastpath_report(tmp_path):
     assert "max difference 0.00e+00, identical; failed captures none" in text
     assert "batch 1: eager 6.0 ms, replay 2.0 ms (3.0x), capture 0.5 s; reserved 3.00 GiB; failed captures [8]" in text
     assert "compiled_shape (bundled configuration, random weights): error: BackendCompilerFailed" in text
+
+
+def test_the_gpu_script_skips_what_its_budget_cannot_hold_and_still_reports_every_goal(tmp_path):
+    # A budget too small for any step: the time plan must skip them all, say why, and still write
+    # the summary, as it would on a device whose call is about to run out.
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY": "1", "BUDGET": "25", "OUT": str(out), "PY": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    assert "| import | ok |" in summary
+    assert "| model_bench | skipped: " in summary and "| tiling | skipped: " in summary
+    assert "Batching >= 2x images/s at 32 clients vs 1 (512x512, released deblurring): not measured (batched_c1: " \
+           "skipped: " in summary
+    assert sorted(path.name for path in out.iterdir()) == ["log.txt", "logs.tar.gz", "results.json", "summary.md"]
