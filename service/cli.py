@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run a precision the device only emulates (bf16 on an AVX2 CPU: about 9x slower) "
                               "instead of refusing")
     restore.add_argument("--batch-size", type=int, default=None, metavar="N",
-                         help="tiles per forward pass (default 4 on CUDA, 1 on CPU)")
+                         help="tiles per forward pass (default 16 on CUDA, 1 on CPU)")
     restore.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     restore.add_argument("--url", metavar="URL", help="send the images to the service at URL (http://host:port) "
                          "instead of loading a model here; the service's own weights and tiling apply")
