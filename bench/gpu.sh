@@ -17,7 +17,8 @@
 # at what is left; a step that would not fit is skipped and says so, and summary.md is rewritten
 # after every step, so a run cut short still reports what it measured. Each step runs in its own
 # process session, killed with everything it started (a loadgen's service) when it ends.
-# Files written (4): summary.md, log.txt, results.json (every step's JSON), logs.tar.gz (each step's log).
+# Files written (4): summary.md and results.json (every step's JSON; both by bench/gpu_summary.py),
+# log.txt, logs.tar.gz (each step's log).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 DRY=${DRY:-0}
@@ -37,18 +38,6 @@ record() {  # step status seconds
 
 summarise() {
   $PY -m bench.gpu_summary "$WORK" "$OUT" || echo "summary failed"
-  $PY - "$WORK" "$OUT" <<'EOF' || echo "results.json failed"
-import json, sys
-from pathlib import Path
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
-merged = {}
-for path in sorted(work.glob("*.json")):
-    try:
-        merged[path.stem] = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        merged[path.stem] = "unreadable (step killed while writing)"
-(out / "results.json").write_text(json.dumps(merged, indent=1))
-EOF
   tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.safetensors' . 2>/dev/null
 }
 

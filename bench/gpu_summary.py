@@ -1,4 +1,5 @@
-"""summary.md for bench/gpu.sh: every goal of the GPU run on one line, measured or said why not.
+"""summary.md for bench/gpu.sh: every goal of the GPU run on one line, measured or said why not;
+and results.json, every step's JSON in one file.
 
 Reads what the steps left in a work folder (JSON from model_bench, loadgen, tiling_bench and
 fastpath_check; ``steps.jsonl`` from the script's time plan; ``env.txt``; ``pytest.txt``) and
@@ -24,6 +25,14 @@ def _load(work: Path, name: str) -> dict | None:
         return json.loads(path.read_text()) if path.is_file() else None
     except json.JSONDecodeError:
         return None  # a step killed while writing
+
+
+def write_results(work: Path, out: Path) -> None:
+    merged = {}
+    for path in sorted(work.glob("*.json")):
+        loaded = _load(work, path.stem)
+        merged[path.stem] = "unreadable (step killed while writing)" if loaded is None else loaded
+    (out / "results.json").write_text(json.dumps(merged, indent=1))
 
 
 def _verdict(met: bool) -> str:
@@ -212,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     write_summary(args.work, args.out)
+    write_results(args.work, args.out)
     return 0
 
 

@@ -43,6 +43,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from models import MPRNet, load_checkpoint, save_safetensors
+from service.client_results import parse_server_timing
 from service.engine import Engine
 from service.tiling import Tiling
 from tests.service_helpers import ROOT, TINY_ARCHITECTURE, serving_process
@@ -188,16 +189,6 @@ class LoadResult:
     errors: int = 0
 
 
-def server_timing(header: str) -> dict[str, float]:
-    """``decode;dur=12.5, inference;dur=80`` -> {"decode": 12.5, "inference": 80.0}."""
-    stages = {}
-    for entry in header.split(","):
-        name, _, duration = entry.strip().partition(";dur=")
-        if name and duration:
-            stages[name] = float(duration)
-    return stages
-
-
 async def drive(url: str, task: str, uploads: list[bytes], clients: int, warmup_s: float, duration_s: float,
                 timeout_s: float) -> tuple[LoadResult, float, float, tuple[float, float], tuple[float, float]]:
     result = LoadResult()
@@ -215,7 +206,7 @@ async def drive(url: str, task: str, uploads: list[bytes], clients: int, warmup_
                 response = await client.post(f"/v1/restore/{task}", files={"image": ("bench.png", data, "image/png")})
                 result.completed.append((mark, time.perf_counter(), response.status_code))
                 if response.status_code == 200:
-                    result.stages.append((mark, server_timing(response.headers.get("server-timing", ""))))
+                    result.stages.append((mark, parse_server_timing(response.headers.get("server-timing"))))
             except httpx.HTTPError:
                 result.errors += 1
 

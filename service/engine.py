@@ -9,6 +9,7 @@ Cutting images into tiles and blending them back is :mod:`service.tiling`'s job.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -78,18 +79,9 @@ def _dynamo_graphs_compiled() -> int:
 # One side stream, graph memory pool and lock per CUDA device, shared by every engine on it (all
 # tasks, and a device's second worker): warm-up captures one engine at a time and replays are
 # serialised, so the device's graphs take the memory of its largest one rather than one pool per task.
-_graph_resources_by_device: dict[torch.device, tuple] = {}
-_graph_resources_guard = threading.Lock()
-
-
-def _graph_resources(device: torch.device) -> tuple[torch.cuda.Stream, tuple, threading.RLock]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = torch.device("cuda", index)
-    with _graph_resources_guard:
-        if key not in _graph_resources_by_device:
-            _graph_resources_by_device[key] = (torch.cuda.Stream(key), torch.cuda.graph_pool_handle(),
-                                               threading.RLock())
-        return _graph_resources_by_device[key]
+@functools.cache
+def _graph_resources(index: int) -> tuple[torch.cuda.Stream, tuple, threading.RLock]:
+    return torch.cuda.Stream(torch.device("cuda", index)), torch.cuda.graph_pool_handle(), threading.RLock()
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -184,7 +176,8 @@ class Engine:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._failed_captures: dict[int, torch.cuda.CUDAGraph] = {}  # batch sizes that run eagerly for good
         if cuda_graphs:
-            self._capture_stream, self._graph_pool, self._graph_lock = _graph_resources(self.device)
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self._capture_stream, self._graph_pool, self._graph_lock = _graph_resources(index)
 
     @classmethod
     def from_checkpoint(cls, path, **options) -> Engine:
