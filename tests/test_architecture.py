@@ -100,3 +100,10 @@ def test_the_bottom_layer_imports_no_other_service_module(module):
 @pytest.mark.parametrize("path", sorted((ROOT / "service").glob("*.py")), ids=lambda path: path.name)
 def test_no_service_module_is_over_400_lines(path):
     assert len(path.read_text().splitlines()) <= 400
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m.startswith("training.")
+                                          and m not in {"training.evaluate", "training.held_out"}))
+def test_no_training_module_imports_the_held_out_degradations(module):
+    # A held-out family imported by a mixture would be trained on and its card row a lie.
+    assert "training.held_out" not in _imports_of(module)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from models import MPRNetConfig, save_safetensors
-from training import evaluate
+from training import evaluate, held_out
 from training.card import markers
 
 TINY = MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)
@@ -182,8 +182,8 @@ def test_held_out_camera_rows_lie_outside_every_range_the_denoising_mixture_draw
 
     assert len(DENOISING_CAMERA_RANGES) >= 2
     for ranges in DENOISING_CAMERA_RANGES:
-        assert evaluate.COARSE_GRAIN.spread[0] > ranges.spread[1]
-        assert evaluate.HIGH_ISO.shot[0] >= ranges.shot[1]
+        assert held_out.COARSE_GRAIN.spread[0] > ranges.spread[1]
+        assert held_out.HIGH_ISO.shot[0] >= ranges.shot[1]
         assert ranges.jpeg_quality[0] >= 40  # the noisy-JPEG row's quality stays below: 15-35
 
 
@@ -193,8 +193,8 @@ def test_refracting_rain_streaks_take_their_colour_from_the_scene_behind_them():
     # or darken the scene.
     red = np.zeros((96, 96, 3), np.uint8)
     red[..., 0] = 150
-    rainy = evaluate.refracted_rain(red, np.random.default_rng(0))
-    assert np.array_equal(rainy, evaluate.refracted_rain(red, np.random.default_rng(0)))
+    rainy = held_out.refracted_rain(red, np.random.default_rng(0))
+    assert np.array_equal(rainy, held_out.refracted_rain(red, np.random.default_rng(0)))
     assert rainy.shape == red.shape and rainy.dtype == np.uint8
     changed = np.abs(rainy.astype(int) - red).sum(axis=2) > 10
     assert 0.05 < changed.mean() < 0.9
@@ -203,9 +203,9 @@ def test_refracting_rain_streaks_take_their_colour_from_the_scene_behind_them():
 
 def test_film_grain_is_shared_by_the_channels_and_clumped_over_pixels():
     grey = np.full((128, 128, 3), 128, np.uint8)
-    grain = evaluate.film_grain(grey, np.random.default_rng(0)).astype(float) - 128
-    assert np.array_equal(evaluate.film_grain(grey, np.random.default_rng(0)),
-                          evaluate.film_grain(grey, np.random.default_rng(0)))
+    grain = held_out.film_grain(grey, np.random.default_rng(0)).astype(float) - 128
+    assert np.array_equal(held_out.film_grain(grey, np.random.default_rng(0)),
+                          held_out.film_grain(grey, np.random.default_rng(0)))
     assert grain.std() > 4
     # Mostly the same grain in every channel, and neighbours alike: clumps, not white noise.
     assert np.corrcoef(grain[..., 0].ravel(), grain[..., 2].ravel())[0, 1] > 0.6
@@ -215,8 +215,8 @@ def test_film_grain_is_shared_by_the_channels_and_clumped_over_pixels():
 def test_banded_noise_runs_along_rows_and_is_strongest_in_the_shadows():
     photo = np.full((128, 128, 3), 40, np.uint8)  # dark, but above black so the noise is not clipped
     photo[:, 64:] = 200
-    noisy = evaluate.banded_noise(photo, np.random.default_rng(1))
-    assert np.array_equal(noisy, evaluate.banded_noise(photo, np.random.default_rng(1)))
+    noisy = held_out.banded_noise(photo, np.random.default_rng(1))
+    assert np.array_equal(noisy, held_out.banded_noise(photo, np.random.default_rng(1)))
     noise = noisy.astype(float) - photo
     dark, bright = noise[:, 8:56], noise[:, 72:120]
     # Averaging a row keeps its banding and cancels the per-pixel noise; a column's average cancels both.
@@ -228,8 +228,8 @@ def test_drawn_rain_shows_over_dark_parts_and_barely_over_bright_ones():
     # Added in linear light: the same streak lifts a dark pixel by far more levels than a bright one.
     photo = np.full((128, 128, 3), 30, np.uint8)
     photo[:, 64:] = 220
-    rainy = evaluate.drawn_rain(photo, np.random.default_rng(4))
-    assert np.array_equal(rainy, evaluate.drawn_rain(photo, np.random.default_rng(4)))
+    rainy = held_out.drawn_rain(photo, np.random.default_rng(4))
+    assert np.array_equal(rainy, held_out.drawn_rain(photo, np.random.default_rng(4)))
     lift = rainy.astype(float) - photo
     assert lift[:, 8:56].mean() > 3 * abs(lift[:, 72:120].mean())
     # Streaks, not a veil: a minority of the dark half is lifted.
@@ -239,8 +239,8 @@ def test_drawn_rain_shows_over_dark_parts_and_barely_over_bright_ones():
 def test_gusty_rain_lightens_dark_parts_and_never_darkens():
     photo = np.full((128, 128, 3), 30, np.uint8)
     photo[:, 64:] = 250  # the brightest tenth: the sky whose colour the streaks take
-    rainy = evaluate.gusty_rain(photo, np.random.default_rng(2))
-    assert np.array_equal(rainy, evaluate.gusty_rain(photo, np.random.default_rng(2)))
+    rainy = held_out.gusty_rain(photo, np.random.default_rng(2))
+    assert np.array_equal(rainy, held_out.gusty_rain(photo, np.random.default_rng(2)))
     lift = rainy.astype(float) - photo
     # A lighten blend: streaks show over the dark half, not over a sky as bright as they are,
     # and nothing gets darker but for JPEG's ringing beside a streak.
@@ -258,7 +258,7 @@ def test_gusty_rain_blends_by_the_maximum_so_faint_streak_ends_vanish_over_mid_g
     photo = np.full((128, 128, 3), 30, np.uint8)
     photo[:, 43:86] = 140
     photo[:, 86:] = 250
-    lift = evaluate.gusty_rain(photo, np.random.default_rng(2)).astype(float).max(axis=2) - photo[..., 0]
+    lift = held_out.gusty_rain(photo, np.random.default_rng(2)).astype(float).max(axis=2) - photo[..., 0]
     dark, grey = (lift[:, 4:39] > 12).mean(), (lift[:, 47:82] > 12).mean()
     assert dark > 0.05
     assert grey < 0.4 * dark
