@@ -20,6 +20,7 @@ import numpy as np
 from .camera import TRAINING_RANGES, CameraRanges, camera_noise, jpeg, resize_plane, with_settings
 from .camera import from_float as _from_float
 from .camera import to_float as _to_float
+from .randomized_rain import randomized_rain
 
 __all__ = ["add_noise", "blur", "add_rain", "random_blur_kernel", "shake_kernel", "motion_kernel",
            "disc_kernel", "gaussian_kernel", "acceleration_kernel", "stroke_kernel", "arc_kernel",
@@ -538,21 +539,17 @@ def scene_lit_rain(image: np.ndarray, rng: np.random.Generator, ranges: RainRang
 
 
 def mixed_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The broad deraining mixture: 35 % the classic :func:`add_rain`, 12 % each saturating,
-    smeared and misty rain within :data:`RAIN_TRAINING`'s ranges, 15 % :func:`faint_rain`, 14 %
-    :func:`scene_lit_rain`."""
+    """The broad deraining mixture: 30 % the classic :func:`add_rain`, 30 %
+    :func:`training.randomized_rain.randomized_rain` (every trait of the streaks drawn on its
+    own), 8 % each saturating, smeared and misty rain within :data:`RAIN_TRAINING`'s ranges,
+    :func:`faint_rain` and :func:`scene_lit_rain`."""
     pick = rng.random()
-    if pick < 0.35:
+    if pick < 0.30:
         return add_rain(image, rng)
-    if pick < 0.47:
-        return saturating_rain(image, rng)
-    if pick < 0.59:
-        return smeared_rain(image, rng)
-    if pick < 0.71:
-        return misty_rain(image, rng)
-    if pick < 0.86:
-        return faint_rain(image, rng)
-    return scene_lit_rain(image, rng)
+    if pick < 0.60:
+        return randomized_rain(image, rng)
+    families = (saturating_rain, smeared_rain, misty_rain, faint_rain, scene_lit_rain)
+    return families[min(int((pick - 0.60) / 0.08), len(families) - 1)](image, rng)
 
 
 # --------------------------------------------------------------------------------------------
