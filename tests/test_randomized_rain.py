@@ -60,12 +60,28 @@ def test_blends_brighten_or_darken_and_colours_can_come_from_the_scene():
     assert min(tints) < 0 and max(tints) > 20
 
 
-def test_a_third_of_the_deraining_mixture_is_randomized_rain():
+def test_a_third_of_the_randomized_mixture_is_randomized_rain_and_none_of_the_broad_one():
+    # The broad mixture stays what the bundled derainer was trained on.
     photo = _flat(100, 48)
-    hits = 0
+    randomized = degradations.MIXTURES["randomized"]["deraining"]
+    hits = {"randomized": 0, "broad": 0}
     for seed in range(300):
         rng = np.random.default_rng(seed)
         rng.random()  # the mixture's own pick
-        hits += np.array_equal(degradations.mixed_rain(photo, np.random.default_rng(seed)),
-                               rr.randomized_rain(photo, rng))
-    assert 0.22 < hits / 300 < 0.38
+        expected = rr.randomized_rain(photo, rng)
+        hits["randomized"] += np.array_equal(randomized(photo, np.random.default_rng(seed)), expected)
+        hits["broad"] += np.array_equal(degradations.mixed_rain(photo, np.random.default_rng(seed)), expected)
+    assert 0.22 < hits["randomized"] / 300 < 0.38
+    assert hits["broad"] == 0
+    assert degradations.MIXTURES["randomized"]["denoising"] is degradations.MIXTURES["broad"]["denoising"]
+
+
+def test_the_card_says_which_held_out_rows_randomized_rain_draws_the_traits_of():
+    from training import evaluate
+
+    rows = {setting.key: setting for setting in evaluate.SETTINGS}
+    assert evaluate._seen(rows["gusty_rain"], "broad").startswith("held out")
+    assert evaluate._seen(rows["gusty_rain"], "randomized").startswith("partly")
+    assert evaluate._seen(rows["sheet_rain"], "randomized").startswith("held out")
+    assert evaluate._seen(rows["rain_broad"], "randomized").startswith("yes")
+    assert evaluate._seen(rows["rain_broad"], "classic").startswith("no")
