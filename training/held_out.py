@@ -3,7 +3,10 @@
 Each row of the model card marked "held out" comes from here, so that a generator the networks
 are measured on cannot drift into a training mixture unnoticed: :mod:`training.degradations` and
 :mod:`training.randomized_rain` never import this module (a test checks it), and every family
-says what about it training has not seen. Each function takes a uint8 RGB photo and a numpy
+says what about it training has not seen. (Randomized rain, ``--mixture randomized``, does draw
+the blends, profiles and colours of the gusty, drawn and refracting families, though not their
+renderers; :mod:`training.evaluate` labels those rows "partly" seen for weights trained on it.)
+Each function takes a uint8 RGB photo and a numpy
 Generator and returns the degraded photo, same size and dtype.
 """
 

@@ -515,7 +515,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", choices=sorted(MIXTURES["broad"]), help="what to learn to undo")
     parser.add_argument("--mixture", choices=sorted(MIXTURES), default="broad",
                         help="degradations to train on: broad (camera-pipeline noise, several rain and blur "
-                             "families; issue 16) or classic (what the bundled weights were first trained on)")
+                             "families; issue 16), classic (what the bundled weights were first trained on) or "
+                             "randomized (broad, with randomized rain for deraining; not what any bundled weights saw)")
     parser.add_argument("--data", help="folder of clean training photos")
     parser.add_argument("--val", help=f"folder of clean validation photos (first {VAL_HOLDOUT} used); "
                                       f"default: hold out the first {VAL_HOLDOUT} (at most a quarter) of --data")
