@@ -13,6 +13,10 @@ image: inverse tone curve, inverse gamma, inverse colour correction, inverse whi
 mosaic), adds signal-dependent noise there and runs it forwards again with the same camera
 settings. Every setting is drawn from the given Generator, or fixed through :class:`CameraRanges`,
 whose defaults are the training ranges; the evaluation draws some settings outside them.
+
+The small array helpers every degradation family shares live here too, at the bottom of
+``training``'s imports: float conversion, Gaussian filtering, resizing, JPEG, bilinear splatting
+and log-uniform draws.
 """
 
 from __future__ import annotations
@@ -283,6 +287,33 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     Image.fromarray(levels).save(buffer, format="JPEG", quality=int(quality))
     buffer.seek(0)
     return np.asarray(Image.open(buffer).convert("RGB")).astype(np.float32) / 255.0
+
+
+def splat(points: np.ndarray, shape: int | tuple[int, int], weights: np.ndarray | None = None) -> np.ndarray:
+    """Accumulate sub-pixel (x, y) points into an HxW grid (``shape``; an int is a square) with
+    bilinear weights; points off the grid are lost.
+
+    Bilinear splatting keeps thin shapes (blur trajectories, rain streaks) anti-aliased, so their
+    spectra look like a real camera's and not like a staircase.
+    """
+    height, width = (shape, shape) if isinstance(shape, int) else shape
+    grid = np.zeros((height, width), np.float64)
+    weights = np.ones(len(points)) if weights is None else weights
+    x0 = np.floor(points[:, 0]).astype(int)
+    y0 = np.floor(points[:, 1]).astype(int)
+    fx, fy = points[:, 0] - x0, points[:, 1] - y0
+    for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                      (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        xs, ys = x0 + dx, y0 + dy
+        inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+        np.add.at(grid, (ys[inside], xs[inside]), (w * weights)[inside])
+    return grid
+
+
+def log_uniform(rng: np.random.Generator, low: float, high: float, size=None):
+    """A draw whose logarithm is uniform: for sizes and densities, where the small end is the
+    common case and a uniform draw would rarely reach it."""
+    return np.exp(rng.uniform(np.log(low), np.log(high), size=size))
 
 
 # ---------------------------------------------------------------------------------------------

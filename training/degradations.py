@@ -19,6 +19,8 @@ import numpy as np
 
 from .camera import TRAINING_RANGES, CameraRanges, camera_noise, jpeg, resize_plane, with_settings
 from .camera import from_float as _from_float
+from .camera import log_uniform as _log_uniform
+from .camera import splat as _splat
 from .camera import to_float as _to_float
 from .randomized_rain import randomized_rain
 
@@ -69,24 +71,9 @@ def add_noise(image: np.ndarray, rng: np.random.Generator, sigma: float | None =
 # Blur kernels
 # --------------------------------------------------------------------------------------------
 
-def _splat(points: np.ndarray, size: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Accumulate sub-pixel (x, y) points into a size x size grid with bilinear weights.
-
-    Bilinear splatting keeps thin kernels (lines, trajectories) anti-aliased, so their spectra
-    look like a real camera's and not like a staircase.
-    """
-    kernel = np.zeros((size, size), np.float64)
-    weights = np.ones(len(points)) if weights is None else weights
-    x0 = np.floor(points[:, 0]).astype(int)
-    y0 = np.floor(points[:, 1]).astype(int)
-    fx, fy = points[:, 0] - x0, points[:, 1] - y0
-    for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
-                      (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-        xs, ys = x0 + dx, y0 + dy
-        inside = (xs >= 0) & (xs < size) & (ys >= 0) & (ys < size)
-        np.add.at(kernel, (ys[inside], xs[inside]), (w * weights)[inside])
-    return kernel
-
+# Blur sizes are drawn log-uniformly (_log_uniform): mild blur is the common case in real photos,
+# and with uniform sizes a small network learned to over-sharpen it (-3 dB on 4 px shake,
+# measured) while still failing the large kernels that dominated its training.
 
 def _centred(points: np.ndarray, size: int) -> np.ndarray:
     """Shift points so that their centre of mass lands on the kernel's centre pixel.
@@ -104,13 +91,6 @@ def _normalised(kernel: np.ndarray) -> np.ndarray:
         kernel[kernel.shape[0] // 2, kernel.shape[1] // 2] = 1.0
         total = 1.0
     return (kernel / total).astype(np.float32)
-
-
-def _log_uniform(rng: np.random.Generator, low: float, high: float, size=None):
-    """Blur sizes are drawn log-uniformly: mild blur is the common case in real photos, and with
-    uniform sizes a small network learned to over-sharpen it (-3 dB on 4 px shake, measured)
-    while still failing the large kernels that dominated its training."""
-    return np.exp(rng.uniform(np.log(low), np.log(high), size=size))
 
 
 def shake_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, extent: float | None = None) -> np.ndarray:

@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .camera import from_float, gaussian_filter, jpeg, resize_plane, to_float
+from .camera import from_float, gaussian_filter, jpeg, log_uniform, resize_plane, splat, to_float
 
 WIND_DEGREES = 40.0
 LENGTH = (4.0, 45.0)
 DENSITY = (8e-4, 2e-2)
 WIDTH = (0.5, 3.5)
-
-
-def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
-    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
 def _profile(rng: np.random.Generator, t: np.ndarray, count: int) -> np.ndarray:
@@ -72,25 +68,11 @@ def _paths(rng: np.random.Generator, count: int, length: np.ndarray, angle: np.n
     return start[:, None, :] + along + sideways[..., None] * across[:, None, :]
 
 
-def _splat(points: np.ndarray, weights: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear splat of weighted points (N, 2) onto an HxW map; points off the map are lost."""
-    height, width = shape
-    rows, cols = points[:, 0], points[:, 1]
-    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
-    fr, fc = rows - r0, cols - c0
-    out = np.zeros(height * width, np.float64)
-    for dr, dc, share in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
-        r, c = r0 + dr, c0 + dc
-        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-        out += np.bincount(r[inside] * width + c[inside], weights=(weights * share)[inside], minlength=height * width)
-    return out.reshape(shape).astype(np.float32)
-
-
 def streak_layer(shape: tuple[int, int], rng: np.random.Generator, wind: float) -> np.ndarray:
     """One depth layer of streaks, an HxW map in [0, 1]."""
     height, width = shape
     layer_length = rng.uniform(*LENGTH)
-    count = int(rng.poisson(_log_uniform(rng, *DENSITY) * (height + layer_length) * (width + layer_length)))
+    count = int(rng.poisson(float(log_uniform(rng, *DENSITY)) * (height + layer_length) * (width + layer_length)))
     if count == 0:
         return np.zeros(shape, np.float32)
     length = np.clip(layer_length * rng.uniform(0.7, 1.3, size=count), LENGTH[0], LENGTH[1])
@@ -98,13 +80,15 @@ def streak_layer(shape: tuple[int, int], rng: np.random.Generator, wind: float) 
     angle = np.clip(angle, -np.deg2rad(WIND_DEGREES), np.deg2rad(WIND_DEGREES))
     t = np.linspace(0.0, 1.0, int(np.ceil(LENGTH[1] * 2)) + 1)
     points = _paths(rng, count, length, angle, shape, t)
-    level = _log_uniform(rng, 0.08, 1.0) * rng.uniform(0.4, 1.0, size=(count, 1))
+    level = float(log_uniform(rng, 0.08, 1.0)) * rng.uniform(0.4, 1.0, size=(count, 1))
     sigma = max(rng.uniform(*WIDTH) / 2, 0.4)
     # Weighted by the spacing of the points, so that a streak's brightness does not depend on its
     # length, and by the spread of the blur across it, so that its peak is about ``level``.
     spacing = (length / (len(t) - 1))[:, None]
     weights = level * _profile(rng, t, count) * spacing * np.sqrt(2 * np.pi) * sigma
-    streaks = gaussian_filter(_splat(points.reshape(-1, 2), weights.reshape(-1), shape), sigma)
+    # The paths are (row, column); splat takes (x, y).
+    streaks = gaussian_filter(splat(points.reshape(-1, 2)[:, ::-1], shape, weights.reshape(-1)).astype(np.float32),
+                              sigma)
     if rng.random() < 0.25:  # a near layer, out of focus
         soft = float(rng.uniform(1.0, 3.0))
         streaks = gaussian_filter(streaks, soft) * np.float32(1.0 + soft / 2)
