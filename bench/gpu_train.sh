@@ -17,8 +17,9 @@
 # cores: 12 suit a trainer alone). MINUTES is the training budget of each (default 7); INIT_DIR
 # holds the starting TASK.safetensors (default models/weights; carry it if it is ignored); LR sets
 # the peak learning rate of every trainer named. ARCH="20 12 8 3" (n_feat, scale_unetfeats,
-# scale_orsnetfeats, num_cab) trains that configuration from scratch instead of fine-tuning: the
-# channels-last CPU engine has room for it under the 2 s budget (models/MODEL_CARD.md, Architecture).
+# scale_orsnetfeats, num_cab) grows the starting weights into that wider, deeper network, which
+# starts out computing what they compute (training/widen.py), and fine-tunes it: the channels-last
+# CPU engine has room for it under the 2 s budget (models/MODEL_CARD.md, Architecture).
 # MIXTURE picks the degradations (training.train --mixture): "broad" by default, issue 16's
 # realistic families (camera-pipeline noise, saturating/smeared/misty rain, more blur trajectories
 # with noise and JPEG) mixed with the classic ones; "classic" is what the weights were first
@@ -44,11 +45,10 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 
 monitor=$!
 
 start_from() {  # task -> the trainer's flags for its starting point
+  echo "--init ${INIT_DIR:-models/weights}/$1.safetensors"
   if [ -n "${ARCH:-}" ]; then
     read -r feat unet orsnet cab <<<"$ARCH"
     echo "--n-feat $feat --scale-unetfeats $unet --scale-orsnetfeats $orsnet --num-cab $cab"
-  else
-    echo "--init ${INIT_DIR:-models/weights}/$1.safetensors"
   fi
 }
 

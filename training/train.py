@@ -14,7 +14,9 @@ time-budgeted run still ends at the bottom of its schedule.
 ``RUNDIR/last.pt`` (model, optimiser, schedule, iteration, RNG states; plain tensors and
 primitives, readable with ``torch.load(weights_only=True)``) is rewritten atomically every few
 minutes and on SIGINT/SIGTERM; ``--resume`` continues from it. ``--init FILE`` starts from
-existing weights (e.g. the bundled ``models/weights/<task>.safetensors``) with a fresh optimiser.
+existing weights (e.g. the bundled ``models/weights/<task>.safetensors``) with a fresh optimiser;
+architecture flags beside it grow those weights into that wider or deeper network, which starts
+out computing exactly what they compute (:mod:`training.widen`).
 ``--export FILE`` writes a run's weights as safetensors and exits.
 """
 
@@ -27,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,7 @@ from models import MPRNet, MPRNetConfig, infer_config, load_state_dict, save_saf
 from service.image_files import IMAGE_SUFFIXES
 
 from .degradations import MAX_KERNEL, MIXTURES
+from .widen import widen
 
 # Blur kernels and rain streaks reach this far; degrading a larger crop and cutting the border
 # off means the patch's edges see real neighbours, not reflected ones.
@@ -384,17 +387,26 @@ def _lineage(args, resume_state: dict | None) -> dict:
             "prior_seconds": float(metadata.get("trained_seconds", 0))}
 
 
+ARCHITECTURE_FLAGS = ("n_feat", "scale_unetfeats", "scale_orsnetfeats", "num_cab", "reduction")
+DEFAULT_ARCHITECTURE = MPRNetConfig(n_feat=16, scale_unetfeats=12, scale_orsnetfeats=4, num_cab=2)
+
+
 def build_model(args) -> tuple[MPRNet, MPRNetConfig]:
-    if args.init:
-        state = load_state_dict(args.init)
-        config = infer_config(state)
-        model = config.build()
-        model.load_state_dict(state)
-    else:
-        config = MPRNetConfig(n_feat=args.n_feat, scale_unetfeats=args.scale_unetfeats,
-                              scale_orsnetfeats=args.scale_orsnetfeats, num_cab=args.num_cab,
-                              reduction=args.reduction)
-        model = config.build()
+    requested = {name: getattr(args, name) for name in ARCHITECTURE_FLAGS if getattr(args, name) is not None}
+    if not args.init:
+        config = replace(DEFAULT_ARCHITECTURE, **requested)
+        return config.build(), config
+    state = load_state_dict(args.init)
+    config = infer_config(state)
+    target = replace(config, **requested)
+    if target != config:
+        try:
+            state = widen(state, config, target, seed=args.seed)
+        except ValueError as error:
+            raise SystemExit(f"cannot start a {target.as_kwargs()} network from {args.init}: {error}") from None
+        config = target
+    model = config.build()
+    model.load_state_dict(state)
     return model, config
 
 
@@ -543,13 +555,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--val-minutes", type=float, default=5.0)
     parser.add_argument("--save-minutes", type=float, default=3.0)
-    arch = parser.add_argument_group("architecture (ignored with --init or --resume)")
-    default = MPRNetConfig(n_feat=16, scale_unetfeats=12, scale_orsnetfeats=4, num_cab=2)
-    arch.add_argument("--n-feat", type=int, default=default.n_feat)
-    arch.add_argument("--scale-unetfeats", type=int, default=default.scale_unetfeats)
-    arch.add_argument("--scale-orsnetfeats", type=int, default=default.scale_orsnetfeats)
-    arch.add_argument("--num-cab", type=int, default=default.num_cab)
-    arch.add_argument("--reduction", type=int, default=default.reduction)
+    arch = parser.add_argument_group(
+        "architecture", f"default {DEFAULT_ARCHITECTURE.n_feat}/{DEFAULT_ARCHITECTURE.scale_unetfeats}/"
+                        f"{DEFAULT_ARCHITECTURE.scale_orsnetfeats}/{DEFAULT_ARCHITECTURE.num_cab}, reduction "
+                        f"{DEFAULT_ARCHITECTURE.reduction}; with --init, the file's, and flags given grow its "
+                        "weights to that size; ignored with --resume")
+    for name in ARCHITECTURE_FLAGS:
+        arch.add_argument("--" + name.replace("_", "-"), type=int)
     args = parser.parse_args(argv)
     if not args.export and not (args.task and args.data):
         parser.error("--task and --data are required to train")
