@@ -1,8 +1,8 @@
 """Grow trained MPRNet weights into a wider or deeper MPRNet that computes the same function.
 
 A wider network trained from scratch starts far below the bundled weights and needs GPU hours to
-catch up; grown from them, it starts exactly where they are and can only spend its extra capacity
-on what they get wrong. The growth is the zero-sided kind (as in Net2Net's aims, not its method):
+catch up; grown from them, it starts exactly where they are. The growth is the zero-sided kind
+(Net2Net's aim, not its method of copying channels):
 
 * every tensor keeps the trained values in the old channels;
 * a new output channel (row) of a convolution gets the wide network's fresh initialisation, so it
@@ -15,6 +15,10 @@ on what they get wrong. The growth is the zero-sided kind (as in Net2Net's aims,
 Every addition in MPRNet is between tensors of the same channel space and every channel-wise
 concatenation (the two ``concat`` convolutions) is handled by index, so the old channels compute
 what they computed before, up to float summation order.
+
+The zeros grow only as fast as the optimiser moves them: in 2,000 CPU steps of Adam at lr 1e-4
+they reached about 2 % of the old weights' size and the grown network tracked its narrow control
+(models/MODEL_CARD.md, Training). Grow for runs with the learning rate and steps to use the room.
 """
 
 from __future__ import annotations
