@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bench.gpu_summary import write_summary
@@ -149,3 +150,32 @@ def test_the_gpu_script_skips_what_its_budget_cannot_hold_and_still_reports_ever
     assert "Batching >= 2x images/s at 32 clients vs 1 (512x512, released deblurring): not measured (batched_c1: " \
            "skipped: " in summary
     assert sorted(path.name for path in out.iterdir()) == ["log.txt", "logs.tar.gz", "results.json", "summary.md"]
+
+
+def test_the_training_script_grows_the_bundled_weights_when_given_an_architecture(tmp_path):
+    # What the next GPU session is to run (ARCH="20 12 8 3", models/MODEL_CARD.md), here on the CPU
+    # for one step: a wider network trained from scratch would throw the bundled weights away.
+    from models import MPRNetConfig, load_model
+
+    data = tmp_path / "photos"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        Image.fromarray(synthetic_photo((176, 176), rng)).save(data / f"{index}.png")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "DATA": str(data), "PY": sys.executable, "TASKS": "deblurring",
+           "ARCH": "20 12 8 3", "MINUTES": "0.01", "WORKERS": "0"}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_train.sh")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = torch.load(out / "deblurring" / "last.pt", map_location="cpu", weights_only=True)
+    assert MPRNetConfig(**run["config"]) == MPRNetConfig(n_feat=20, scale_unetfeats=12, scale_orsnetfeats=8,
+                                                         num_cab=3)
+    grown = MPRNetConfig(**run["config"]).build().eval()
+    grown.load_state_dict(run["model"])
+    bundled = load_model(ROOT / "models" / "weights" / "deblurring.safetensors").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        # One warm-up step (lr 1e-3 / 200) from the bundled deblurrer, not from random weights,
+        # which are off by more than 1.
+        assert (grown(x)[0] - bundled(x)[0]).abs().max() < 0.01
