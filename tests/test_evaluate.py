@@ -45,7 +45,7 @@ def test_evaluation_seeds_are_fixed_per_setting_and_photo(photos):
 
 
 DEBLURRING_ROWS = ["shake", "mild_shake", "linear_motion", "defocus", "gaussian_blur", "trajectories", "arc",
-                  "offcentre", "clean_deblurring"]
+                  "offcentre", "clean_deblurring", "camera_roll"]
 
 
 def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_weights, tmp_path, capsys,
@@ -68,14 +68,15 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
     assert "| yes |" in rows[0] and "no: broad mixture" in rows[5]
     assert "held out: family" in rows[6] and "held out: offset" in rows[7]
     assert "clean photo" in rows[8] and "| identical |" in rows[8]
-    # The summary: five rows training sampled, three it never did, the weakest of those named.
-    assert "Generalisation" in printed and "(5) |" in rows[9] and "(3) |" in rows[9]
-    assert any(label in rows[9] for label in ("circular-arc", "off-centre", "broad blur"))
+    assert "camera roll" in rows[9] and "held out: spatially varying" in rows[9]
+    # The summary: five rows training sampled, four it never did, the weakest of those named.
+    assert "Generalisation" in printed and "(5) |" in rows[10] and "(4) |" in rows[10]
+    assert any(label in rows[10] for label in ("circular-arc", "off-centre", "broad blur", "camera roll"))
 
     results = json.loads(out.read_text())["results"]["deblurring"]
     # Beside the clean photos' mean, the one the network damages most, by name.
     worst = min(results["settings"]["clean_deblurring"], key=lambda row: row["psnr"])
-    assert rows[9].endswith(f"({worst['psnr']:.2f} dB, {worst['image']}) |")
+    assert rows[10].endswith(f"({worst['psnr']:.2f} dB, {worst['image']}) |")
     assert list(results["settings"]) == DEBLURRING_ROWS
     for key, per_image in results["settings"].items():
         assert [r["image"] for r in per_image] == ["kodim00", "kodim01"]
@@ -84,7 +85,7 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
             assert all(0 < r["classic_ssim"] <= 1 and r["classic_psnr"] > 10 and r["input_psnr"] > 10
                        for r in per_image)
     classic = [line for line in printed.splitlines() if line.startswith("| ") and "unsharp mask" in line]
-    assert len(classic) == 8
+    assert len(classic) == 9
 
     # --write-card replaces only the marked section of the card.
     evaluate.write_card("new table", card)

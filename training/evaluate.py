@@ -65,6 +65,7 @@ from .held_out import (
     noisy_jpeg,
     perspective_rain,
     refracted_rain,
+    rotational_blur,
     sheet_rain,
     slanted_rain,
 )
@@ -193,6 +194,10 @@ SETTINGS = (
             "point, overlay blend, then JPEG 75-92", perspective_rain, MEDIAN, seen="held out: family"),
     Setting("sheet_rain", "deraining", "sheet rain: streaks of orientation-filtered noise, colour-dodge blend, "
             "then JPEG 60-90", sheet_rain, MEDIAN, seen="held out: family"),
+    # Fourteenth session: the first blur that differs across the frame.
+    Setting("camera_roll", "deblurring", "camera roll: 1-3 degrees about a point near the centre (blur from none "
+            "there to 6-26 px at the farthest corner) + noise + JPEG 70-90", rotational_blur, UNSHARP,
+            seen="held out: spatially varying"),
 )
 
 
