@@ -81,7 +81,7 @@ def test_camera_roll_blurs_the_corners_and_spares_the_middle():
     blocks = np.random.default_rng(0).integers(0, 256, (200, 200, 1), dtype=np.uint8)
     texture = blocks.repeat(2, axis=0).repeat(2, axis=1).repeat(3, axis=2)
     for seed in range(6):
-        rolled = held_out.rotational_blur(texture, np.random.default_rng(seed))
+        rolled = held_out.camera_roll(texture, np.random.default_rng(seed))
         middle = _detail_kept(texture[180:220, 180:220], rolled[180:220, 180:220])
         corners = [_detail_kept(texture[rows, cols], rolled[rows, cols])
                    for rows in (slice(0, 40), slice(360, 400)) for cols in (slice(0, 40), slice(360, 400))]
@@ -92,5 +92,5 @@ def test_camera_roll_brings_in_no_empty_canvas():
     # A rotated frame uncovers its corners; the mirrored margin must fill them with the scene.
     grey = np.full((160, 240, 3), 128, np.uint8)
     for seed in range(4):
-        rolled = held_out.rotational_blur(grey, np.random.default_rng(seed)).astype(float)
+        rolled = held_out.camera_roll(grey, np.random.default_rng(seed)).astype(float)
         assert abs(rolled.mean() - 128) < 1 and rolled[:4].mean() > 120 and rolled[-4:, -4:].mean() > 120

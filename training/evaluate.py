@@ -58,6 +58,7 @@ from .held_out import (
     DOWNPOUR,
     HIGH_ISO,
     banded_noise,
+    camera_roll,
     coloured_noise,
     drawn_rain,
     film_grain,
@@ -65,7 +66,6 @@ from .held_out import (
     noisy_jpeg,
     perspective_rain,
     refracted_rain,
-    rotational_blur,
     sheet_rain,
     slanted_rain,
 )
@@ -196,7 +196,7 @@ SETTINGS = (
             "then JPEG 60-90", sheet_rain, MEDIAN, seen="held out: family"),
     # Fourteenth session: the first blur that differs across the frame.
     Setting("camera_roll", "deblurring", "camera roll: 1-3 degrees about a point near the centre (blur from none "
-            "there to 6-26 px at the farthest corner) + noise + JPEG 70-90", rotational_blur, UNSHARP,
+            "there to 6-26 px at the farthest corner) + noise + JPEG 70-90", camera_roll, UNSHARP,
             seen="held out: spatially varying"),
 )
 

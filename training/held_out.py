@@ -276,7 +276,7 @@ def sheet_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return from_float(jpeg(np.clip(rainy, 0.0, 1.0), int(rng.integers(60, 91))), image)
 
 
-def rotational_blur(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def camera_roll(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Held-out blur family, written in the fourteenth session: the camera rolls about its optical
     axis during the exposure, 1-3 degrees about a pivot up to a fifth of the frame from the
     centre. The blur is then an arc whose length grows with the distance from the pivot. There is
