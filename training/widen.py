@@ -57,11 +57,13 @@ def _wide_key(key: str, narrow: MPRNetConfig, wide: MPRNetConfig) -> str:
     return key
 
 
-def _old_indices(key: str, dim: int, narrow_size: int, narrow: MPRNetConfig, wide: MPRNetConfig) -> torch.Tensor:
-    if dim == 1 and key in _CONCATENATED_INPUTS:
+def _old_inputs(key: str, narrow_inputs: int, narrow: MPRNetConfig, wide: MPRNetConfig) -> torch.Tensor:
+    """Where a tensor's old input channels sit in the wide one: at the front, except for the two
+    concatenating convolutions, whose halves each grew."""
+    if key in _CONCATENATED_INPUTS:
         first = torch.arange(narrow.n_feat)
         return torch.cat((first, first + wide.n_feat))
-    return torch.arange(narrow_size)
+    return torch.arange(narrow_inputs)
 
 
 def _place(old: torch.Tensor, fresh: torch.Tensor, key: str, narrow: MPRNetConfig,
@@ -69,11 +71,11 @@ def _place(old: torch.Tensor, fresh: torch.Tensor, key: str, narrow: MPRNetConfi
     if old.shape == fresh.shape and key not in _CONCATENATED_INPUTS:
         return old.clone()
     grown = fresh.clone()
-    rows = _old_indices(key, 0, old.shape[0], narrow, wide)
+    rows = torch.arange(old.shape[0])  # output channels: the old ones always come first
     if old.dim() == 1:  # biases
         grown[rows] = old
         return grown
-    cols = _old_indices(key, 1, old.shape[1], narrow, wide)
+    cols = _old_inputs(key, old.shape[1], narrow, wide)
     grown[rows] = 0  # old outputs must not read the new input channels
     grown[rows[:, None], cols[None, :]] = old
     return grown
