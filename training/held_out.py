@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .camera import CameraRanges, from_float, gaussian_filter, jpeg, to_float, with_settings
+from .camera import GAMMA, CameraRanges, from_float, gaussian_filter, jpeg, to_float, with_settings
 from .degradations import (
     RainRanges,
     add_noise,
@@ -145,8 +145,8 @@ def drawn_rain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     near = gaussian_filter(_drawn_streaks(shape, rng, int(shape[0] * shape[1] * rng.uniform(1e-4, 5e-4)),
                                           (3.0, 6.0), (30.0, 80.0), wind), float(rng.uniform(1.5, 3.0)))
     light = far * rng.uniform(0.15, 0.5) + near * rng.uniform(0.1, 0.3)
-    linear = clean ** 2.2 + light[..., None] * np.array([0.9, 0.95, 1.0], np.float32)
-    rainy = np.clip(linear, 0.0, 1.0) ** (1 / 2.2)
+    linear = clean ** GAMMA + light[..., None] * np.array([0.9, 0.95, 1.0], np.float32)
+    rainy = np.clip(linear, 0.0, 1.0) ** (1 / GAMMA)
     return from_float(jpeg(rainy, int(rng.integers(80, 96))), image)
 
 
@@ -290,7 +290,7 @@ def camera_roll(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     pivot = (width / 2 + rng.uniform(-0.2, 0.2) * width, height / 2 + rng.uniform(-0.2, 0.2) * height)
     # Mirrored margins wide enough that no rotated corner brings in empty canvas.
     margin = int(np.ceil(np.hypot(height, width) * np.deg2rad(sweep) / 2)) + 2
-    linear = np.pad(clean ** 2.2, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
+    linear = np.pad(clean ** GAMMA, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
     centre = (pivot[0] + margin, pivot[1] + margin)
     planes = [Image.fromarray(np.ascontiguousarray(linear[..., channel])) for channel in range(3)]
     exposure = np.zeros_like(linear)
@@ -298,6 +298,6 @@ def camera_roll(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for angle in angles:
         for channel, plane in enumerate(planes):
             exposure[..., channel] += np.asarray(plane.rotate(float(angle), Image.BILINEAR, center=centre))
-    blurred = (exposure[margin:margin + height, margin:margin + width] / len(angles)) ** (1 / 2.2)
+    blurred = (exposure[margin:margin + height, margin:margin + width] / len(angles)) ** (1 / GAMMA)
     blurred = blurred + np.float32(rng.uniform(1.0, 3.0) / 255.0) * rng.standard_normal(blurred.shape, np.float32)
     return from_float(jpeg(np.clip(blurred, 0.0, 1.0), int(rng.integers(70, 91))), image)
