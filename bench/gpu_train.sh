@@ -11,7 +11,14 @@
 #
 # The three trainers share the GPU: the bundled network is small (n_feat 16), so one trainer
 # leaves most of an H100 idle between its kernel launches. Deblurring, the task furthest from its
-# goal, gets the largest batch and most patch workers (its degradations cost the most CPU).
+# goal, gets the largest batch and most patch workers (its degradations cost the most CPU). Its
+# batch is 96, up from the 32 of every GPU run so far: alone on an H200 those ran 7.5 steps/s with
+# the GPU 28-47 % busy, held back most likely by the step's own overhead, not by the patches. One
+# training step is about 20,000 aten calls, nested ones counted (50-67 ms of CPU even on 32 px patches, sixteenth
+# session, torch profiler), while one patch process degrades a batch of 32 in 0.17-0.29 s, so 12
+# make five times what the trainer took. At 28-47 % busy, three times the batch should about fill
+# the GPU, for two to three times the pixels per second. Not yet timed on a GPU: the trainer's log
+# and gpu_util.csv will say.
 # TASKS="deblurring" trains only the tasks named (one alone gets the GPU to itself: deblurring ran
 # 9.4 steps/s alone against 6.8 sharing); WORKERS overrides each trainer's patch processes (16
 # cores: 12 suit a trainer alone). MINUTES is the training budget of each (default 7); INIT_DIR
@@ -63,7 +70,7 @@ train() {  # task seed batch lr workers
 trainers=()
 for task in ${TASKS:-deblurring deraining denoising}; do
   case $task in
-    deblurring) train deblurring 21 32 "${LR:-1e-3}" "${WORKERS:-8}" ;;
+    deblurring) train deblurring 21 96 "${LR:-1e-3}" "${WORKERS:-8}" ;;
     deraining) train deraining 22 16 "${LR:-1e-3}" "${WORKERS:-3}" ;;
     denoising) train denoising 23 16 "${LR:-5e-4}" "${WORKERS:-4}" ;;
     *) echo "unknown task $task"; exit 2 ;;
