@@ -115,6 +115,22 @@ async def eventually(check: Callable[[], Awaitable[T]], what: str, timeout: floa
     return result
 
 
+async def until(condition: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll ``condition`` on the event loop; the timeout only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.005)
+
+
+async def finished(awaitable: Awaitable[T], what: str, timeout: float = 30.0) -> T:
+    """The result of ``awaitable``; the timeout is a guard far above any wait these tests allow for."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        raise AssertionError(f"{what} did not finish within {timeout:g} s") from None
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -11,6 +11,8 @@ import pytest
 
 from service.batching import Batcher, DeadlineExceeded, QueueClosed, QueueFull, TooManyTiles
 
+from service_helpers import finished, until
+
 pytestmark = pytest.mark.timeout(120)  # hangs fail; a slow shared CI machine does not
 
 
@@ -48,22 +50,6 @@ async def hold_worker(batcher: Batcher, forward: RecordingForward, task: str = "
     blocker = asyncio.create_task(batcher.submit(task, tiles_of(-1.0)))
     assert await asyncio.to_thread(forward.entered.wait, 30), "the held tile never reached the forward pass"
     return blocker
-
-
-async def until(condition, timeout: float = 30.0) -> None:
-    """Poll ``condition`` on the event loop; the timeout only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.005)
-
-
-async def finished(awaitable, what: str, timeout: float = 30.0):
-    """The result of ``awaitable``; the timeout is a guard far above any wait these tests allow for."""
-    try:
-        return await asyncio.wait_for(awaitable, timeout)
-    except TimeoutError:
-        pytest.fail(f"{what} did not finish within {timeout:g} s")
 
 
 def make_batcher(forward_by_task, **overrides) -> Batcher:

@@ -20,7 +20,7 @@ from service.config import Settings
 from service.engine import Engine, resolve_devices
 from service.tiling import Tiling
 
-from service_helpers import decode_png, encode, metric_value, random_image, running_server
+from service_helpers import decode_png, encode, finished, metric_value, random_image, running_server, until
 
 pytestmark = pytest.mark.timeout(300)  # hangs fail; a slow shared CI machine does not
 
@@ -69,22 +69,6 @@ def two_worker_batcher(first: Worker, second: Worker, **overrides) -> Batcher:
     options = dict(max_batch_size=2, max_wait_s=0.05, max_queued_tiles=32)
     options.update(overrides)
     return Batcher(workers={"a": {"denoising": first}, "b": {"denoising": second}}, **options)
-
-
-async def until(condition, timeout: float = 30.0) -> None:
-    """Poll ``condition`` on the event loop; the timeout only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.005)
-
-
-async def finished(awaitable, what: str, timeout: float = 30.0):
-    """The result of ``awaitable``; the timeout is a guard far above any wait these tests allow for."""
-    try:
-        return await asyncio.wait_for(awaitable, timeout)
-    except TimeoutError:
-        pytest.fail(f"{what} did not finish within {timeout:g} s")
 
 
 # -- the queue with plain functions ---------------------------------------------------------------
