@@ -26,6 +26,14 @@ CONFORMANCE = SHARED / "conformance"
 KODAK = SHARED / "datasets" / "eval" / "Kodak24"
 
 
+@pytest.fixture
+def install_dir(tmp_path, monkeypatch) -> Path:
+    """Where ``python -m service weights install`` puts files in this test: a fresh folder."""
+    target = tmp_path / "installed"
+    monkeypatch.setenv("MPRNET_WEIGHTS_DIR", str(target))
+    return target
+
+
 @pytest.fixture(scope="session")
 def conformance_dir() -> Path:
     if not CONFORMANCE.is_dir():

@@ -92,13 +92,6 @@ def host(checkpoint):
     server.server_close()
 
 
-@pytest.fixture
-def install_dir(tmp_path, monkeypatch) -> Path:
-    target = tmp_path / "installed"
-    monkeypatch.setenv("MPRNET_WEIGHTS_DIR", str(target))
-    return target
-
-
 def _nothing_installed(folder: Path) -> None:
     # No weights, no partial download, no manifest entry.
     leftovers = sorted(path.name for path in folder.iterdir()) if folder.exists() else []

@@ -116,13 +116,6 @@ def drive(monkeypatch, released_deraining, tiny_mprnet, not_mprnet):
     server.server_close()
 
 
-@pytest.fixture
-def install_dir(tmp_path, monkeypatch) -> Path:
-    target = tmp_path / "installed"
-    monkeypatch.setenv("MPRNET_WEIGHTS_DIR", str(target))
-    return target
-
-
 def _leftovers(folder: Path) -> list[str]:
     # The installer's manifest.json is checked in test_installer.py; here, weights and partials.
     return sorted(p.name for p in folder.iterdir() if p.name != "manifest.json") if folder.exists() else []
