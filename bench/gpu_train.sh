@@ -14,9 +14,9 @@
 # goal, gets the largest batch and most patch workers (its degradations cost the most CPU). Its
 # batch is 96, up from the 32 of every GPU run so far: alone on an H200 those ran 7.5 steps/s with
 # the GPU 28-47 % busy, held back most likely by the step's own overhead, not by the patches. One
-# training step is about 20,000 aten calls, nested ones counted (50-67 ms of CPU even on 32 px patches, sixteenth
-# session, torch profiler), while one patch process degrades a batch of 32 in 0.17-0.29 s, so 12
-# make five times what the trainer took. At 28-47 % busy, three times the batch should about fill
+# training step is about 20,000 aten calls, nested ones counted (50-67 ms of CPU even on 32 px
+# patches; sixteenth session, torch profiler), while one patch process degrades a batch of 32 in
+# 0.17-0.29 s, so 12 make five times what the trainer took. At 28-47 % busy, three times the batch should about fill
 # the GPU, for two to three times the pixels per second. Not yet timed on a GPU: the trainer's log
 # and gpu_util.csv will say.
 # TASKS="deblurring" trains only the tasks named (one alone gets the GPU to itself: deblurring ran
