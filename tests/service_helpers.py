@@ -116,11 +116,11 @@ async def eventually(check: Callable[[], Awaitable[T]], what: str, timeout: floa
 
 
 async def until(condition: Callable[[], object], timeout: float = 30.0) -> None:
-    """Poll ``condition`` on the event loop; the timeout only turns a hang into a failure."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.005)
+    """``eventually`` for a plain function ``condition``, polled every 5 ms on the event loop."""
+    async def check() -> object:
+        return condition()
+
+    await eventually(check, "a condition", timeout, interval=0.005)
 
 
 async def finished(awaitable: Awaitable[T], what: str, timeout: float = 30.0) -> T:
