@@ -16,9 +16,9 @@
 # the GPU 28-47 % busy, held back most likely by the step's own overhead, not by the patches. One
 # training step is about 20,000 aten calls, nested ones counted (50-67 ms of CPU even on 32 px
 # patches; sixteenth session, torch profiler), while one patch process degrades a batch of 32 in
-# 0.17-0.29 s, so 12 make five times what the trainer took. At 28-47 % busy, three times the batch should about fill
-# the GPU, for two to three times the pixels per second. Not yet timed on a GPU: the trainer's log
-# and gpu_util.csv will say.
+# 0.17-0.29 s, so 12 make five times what the trainer took. At 28-47 % busy, three times the batch
+# should about fill the GPU, for two to three times the pixels per second. Not yet timed on a GPU:
+# the trainer's log and gpu_util.csv will say.
 # TASKS="deblurring" trains only the tasks named (one alone gets the GPU to itself: deblurring ran
 # 9.4 steps/s alone against 6.8 sharing); WORKERS overrides each trainer's patch processes (16
 # cores: 12 suit a trainer alone). MINUTES is the training budget of each (default 7); INIT_DIR

@@ -647,8 +647,8 @@ SHARP_SHARE = 0.1
 
 def blurred_or_sharp(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The broad deblurring training mixture: :data:`SHARP_SHARE` of the photos untouched, the
-    others through :func:`mixed_blur` (which the evaluation scores on its own, untouched photos
-    apart)."""
+    others through :func:`mixed_blur`. The share lives here, not in ``mixed_blur``, because the
+    evaluation's broad-blur row scores ``mixed_blur`` and must blur every photo."""
     if rng.random() < SHARP_SHARE:
         return image.copy()
     return mixed_blur(image, rng)
