@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -312,16 +314,29 @@ def test_a_blunt_streak_keeps_its_brightness_to_its_ends():
     assert blunt[ends].min() > 0.9 and tapered[ends].max() < blunt[ends].min()
 
 
-@pytest.mark.parametrize("task", ["denoising", "deblurring"])
+@pytest.mark.parametrize("task", ["denoising", "deblurring", "deraining"])
 def test_the_training_mixture_passes_some_photos_through_untouched(task):
-    # Clean in, clean out: a denoiser shown only noisy patches smoothed noiseless photos too, and
-    # a deblurrer shown only blurred ones sharpened sharp photos.
+    # Clean in, clean out: a denoiser shown only noisy patches smoothed noiseless photos too, a
+    # deblurrer shown only blurred ones sharpened sharp photos, and a derainer shown only rain
+    # took window frames for streaks.
     photo = _photo(48, 48)
     untouched = [np.array_equal(deg.degrade(task, photo, np.random.default_rng(seed)), photo) for seed in range(500)]
     assert 0.05 < np.mean(untouched) < 0.14
 
 
-def test_the_evaluated_blur_mixture_always_blurs():
-    # The card's "broad blur mixture" row scores mixed_blur itself: no photo may pass untouched.
+@pytest.mark.parametrize("evaluated", [deg.mixed_blur, deg.mixed_rain])
+def test_the_evaluated_broad_mixtures_always_damage(evaluated):
+    # The card's broad-blur and broad-rain rows score these themselves: no photo may pass untouched.
+    # (Sparse rain can miss a 48 px square altogether, so the photo is larger.)
+    photo = _photo(96, 96)
+    assert not any(np.array_equal(evaluated(photo, np.random.default_rng(seed)), photo) for seed in range(200))
+
+
+@pytest.mark.parametrize("mixture", sorted(deg.MIXTURES))
+def test_every_training_mixture_reaches_the_patch_workers(mixture):
+    # `--workers` hands the sampler, degradation included, to other processes; a closure would not
+    # survive the trip where they are started by pickling (spawn, forkserver).
     photo = _photo(48, 48)
-    assert not any(np.array_equal(deg.mixed_blur(photo, np.random.default_rng(seed)), photo) for seed in range(200))
+    for task, degradation in deg.MIXTURES[mixture].items():
+        arrived = pickle.loads(pickle.dumps(degradation))
+        assert np.array_equal(arrived(photo, np.random.default_rng(3)), degradation(photo, np.random.default_rng(3))), task
