@@ -27,8 +27,7 @@ from .randomized_rain import randomized_rain
 __all__ = ["add_noise", "blur", "add_rain", "random_blur_kernel", "shake_kernel", "motion_kernel",
            "disc_kernel", "gaussian_kernel", "acceleration_kernel", "stroke_kernel", "arc_kernel",
            "blur_then_record", "mixed_blur", "SometimesUntouched", "SHARP_SHARE", "DRY_SHARE",
-           "RainRanges",
-           "RAIN_TRAINING", "saturating_rain", "smeared_rain",
+           "RainRanges", "RAIN_TRAINING", "saturating_rain", "smeared_rain",
            "misty_rain", "FAINT_RAIN", "faint_rain", "SCENE_RAIN", "scene_lit_rain",
            "mixed_rain", "STRONG_GRAIN", "DENOISING_CAMERA_RANGES",
            "mixed_noise", "luma", "partly_shared_noise", "clumped_grain", "CLUMP_SHAPES", "convolve",
@@ -628,6 +627,8 @@ def mixed_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     tone curve, resizing and JPEG: correlated grain): 60 % of that with its training ranges, 40 %
     with :data:`STRONG_GRAIN`, the strong and spread end of the same ranges."""
 
+    # The clean share is not a SometimesUntouched: here one draw picks both clean and family, and
+    # a separate draw would change the patch stream the bundled denoiser was trained on.
     choice = rng.random()
     if choice < CLEAN_SHARE:
         return image.copy()
