@@ -694,9 +694,10 @@ SHARP_SHARE = 0.1
 # A derainer shown only rain took thin bright vertical structure for streaks (kodim08's window
 # frames, 25.9 dB from themselves). 2,050 steps with this share lifted them to 30.2 dB and every
 # clean photo by 5.8 dB, and cost the slanted streaks, which no training draw is as steep as,
-# 1.2 dB, likely because a network taught that some inputs need nothing removed leaves more of
-# what it does not recognise; the shipped derainer is averaged with its predecessor for that
-# (MODEL_CARD.md, Training, eighteenth session).
+# 1.2 dB: taught that some inputs need nothing removed, the network leaves more of the rain it does
+# not recognise. 392 steps without the share gave back half of that and lifted every held-out
+# renderer by 0.2-0.4 dB, at clean photos' cost (MODEL_CARD.md, Training, eighteenth and
+# nineteenth sessions); a smaller share is untried.
 DRY_SHARE = 0.1
 
 
