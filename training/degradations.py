@@ -696,7 +696,7 @@ SHARP_SHARE = 0.1
 # clean photo by 5.8 dB, and cost the slanted streaks, which no training draw is as steep as,
 # 1.2 dB: taught that some inputs need nothing removed, the network leaves more of the rain it does
 # not recognise. 392 steps without the share gave back half of that and lifted every held-out
-# renderer by 0.2-0.4 dB, at clean photos' cost (MODEL_CARD.md, Training, eighteenth and
+# renderer by 0.17-0.35 dB, at clean photos' cost (MODEL_CARD.md, Training, eighteenth and
 # nineteenth sessions); a smaller share is untried.
 DRY_SHARE = 0.1
 
