@@ -28,10 +28,10 @@
 # starts out computing what they compute (training/widen.py), and fine-tunes it: the channels-last
 # CPU engine has room for it under the 2 s budget (models/MODEL_CARD.md, Architecture).
 # MIXTURE picks the degradations (training.train --mixture): "broad" by default, issue 16's
-# realistic families (camera-pipeline noise, saturating/smeared/misty rain, more blur trajectories
-# with noise and JPEG) mixed with the classic ones, and some patches of each task left untouched
-# (8-10 %, so that clean photos come back unchanged); "classic" is what the weights were first
-# trained on; "randomized" is broad with randomized rain for deraining (every streak trait drawn on
+# realistic families (camera-pipeline noise, saturating/smeared/misty rain, some of it saved as
+# JPEG, more blur trajectories with noise and JPEG) mixed with the classic ones, and some patches
+# of each task left untouched (8-10 %, so that clean photos come back unchanged); "classic" is what
+# the weights were first trained on; "randomized" is broad with randomized rain for deraining (every streak trait drawn on
 # its own; tried on the CPU in the thirteenth session, untried at GPU scale). The camera pipeline
 # costs more CPU per patch than white noise: give denoising more WORKERS than before (4 suit it
 # when it shares the GPU).
