@@ -31,8 +31,9 @@
 # realistic families (camera-pipeline noise, saturating/smeared/misty rain, some of it saved as
 # JPEG, more blur trajectories with noise and JPEG) mixed with the classic ones, and some patches
 # of each task left untouched (8-10 %, so that clean photos come back unchanged); "classic" is what
-# the weights were first trained on; "randomized" is broad with randomized rain for deraining (every streak trait drawn on
-# its own; tried on the CPU in the thirteenth session, untried at GPU scale). The camera pipeline
+# the weights were first trained on; "randomized" is broad with randomized rain for deraining
+# (every streak trait drawn on its own; tried on the CPU in the thirteenth session, untried at GPU
+# scale). The camera pipeline
 # costs more CPU per patch than white noise: give denoising more WORKERS than before (4 suit it
 # when it shares the GPU).
 # Files written: log.txt, gpu_util.csv, {task}/last.pt, {task}/train.log (a call brings back 8 files at most:
