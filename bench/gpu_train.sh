@@ -33,9 +33,8 @@
 # of each task left untouched (8-10 %, so that clean photos come back unchanged); "classic" is what
 # the weights were first trained on; "randomized" is broad with randomized rain for deraining
 # (every streak trait drawn on its own; tried on the CPU in the thirteenth session, untried at GPU
-# scale). The camera pipeline
-# costs more CPU per patch than white noise: give denoising more WORKERS than before (4 suit it
-# when it shares the GPU).
+# scale). The camera pipeline costs more CPU per patch than white noise: give denoising more
+# WORKERS than before (4 suit it when it shares the GPU).
 # Files written: log.txt, gpu_util.csv, {task}/last.pt, {task}/train.log (a call brings back 8 files at most:
 # after bench/gpu.sh's 4 in the same call, one task fits). The forward benchmark is bench/gpu.sh's.
 set -u
