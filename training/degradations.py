@@ -363,6 +363,13 @@ def arc_kernel(rng: np.random.Generator, size: int = MAX_KERNEL, length: float |
     return _normalised(_splat(np.clip(points, 0, size - 1.001), size))
 
 
+def _drawn_jpeg_quality(rng: np.random.Generator, chance: float, quality: tuple[float, float]) -> int | None:
+    """With ``chance``, a JPEG quality uniform in ``quality``; otherwise None (no JPEG)."""
+    if rng.random() >= chance:
+        return None
+    return int(round(rng.uniform(*quality)))
+
+
 def blur_then_record(image: np.ndarray, rng: np.random.Generator, kernel: np.ndarray,
                      noise_sigma: tuple[float, float] = (0.0, 3.0), jpeg_chance: float = 0.4,
                      jpeg_quality: tuple[float, float] = (50.0, 95.0)) -> np.ndarray:
@@ -376,8 +383,9 @@ def blur_then_record(image: np.ndarray, rng: np.random.Generator, kernel: np.nda
     sigma = float(rng.uniform(*noise_sigma))
     blurred += np.float32(sigma / 255.0) * rng.standard_normal(blurred.shape, dtype=np.float32)
     blurred = np.clip(blurred, 0.0, 1.0)
-    if rng.random() < jpeg_chance:
-        blurred = jpeg(blurred, int(round(rng.uniform(*jpeg_quality))))
+    quality = _drawn_jpeg_quality(rng, jpeg_chance, jpeg_quality)
+    if quality is not None:
+        blurred = jpeg(blurred, quality)
     return _from_float(blurred, image)
 
 
@@ -674,9 +682,10 @@ class ThenSavedAsJpeg:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         damaged = self.degradation(image, rng)
-        if rng.random() >= self.chance:
+        quality = _drawn_jpeg_quality(rng, self.chance, self.quality)
+        if quality is None:
             return damaged
-        return _from_float(jpeg(_to_float(damaged), int(round(rng.uniform(*self.quality)))), image)
+        return _from_float(jpeg(_to_float(damaged), quality), image)
 
 
 # Rain training drew no JPEG until the nineteenth session. Of the four held-out renderers that end
