@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from models import MPRNetConfig, load_checkpoint, load_model
-from training.train import EdgeLoss, MPRNetLoss, PatchSampler, main, patch_batches
+from training.train import (SPECTRAL_WEIGHT, EdgeLoss, MPRNetLoss, PatchSampler, charbonnier, main, patch_batches,
+                            spectral_distance)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-feat", "8", "--scale-unetfeats", "4", "--scale-orsnetfeats", "4", "--num-cab", "1"]
@@ -129,6 +130,8 @@ def test_training_with_patch_workers_learns_and_resumes(photos, tmp_path):
     assert main(_args("deblurring", photos, out, "--iters", "30", "--workers", "2", "--resume")) == 0
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert state["iteration"] == 30 and state["meta"]["workers"] == 2
+    assert state["meta"]["spectral_weight"] == SPECTRAL_WEIGHT["deblurring"] > 0
+    assert f"spectral_weight={SPECTRAL_WEIGHT['deblurring']}" in (out / "train.log").read_text()
     assert _fixed_batch_loss(out / "last.pt", photos, "deblurring") < start_loss
 
 
@@ -268,6 +271,21 @@ def test_edge_loss_ignores_flat_images_and_sees_edges():
     assert edge(step, flat) > edge(flat + 0.4, flat) + 0.01
 
 
+def test_spectral_distance_weighs_lost_detail_above_a_shift_of_equal_pixel_error():
+    """Why deblurring trains with it: a blurred copy and a brightened copy that the pixel loss
+    scores alike differ in the spectrum, where the lost detail spreads over most coefficients."""
+    texture = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    box = torch.full((3, 1, 5, 5), 1 / 25)
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(texture, (2, 2, 2, 2), mode="reflect"), box, groups=3)
+    shifted = texture + charbonnier(blurred, texture)
+    assert abs(charbonnier(shifted, texture) - charbonnier(blurred, texture)) < 1e-3
+    assert spectral_distance(texture, texture) == 0
+    assert spectral_distance(blurred, texture) > 5 * spectral_distance(shifted, texture)
+    loss = MPRNetLoss(spectral_weight=1.0)
+    assert loss([blurred], texture) - MPRNetLoss()([blurred], texture) == pytest.approx(
+        spectral_distance(blurred, texture).item(), rel=1e-5)
+
+
 def test_mixture_flag_picks_the_degradations_and_is_recorded(photos, tmp_path):
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(photos[0].iterdir())]
     draws = {mixture: PatchSampler(images, "denoising", 32, np.random.default_rng(4), mixture).batch(6)
@@ -281,3 +299,4 @@ def test_mixture_flag_picks_the_degradations_and_is_recorded(photos, tmp_path):
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert state["meta"]["mixture"] == "classic"
     assert "mixture=classic" in (out / "train.log").read_text()
+    assert state["meta"]["spectral_weight"] == 0.0  # the paper's loss where nothing was measured
