@@ -16,8 +16,16 @@ import torch
 from PIL import Image
 
 from models import MPRNetConfig, load_checkpoint, load_model
-from training.train import (SPECTRAL_WEIGHT, EdgeLoss, MPRNetLoss, PatchSampler, charbonnier, main, patch_batches,
-                            spectral_distance)
+from training.train import (
+    SPECTRAL_WEIGHT,
+    EdgeLoss,
+    MPRNetLoss,
+    PatchSampler,
+    charbonnier,
+    main,
+    patch_batches,
+    spectral_distance,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-feat", "8", "--scale-unetfeats", "4", "--scale-orsnetfeats", "4", "--num-cab", "1"]
