@@ -238,6 +238,8 @@ def test_exporting_the_same_run_twice_writes_the_same_bytes(photos, tmp_path):
     from models import sha256_file
     out = tmp_path / "run"
     main(_args("deraining", photos, out, "--iters", "1"))
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert state["meta"]["spectral_weight"] == SPECTRAL_WEIGHT["deraining"] > 0
     files = [tmp_path / f"export{n}.safetensors" for n in range(3)]
     for file in files:
         main(["--out", str(out), "--export", str(file)])
