@@ -282,8 +282,9 @@ def test_edge_loss_ignores_flat_images_and_sees_edges():
 
 
 def test_spectral_distance_weighs_lost_detail_above_a_shift_of_equal_pixel_error():
-    """Why deblurring trains with it: a blurred copy and a brightened copy that the pixel loss
-    scores alike differ in the spectrum, where the lost detail spreads over most coefficients."""
+    """Why deblurring and deraining train with it: a blurred copy and a brightened copy that the
+    pixel loss scores alike differ in the spectrum, where the lost detail spreads over most
+    coefficients."""
     texture = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     box = torch.full((3, 1, 5, 5), 1 / 25)
     blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(texture, (2, 2, 2, 2), mode="reflect"), box, groups=3)
