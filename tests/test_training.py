@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from models import MPRNetConfig, load_checkpoint, load_model
+from tests.test_precision import needs_cpu_without_bf16
 from training.train import (
     SPECTRAL_WEIGHT,
     EdgeLoss,
@@ -84,7 +85,19 @@ def test_rain_patches_stay_upright_while_noise_patches_turn_sideways():
     assert 10 <= sideways["denoising"] <= 30
 
 
-@pytest.mark.parametrize("task, precision", [("denoising", []), ("deraining", []), ("denoising", ["--bf16"])])
+@needs_cpu_without_bf16
+def test_training_refuses_emulated_bf16_naming_what_is_missing_and_the_override(photos, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as refused:
+        main(_args("denoising", photos, out, "--iters", "1", "--bf16"))
+    message = str(refused.value)
+    assert "avx512_bf16" in message and "emulated" in message and "--allow-emulated-precision" in message
+    assert not (out / "last.pt").exists()
+
+
+# bf16 is asked for with the override, so the bf16 path is exercised on AVX2-only CI machines too.
+@pytest.mark.parametrize("task, precision", [("denoising", []), ("deraining", []),
+                                             ("denoising", ["--bf16", "--allow-emulated-precision"])])
 def test_training_reduces_loss_exports_and_resumes(task, precision, photos, tmp_path):
     out = tmp_path / "run"
     assert main(_args(task, photos, out, "--iters", "1", *precision)) == 0
