@@ -32,27 +32,12 @@ import numpy as np
 import torch
 
 from models import load_model, sha256_file
+from service.devices import cpu_summary
 from service.engine import Engine
 from service.openvino_runner import OpenVinoRunner, openvino_available
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = ROOT / "models" / "weights" / "denoising.safetensors"
-
-
-def cpu_summary() -> dict:
-    """The CPU's name and the vector/matrix instructions that decide OpenVINO's kernels and precisions."""
-    name, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"model": name, "cores": os.cpu_count(), "flags": {flag: flag in flags for flag in wanted}}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

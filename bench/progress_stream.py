@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.backend_bench import cpu_summary
+from service.devices import cpu_summary
 from tests.service_helpers import free_port, wait_until
 
 KODAK = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "eval" / "Kodak24"

@@ -7,12 +7,13 @@ allowed (it re-exports these functions); the server asks the same questions befo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["emulated_precision_problem", "resolve_device", "resolve_devices"]
+__all__ = ["cpu_summary", "emulated_precision_problem", "resolve_device", "resolve_devices"]
 
 
 # CPU instruction sets that run bf16 natively, as /proc/cpuinfo names them: AVX512-BF16 (Cooper
@@ -22,18 +23,42 @@ __all__ = ["emulated_precision_problem", "resolve_device", "resolve_devices"]
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert", "bf16")
 
 
-def _cpuinfo_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty elsewhere."""
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (x86 "flags", Arm "Features");
+    "unknown" and no flags where there is no such file."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
-        return set()
+        return "unknown", set()
+    fields: dict[str, str] = {}
     flags: set[str] = set()
     for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
             flags.update(value.split())
-    return flags
+        else:
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "unknown")
+    # Virtual machines often show a bare "AMD EPYC": the family and model tell a Zen 1 (23, 1), whose
+    # AVX2 runs at half width, from a Zen 4 (family 25) with AVX-512.
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name, flags
+
+
+def _cpuinfo_flags() -> set[str]:
+    return _cpuinfo()[1]
+
+
+# The instructions that decide which kernels oneDNN and OpenVINO pick, so what a CPU time depends on.
+_SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_summary() -> dict:
+    """The CPU's name, core count and which of the speed-deciding instructions it has: what a
+    measured CPU time should be quoted with."""
+    name, flags = _cpuinfo()
+    return {"model": name, "cores": os.cpu_count(), "flags": {flag: flag in flags for flag in _SPEED_FLAGS}}
 
 
 def _cpu_bf16_problem(device: torch.device) -> str | None:

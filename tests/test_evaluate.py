@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from models import MPRNetConfig, save_safetensors
+from service.devices import cpu_summary
 from training import evaluate, held_out
-from training.card import markers
+from training.card import markers, replace_section
 
 TINY = MPRNetConfig(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)
 
@@ -90,6 +91,27 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
     # --write-card replaces only the marked section of the card.
     evaluate.write_card("new table", card)
     assert card.read_text() == f"before\n{start}\nnew table\n{end}\nafter\n"
+
+
+def test_architecture_table_times_each_candidate_on_both_cpu_backends_and_names_the_cpu(tmp_path, monkeypatch,
+                                                                                       capsys):
+    monkeypatch.setattr(evaluate, "ARCHITECTURES", (dataclasses.asdict(TINY),))
+    card = tmp_path / "CARD.md"
+    start, end = markers("arch-table")
+    card.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
+    monkeypatch.setattr(evaluate, "replace_section", lambda name, text: replace_section(name, text, card))
+    assert evaluate.main(["--architectures", "--threads", "1", "--write-card"]) == 0
+    printed = capsys.readouterr().out.strip()
+    caption, blank, header, rule, row = printed.splitlines()
+    # A CPU time means little without the CPU: its name and the instructions that set the kernels.
+    assert cpu_summary()["model"] in caption and "flags avx2" in caption and "1 threads" in caption
+    assert "OpenVINO s / 512x512 (CPU default)" in header and "PyTorch s / 512x512" in header
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:4] == ["8", "4", "4", "1"]
+    assert cells[4] == f"{sum(p.numel() for p in TINY.build().parameters()):,}"
+    openvino_seconds, torch_seconds = float(cells[5]), float(cells[6])
+    assert 0 < openvino_seconds < 30 and 0 < torch_seconds < 30
+    assert card.read_text() == f"before\n{start}\n{printed}\n{end}\nafter\n"
 
 
 def test_denoising_rows_report_residual_noise_and_the_clean_photo(photos, tiny_weights, tmp_path, capsys,

@@ -19,9 +19,11 @@ import argparse
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +35,9 @@ from PIL import Image, ImageFilter
 
 from models import MPRNetConfig, load_checkpoint
 from models.weights import TASKS, bundled_path
+from service.devices import cpu_summary
 from service.engine import Engine
+from service.openvino_runner import OpenVinoRunner, openvino_available
 from service.tiling import Tiling
 
 from .camera import camera_noise, estimate_noise_sigma
@@ -276,19 +280,56 @@ ARCHITECTURES = (
     dict(n_feat=24, scale_unetfeats=12, scale_orsnetfeats=4, num_cab=2),
     dict(n_feat=20, scale_unetfeats=12, scale_orsnetfeats=8, num_cab=3),
     dict(n_feat=32, scale_unetfeats=16, scale_orsnetfeats=8, num_cab=2),
+    # Wider only in the U-Net's lower levels, which run on a quarter of the pixels or fewer: the
+    # capacity that costs least where the slowest CPUs have no room for a wider full-resolution
+    # path (twenty-third session: an AVX2-only Zen 1 VM).
+    dict(n_feat=16, scale_unetfeats=16, scale_orsnetfeats=4, num_cab=2),
+    dict(n_feat=16, scale_unetfeats=20, scale_orsnetfeats=4, num_cab=2),
 )
 
 
-def architecture_table() -> str:
-    """Parameters and CPU time per 512x512 of each candidate configuration (random weights)."""
-    lines = ["| n_feat | scale_unetfeats | scale_orsnetfeats | num_cab | parameters | CPU s / 512x512 |",
-             "|---|---|---|---|---|---|"]
+def _architecture_seconds(keywords: dict, backend: str, threads: int) -> float:
+    """Seconds per 512x512 of a seeded random network of this configuration on one CPU backend.
+
+    Run in a process of its own: two runtimes' thread pools in one process slow each other down,
+    and each configuration's allocator and kernel caches would colour the next one's time.
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = MPRNetConfig(**keywords).build()
+    if backend == "openvino":
+        digest = "architecture-" + "-".join(str(keywords[name]) for name in sorted(keywords))
+        runner = OpenVinoRunner(model, weights_sha256=digest, tile_size=512, threads=threads)
+    else:
+        runner = Engine(model, device="cpu", tile_size=0)
+    return time_per_512(runner)
+
+
+def architecture_table(threads: int = 2) -> str:
+    """Parameters and seconds per 512x512 of each candidate configuration (random weights) on the
+    service's CPU backends: OpenVINO, the default where it is installed, and PyTorch."""
+    unavailable = openvino_available()
+    backends = ("torch",) if unavailable else ("openvino", "torch")
+    cpu = cpu_summary()
+    flags = ", ".join(flag for flag, present in cpu["flags"].items() if present) or "none of the usual"
+    lines = [f"Timed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu['model']} ({cpu['cores']} cores; "
+             f"flags {flags}; load average {os.getloadavg()[0]:.1f} before), {threads} threads, random weights, "
+             "one 512x512 image untiled, median of 3 after a warm-up, each in a fresh process"
+             + (f"; OpenVINO not timed: {unavailable}" if unavailable else "") + ".",
+             "",
+             "| n_feat | scale_unetfeats | scale_orsnetfeats | num_cab | parameters "
+             "| OpenVINO s / 512x512 (CPU default) | PyTorch s / 512x512 |",
+             "|---|---|---|---|---|---|---|"]
+    spawn = multiprocessing.get_context("spawn")
     for keywords in ARCHITECTURES:
-        torch.manual_seed(0)
-        engine = Engine(MPRNetConfig(**keywords).build(), device="cpu", tile_size=0)
-        seconds = time_per_512(engine)
+        seconds = {}
+        for backend in backends:
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as process:
+                seconds[backend] = process.submit(_architecture_seconds, keywords, backend, threads).result()
+        parameters = sum(p.numel() for p in MPRNetConfig(**keywords).build().parameters())
+        openvino_cell = f"{seconds['openvino']:.2f}" if "openvino" in seconds else "-"
         lines.append(f"| {keywords['n_feat']} | {keywords['scale_unetfeats']} | {keywords['scale_orsnetfeats']} | "
-                     f"{keywords['num_cab']} | {engine.parameter_count:,} | {seconds:.2f} |")
+                     f"{keywords['num_cab']} | {parameters:,} | {openvino_cell} | {seconds['torch']:.2f} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
@@ -667,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help=f"ignore and do not update {RESULTS_CACHE.name}")
     parser.add_argument("--cbm3d-only", action="store_true", help="only fill the CBM3D cache")
     parser.add_argument("--architectures", action="store_true",
-                        help="only time the candidate configurations (random weights) and print their table")
+                        help="only time the candidate configurations (random weights) on each CPU backend and "
+                             "print their table (with --write-card, into the card's Architecture section)")
     parser.add_argument("--json", type=Path, help="also write all per-image numbers here")
     parser.add_argument("--write-card", action="store_true", help=f"replace the table in {CARD.name}")
     args = parser.parse_args(argv)
@@ -677,7 +719,10 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     if args.architectures:
-        print(architecture_table())
+        text = architecture_table(args.threads)
+        print(text)
+        if args.write_card:
+            replace_section("arch-table", text)
         return 0
     images = load_kodak(args.data, args.limit)
     if args.cbm3d_only:
