@@ -448,8 +448,8 @@ def train(args) -> Path:
     device = _device(args.device)
     emulated = emulated_precision_problem("bf16", device) if args.bf16 else None
     if emulated and not args.allow_emulated_precision:
-        # A 128 px batch of 32 took 30 s a step in fp32 and 180 s in bf16 on an AVX2-only Zen 1
-        # (twenty-third session): a run that silently does a sixth of its steps.
+        # One thread of an AVX2-only Zen 1 took 52 s for a step on 8 patches of 128 px in bf16 and
+        # 7.5-8.4 s in fp32 (twenty-third session): a run that silently does a sixth of its steps.
         raise SystemExit(f"--bf16: {emulated}; train in fp32 (leave out --bf16), or give "
                          "--allow-emulated-precision to run it anyway")
     torch.manual_seed(args.seed)
