@@ -312,8 +312,8 @@ def architecture_table(threads: int = 2) -> str:
     backends = ("torch",) if unavailable else ("openvino", "torch")
     cpu = cpu_summary()
     flags = ", ".join(flag for flag, present in cpu["flags"].items() if present) or "none of the usual"
-    lines = [f"Timed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu['model']} ({cpu['cores']} cores; "
-             f"flags {flags}; load average {os.getloadavg()[0]:.1f} before), {threads} threads, random weights, "
+    lines = [f"Timed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu['model']}, {cpu['cores']} cores "
+             f"with {flags} (load average {os.getloadavg()[0]:.1f} before); {threads} threads, random weights, "
              "one 512x512 image untiled, median of 3 after a warm-up, each in a fresh process"
              + (f"; OpenVINO not timed: {unavailable}" if unavailable else "") + ".",
              "",
