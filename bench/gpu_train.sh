@@ -23,10 +23,14 @@
 # 9.4 steps/s alone against 6.8 sharing); WORKERS overrides each trainer's patch processes (16
 # cores: 12 suit a trainer alone). MINUTES is the training budget of each (default 7); INIT_DIR
 # holds the starting TASK.safetensors (default models/weights; carry it if it is ignored); LR sets
-# the peak learning rate of every trainer named. ARCH="20 12 8 3" (n_feat, scale_unetfeats,
-# scale_orsnetfeats, num_cab) grows the starting weights into that wider, deeper network, which
-# starts out computing what they compute (training/widen.py), and fine-tunes it: the channels-last
-# CPU engine has room for it under the 2 s budget (models/MODEL_CARD.md, Architecture).
+# the peak learning rate of every trainer named. ARCH="16 16 4 2" (n_feat, scale_unetfeats,
+# scale_orsnetfeats, num_cab) grows the starting weights into that wider network, which starts out
+# computing what they compute (training/widen.py), and fine-tunes it. That one widens only the
+# U-Net's lower levels, the one growth measured under the 2 s per 512x512 budget on the slowest CPU
+# this project has met (an AVX2-only Zen 1: 1.77 s with OpenVINO against 1.72 s for the bundled
+# width; 20/12/8/3 took 3.28 s there). Wider growths fit only faster CPUs (models/MODEL_CARD.md,
+# Architecture). Trainers run bf16 autocast; TRAIN_PRECISION="" trains in fp32 instead, where the
+# device has no bf16 instructions (a GPU before Ampere, an AVX2-only CPU), which the trainer refuses.
 # MIXTURE picks the degradations (training.train --mixture): "broad" by default, issue 16's
 # realistic families (camera-pipeline noise, saturating/smeared/misty rain, some of it saved as
 # JPEG, more blur trajectories with noise and JPEG) mixed with the classic ones, and some patches
@@ -64,7 +68,7 @@ train() {  # task seed batch lr workers
   mkdir -p "$OUT/$1"
   # shellcheck disable=SC2046  # start_from's flags are meant to split
   $PY -m training.train --task "$1" --mixture "${MIXTURE:-broad}" --data "$DATA" --out "$OUT/$1" $(start_from "$1") \
-    --seed "$2" --batch "$3" --lr "$4" --workers "$5" --patch 128 --minutes "$MINUTES" --bf16 --threads 2 \
+    --seed "$2" --batch "$3" --lr "$4" --workers "$5" --patch 128 --minutes "$MINUTES" ${TRAIN_PRECISION---bf16} --threads 2 \
     --warmup 200 --val-minutes 1.5 --save-minutes 1 --log-every 200 > /dev/null &
   trainers+=($!)
 }
