@@ -183,3 +183,17 @@ def test_the_reference_demo_pipeline_within_one_grey_level(conformance_dir):
     output = np.rint(restored.transpose(1, 2, 0) * 255).astype(np.uint8)
     difference = np.abs(output.astype(int) - demo["output_uint8"])
     assert difference.max() <= 1
+
+
+def test_converting_reports_nothing_to_openvinos_telemetry(monkeypatch, tmp_path):
+    # openvino.convert_model reports each call to Intel's telemetry (Google Analytics) unless the
+    # user has opted out: a service that converted at start-up phoned home, forking 17 processes.
+    telemetry = pytest.importorskip("openvino_telemetry")
+    reported = []
+    for method in ("send_event", "start_session", "end_session", "send_error"):
+        if hasattr(telemetry.Telemetry, method):
+            monkeypatch.setattr(telemetry.Telemetry, method,
+                                lambda self, *args, _method=method, **kwargs: reported.append((_method, args)))
+    runner = OpenVinoRunner(_tiny_model(3), weights_sha256="c" * 64, tile_size=TILE, threads=1, cache_dir=tmp_path)
+    assert not runner.converted_from_cache
+    assert reported == []
