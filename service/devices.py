@@ -46,10 +46,6 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return name, flags
 
 
-def _cpuinfo_flags() -> set[str]:
-    return _cpuinfo()[1]
-
-
 # The instructions that decide which kernels oneDNN and OpenVINO pick, so what a CPU time depends on.
 _SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -68,7 +64,7 @@ def _cpu_bf16_problem(device: torch.device) -> str | None:
         check = getattr(torch.cpu, probe, None)
         if check is not None and check():
             native.add(flag)
-    native |= _cpuinfo_flags() & set(_CPU_BF16_FLAGS)
+    native |= _cpuinfo()[1] & set(_CPU_BF16_FLAGS)
     if native:
         return None
     return (f"this CPU has no bf16 instructions ({', '.join(_CPU_BF16_FLAGS)} are all missing), so bf16 would be "

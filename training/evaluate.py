@@ -288,8 +288,9 @@ ARCHITECTURES = (
 )
 
 
-def _architecture_seconds(keywords: dict, backend: str, threads: int) -> float:
-    """Seconds per 512x512 of a seeded random network of this configuration on one CPU backend.
+def _architecture_seconds(keywords: dict, backend: str, threads: int) -> tuple[float, int]:
+    """Seconds per 512x512 of a seeded random network of this configuration on one CPU backend,
+    and its parameter count.
 
     Run in a process of its own: two runtimes' thread pools in one process slow each other down,
     and each configuration's allocator and kernel caches would colour the next one's time.
@@ -302,7 +303,7 @@ def _architecture_seconds(keywords: dict, backend: str, threads: int) -> float:
         runner = OpenVinoRunner(model, weights_sha256=digest, tile_size=512, threads=threads)
     else:
         runner = Engine(model, device="cpu", tile_size=0)
-    return time_per_512(runner)
+    return time_per_512(runner), runner.parameter_count
 
 
 def architecture_table(threads: int = 2) -> str:
@@ -325,8 +326,8 @@ def architecture_table(threads: int = 2) -> str:
         seconds = {}
         for backend in backends:
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as process:
-                seconds[backend] = process.submit(_architecture_seconds, keywords, backend, threads).result()
-        parameters = sum(p.numel() for p in MPRNetConfig(**keywords).build().parameters())
+                seconds[backend], parameters = process.submit(_architecture_seconds, keywords, backend,
+                                                              threads).result()
         openvino_cell = f"{seconds['openvino']:.2f}" if "openvino" in seconds else "-"
         lines.append(f"| {keywords['n_feat']} | {keywords['scale_unetfeats']} | {keywords['scale_orsnetfeats']} | "
                      f"{keywords['num_cab']} | {parameters:,} | {openvino_cell} | {seconds['torch']:.2f} |")
