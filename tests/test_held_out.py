@@ -94,3 +94,24 @@ def test_camera_roll_brings_in_no_empty_canvas():
     for seed in range(4):
         rolled = held_out.camera_roll(grey, np.random.default_rng(seed)).astype(float)
         assert abs(rolled.mean() - 128) < 1 and rolled[:4].mean() > 120 and rolled[-4:, -4:].mean() > 120
+
+
+def test_camera_zoom_blurs_the_corners_and_spares_the_middle():
+    # As for the roll: the zoom's centre is within 15 % of the frame's, the corners far from it.
+    blocks = np.random.default_rng(1).integers(0, 256, (200, 200, 1), dtype=np.uint8)
+    texture = blocks.repeat(2, axis=0).repeat(2, axis=1).repeat(3, axis=2)
+    for seed in range(6):
+        zoomed = held_out.camera_zoom(texture, np.random.default_rng(seed))
+        middle = _detail_kept(texture[180:220, 180:220], zoomed[180:220, 180:220])
+        corners = [_detail_kept(texture[rows, cols], zoomed[rows, cols])
+                   for rows in (slice(0, 40), slice(360, 400)) for cols in (slice(0, 40), slice(360, 400))]
+        assert middle > max(corners) + 0.15, (seed, middle, corners)
+
+
+
+def test_camera_zoom_brings_in_no_empty_canvas():
+    # The frames shrunk below 1 reach past the photo's edge; the mirrored margin must fill them.
+    grey = np.full((160, 240, 3), 128, np.uint8)
+    for seed in range(4):
+        zoomed = held_out.camera_zoom(grey, np.random.default_rng(seed)).astype(float)
+        assert abs(zoomed.mean() - 128) < 1 and zoomed[:3].mean() > 124 and zoomed[:, -3:].mean() > 124

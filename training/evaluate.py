@@ -63,6 +63,7 @@ from .held_out import (
     HIGH_ISO,
     banded_noise,
     camera_roll,
+    camera_zoom,
     coloured_noise,
     drawn_rain,
     film_grain,
@@ -202,6 +203,10 @@ SETTINGS = (
     Setting("camera_roll", "deblurring", "camera roll: 1-3 degrees about a point near the centre (blur from none "
             "there to 6-26 px at the farthest corner) + noise + JPEG 70-90", camera_roll, UNSHARP,
             seen="held out: spatially varying"),
+    # Twenty-fifth session: blur along the radius from a point, none there; the roll's is across it.
+    Setting("camera_zoom", "deblurring", "camera zoom: the frame grows 1.5-4 % about a point near the centre "
+            "(radial blur from none there to 5-18 px at the farthest corner) + noise + JPEG 70-90", camera_zoom,
+            UNSHARP, seen="held out: spatially varying"),
 )
 
 
