@@ -211,7 +211,8 @@ def test_noise_estimate_reads_white_noise_and_understates_coarse_grain():
 
 @pytest.mark.parametrize("family", [deg.saturating_rain, deg.smeared_rain, deg.misty_rain, deg.faint_rain,
                                     deg.scene_lit_rain, deg.mixed_rain,
-                                    deg.mixed_blur, deg.mixed_noise, deg.clumped_grain])
+                                    deg.mixed_blur, deg.linear_light_blur, deg.varying_blur, deg.broad_blur,
+                                    deg.mixed_noise, deg.clumped_grain])
 def test_new_families_are_seeded_keep_dtype_and_degrade(family):
     photo = _photo()
     first = family(photo, np.random.default_rng(11))
@@ -281,6 +282,59 @@ def test_blur_then_record_with_a_delta_kernel_and_no_noise_or_jpeg_is_the_photo(
     delta[2, 2] = 1
     same = deg.blur_then_record(photo, np.random.default_rng(0), delta, noise_sigma=(0, 0), jpeg_chance=0.0)
     assert np.array_equal(same, photo)
+
+
+def test_blur_in_linear_light_spreads_a_bright_edge_further_into_the_dark():
+    edge = np.full((64, 64, 3), 25, np.uint8)
+    edge[:, 32:] = 230
+    box = np.zeros((9, 9), np.float32)
+    box[4, :] = 1 / 9
+    dark_side = (slice(8, -8), slice(28, 32))
+    for seed in range(4):
+        in_light = deg.linear_light_blur(edge, np.random.default_rng(seed), kernel=box)
+        in_values = deg.blur_then_record(edge, np.random.default_rng(seed), box)
+        assert in_light[dark_side].mean() > in_values[dark_side].mean() + 25
+        # Far from the edge both leave the flat sides as they were, give or take noise and JPEG.
+        assert abs(in_light[:, :20].astype(float).mean() - 25) < 2
+        assert abs(in_light[:, 44:].astype(float).mean() - 230) < 2
+
+
+def _blockwise_psnr_spread(degraded: np.ndarray, photo: np.ndarray, blocks: int = 4) -> float:
+    side = photo.shape[0] // blocks
+    values = [_psnr(degraded[y:y + side, x:x + side], photo[y:y + side, x:x + side])
+              for y in range(0, blocks * side, side) for x in range(0, blocks * side, side)]
+    return max(values) - min(values)
+
+
+def test_varying_blur_changes_across_the_frame_unlike_the_uniform_families():
+    texture = np.random.default_rng(5).integers(0, 256, (128, 128, 3)).astype(np.uint8)
+    texture = np.repeat(np.repeat(texture[::2, ::2], 2, axis=0), 2, axis=1)  # detail at every scale a kernel reaches
+    varying = [_blockwise_psnr_spread(deg.varying_blur(texture, np.random.default_rng(seed)), texture)
+               for seed in range(12)]
+    uniform = [_blockwise_psnr_spread(deg.mixed_blur(texture, np.random.default_rng(seed)), texture)
+               for seed in range(12)]
+    assert max(uniform) < 2
+    assert np.median(varying) > 3
+
+
+def test_the_deblurring_mixture_blurs_some_photos_unevenly():
+    # Trained on blur that is the same everywhere, the deblurrer barely touched held-out camera roll
+    # and zoom; a quarter of the blurred patches now change across the frame.
+    texture = np.random.default_rng(5).integers(0, 256, (128, 128, 3)).astype(np.uint8)
+    texture = np.repeat(np.repeat(texture[::2, ::2], 2, axis=0), 2, axis=1)
+    degraded = [deg.degrade("deblurring", texture, np.random.default_rng(seed)) for seed in range(60)]
+    spreads = [_blockwise_psnr_spread(image, texture) for image in degraded if not np.array_equal(image, texture)]
+    assert 0.05 < np.mean([spread > 3 for spread in spreads]) < 0.4
+
+
+def test_smooth_ramp_runs_from_zero_to_one_and_is_smooth():
+    for seed in range(12):
+        ramp = deg._smooth_ramp((96, 128), np.random.default_rng(seed))[..., 0]
+        assert ramp.shape == (96, 128) and ramp.min() >= 0 and ramp.max() <= 1
+        # The transition is at least a fifth of the frame: no neighbours more than 1/19 apart.
+        assert max(np.abs(np.diff(ramp, axis=0)).max(), np.abs(np.diff(ramp, axis=1)).max()) < 1 / 19
+    spans = [np.ptp(deg._smooth_ramp((96, 128), np.random.default_rng(seed))) for seed in range(12)]
+    assert np.median(spans) > 0.5
 
 
 def test_classic_mixture_is_what_the_earlier_weights_trained_on():
