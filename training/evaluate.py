@@ -202,11 +202,11 @@ SETTINGS = (
     # Fourteenth session: the first blur that differs across the frame.
     Setting("camera_roll", "deblurring", "camera roll: 1-3 degrees about a point near the centre (blur from none "
             "there to 6-26 px at the farthest corner) + noise + JPEG 70-90", camera_roll, UNSHARP,
-            seen="held out: spatially varying"),
+            seen="held out: family"),
     # Twenty-fifth session: blur along the radius from a point, none there; the roll's is across it.
     Setting("camera_zoom", "deblurring", "camera zoom: the frame grows 1.5-4 % about a point near the centre "
             "(radial blur from none there to 5-18 px at the farthest corner) + noise + JPEG 70-90", camera_zoom,
-            UNSHARP, seen="held out: spatially varying"),
+            UNSHARP, seen="held out: family"),
 )
 
 
