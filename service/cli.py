@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fp16 needs CUDA; bf16 needs bf16 instructions (CPUs with AVX512-BF16 or AMX, "
                               "CUDA 8.0+) unless --allow-emulated-precision (default fp32)")
     restore.add_argument("--allow-emulated-precision", action="store_true",
-                         help="run a precision the device only emulates (bf16 on an AVX2 CPU: about 9x slower) "
+                         help="run a precision the device only emulates (bf16 on an AVX2 CPU: 6x to over 80x slower) "
                               "instead of refusing")
     restore.add_argument("--batch-size", type=int, default=None, metavar="N",
                          help="tiles per forward pass (default 16 on CUDA, 1 on CPU)")

@@ -147,7 +147,7 @@ class Settings(BaseSettings):
                                         "stalls is cut within one to two of these")
     allow_emulated_precision: bool = Field(
         default=False, description="run a precision the device has no instructions for (bf16 on a CPU without "
-                                   "AVX512-BF16/AMX: about 9x slower than fp32) instead of refusing to start")
+                                   "AVX512-BF16/AMX: 6x to over 80x slower than fp32) instead of refusing to start")
     worker_stall_timeout_s: float | None = Field(
         default=None, gt=0, description="a forward pass running longer than this turns readiness off until it "
                                         "returns (default: request_timeout_s, past which its requests have all "

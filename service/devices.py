@@ -67,8 +67,10 @@ def _cpu_bf16_problem(device: torch.device) -> str | None:
     native |= _cpuinfo()[1] & set(_CPU_BF16_FLAGS)
     if native:
         return None
+    # Measured: a training step 6.5x fp32's time on a Zen 1 EPYC (AVX2 alone); a 512x512 restore
+    # 87x (118.8 s against 1.36 s) on a Zen 5 with oneDNN and ATen held to AVX2.
     return (f"this CPU has no bf16 instructions ({', '.join(_CPU_BF16_FLAGS)} are all missing), so bf16 would be "
-            f"emulated, about 9x slower than fp32")
+            f"emulated, many times slower than fp32 (6x to over 80x measured)")
 
 
 def _cuda_bf16_problem(device: torch.device) -> str | None:
