@@ -306,9 +306,13 @@ def _blockwise_psnr_spread(degraded: np.ndarray, photo: np.ndarray, blocks: int 
     return max(values) - min(values)
 
 
-def test_varying_blur_changes_across_the_frame_unlike_the_uniform_families():
+def _blocky_texture() -> np.ndarray:
     texture = np.random.default_rng(5).integers(0, 256, (128, 128, 3)).astype(np.uint8)
-    texture = np.repeat(np.repeat(texture[::2, ::2], 2, axis=0), 2, axis=1)  # detail at every scale a kernel reaches
+    return np.repeat(np.repeat(texture[::2, ::2], 2, axis=0), 2, axis=1)  # detail at every scale a kernel reaches
+
+
+def test_varying_blur_changes_across_the_frame_unlike_the_uniform_families():
+    texture = _blocky_texture()
     varying = [_blockwise_psnr_spread(deg.varying_blur(texture, np.random.default_rng(seed)), texture)
                for seed in range(12)]
     uniform = [_blockwise_psnr_spread(deg.mixed_blur(texture, np.random.default_rng(seed)), texture)
@@ -320,8 +324,7 @@ def test_varying_blur_changes_across_the_frame_unlike_the_uniform_families():
 def test_the_deblurring_mixture_blurs_some_photos_unevenly():
     # Trained on blur that is the same everywhere, the deblurrer barely touched held-out camera roll
     # and zoom; a quarter of the blurred patches now change across the frame.
-    texture = np.random.default_rng(5).integers(0, 256, (128, 128, 3)).astype(np.uint8)
-    texture = np.repeat(np.repeat(texture[::2, ::2], 2, axis=0), 2, axis=1)
+    texture = _blocky_texture()
     degraded = [deg.degrade("deblurring", texture, np.random.default_rng(seed)) for seed in range(60)]
     spreads = [_blockwise_psnr_spread(image, texture) for image in degraded if not np.array_equal(image, texture)]
     assert 0.05 < np.mean([spread > 3 for spread in spreads]) < 0.4

@@ -378,12 +378,18 @@ def blur_then_record(image: np.ndarray, rng: np.random.Generator, kernel: np.nda
     in ``noise_sigma``) and, with ``jpeg_chance``, JPEG at a quality uniform in ``jpeg_quality``.
     JPEG's blocks and ringing on a blurred photo are what a deblurrer otherwise sharpens into
     artefacts."""
+    blurred = convolve(_to_float(image), np.asarray(kernel, np.float32))
+    return _recorded(blurred, rng, image, noise_sigma, jpeg_chance, jpeg_quality)
 
-    clean = _to_float(image)
-    blurred = convolve(clean, np.asarray(kernel, np.float32))
+
+def _recorded(blurred: np.ndarray, rng: np.random.Generator, image: np.ndarray,
+              noise_sigma: tuple[float, float] = (0.0, 3.0), jpeg_chance: float = 0.4,
+              jpeg_quality: tuple[float, float] = (50.0, 95.0)) -> np.ndarray:
+    """What the camera writes of a blurred exposure (floats in [0, 1]), in ``image``'s dtype:
+    white sensor noise, then perhaps JPEG, as :func:`blur_then_record` describes."""
     sigma = float(rng.uniform(*noise_sigma))
-    blurred += np.float32(sigma / 255.0) * rng.standard_normal(blurred.shape, dtype=np.float32)
-    blurred = np.clip(blurred, 0.0, 1.0)
+    blurred = blurred + np.float32(sigma / 255.0) * rng.standard_normal(blurred.shape, dtype=np.float32)
+    blurred = np.clip(blurred, 0.0, 1.0).astype(np.float32)
     quality = _drawn_jpeg_quality(rng, jpeg_chance, jpeg_quality)
     if quality is not None:
         blurred = jpeg(blurred, quality)
@@ -396,17 +402,6 @@ def _any_broad_kernel(rng: np.random.Generator) -> np.ndarray:
     pick = rng.random()
     return (random_blur_kernel(rng) if pick < 0.5 else
             acceleration_kernel(rng) if pick < 0.75 else stroke_kernel(rng))
-
-
-def _recorded(blurred: np.ndarray, rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """What the camera writes: sensor noise (sigma 0-3) and, 40 % of the time, JPEG 50-95."""
-    sigma = float(rng.uniform(0.0, 3.0))
-    blurred = blurred + np.float32(sigma / 255.0) * rng.standard_normal(blurred.shape, dtype=np.float32)
-    blurred = np.clip(blurred, 0.0, 1.0).astype(np.float32)
-    quality = _drawn_jpeg_quality(rng, 0.4, (50.0, 95.0))
-    if quality is not None:
-        blurred = jpeg(blurred, quality)
-    return _from_float(blurred, image)
 
 
 def _in_light(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
