@@ -3,6 +3,8 @@ evaluation's rows held out, and actually varied in the ways its docstring promis
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from training import degradations, held_out
@@ -63,17 +65,26 @@ def test_blends_brighten_or_darken_and_colours_can_come_from_the_scene():
 def test_a_third_of_the_randomized_mixture_is_randomized_rain_and_none_of_the_broad_one():
     # The broad mixture stays what the bundled derainer was trained on.
     photo = _flat(100, 48)
-    randomized = degradations.MIXTURES["randomized"]["deraining"]
     hits = {"randomized": 0, "broad": 0}
     for seed in range(300):
         rng = np.random.default_rng(seed)
         rng.random()  # the mixture's own pick
         expected = rr.randomized_rain(photo, rng)
-        hits["randomized"] += np.array_equal(randomized(photo, np.random.default_rng(seed)), expected)
+        hits["randomized"] += np.array_equal(degradations.randomized_mixed_rain(photo, np.random.default_rng(seed)),
+                                             expected)
         hits["broad"] += np.array_equal(degradations.mixed_rain(photo, np.random.default_rng(seed)), expected)
     assert 0.22 < hits["randomized"] / 300 < 0.38
     assert hits["broad"] == 0
     assert degradations.MIXTURES["randomized"]["denoising"] is degradations.MIXTURES["broad"]["denoising"]
+
+
+def test_the_randomized_and_broad_rain_mixtures_differ_in_the_rain_alone():
+    # Same dry share, same JPEG: an A/B of the two mixtures compares the rain and nothing else.
+    broad = degradations.MIXTURES["broad"]["deraining"]
+    randomized = degradations.MIXTURES["randomized"]["deraining"]
+    assert broad.degradation.degradation is degradations.mixed_rain
+    assert randomized == replace(broad, degradation=replace(broad.degradation,
+                                                            degradation=degradations.randomized_mixed_rain))
 
 
 def test_the_card_says_which_held_out_rows_randomized_rain_draws_the_traits_of():
