@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from models import MPRNetConfig, save_safetensors
 from service.devices import cpu_summary
@@ -67,7 +67,7 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
     # Each row says whether training sampled it; held-out rows say what is new.
     # The tiny weights' file records no mixture: classic, so the broad mixture's row is unseen.
     assert "| yes |" in rows[0] and "no: broad mixture" in rows[5]
-    assert "held out: family" in rows[6] and "held out: offset" in rows[7]
+    assert "held out: family" in rows[6] and "held out: JPEG < 50, offset" in rows[7]
     assert "clean photo" in rows[8] and "| identical |" in rows[8]
     assert "camera roll" in rows[9] and "held out: family" in rows[9]
     assert "camera zoom" in rows[10] and "held out: family" in rows[10]
@@ -89,6 +89,13 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
                        for r in per_image)
     classic = [line for line in printed.splitlines() if line.startswith("| ") and "unsharp mask" in line]
     assert len(classic) == len(DEBLURRING_ROWS) - 1  # every row but the clean one
+    # The off-centre row, whose blur also moves the photo, is scored after aligning too; no other is.
+    assert [key for key, per_image in results["settings"].items() if "aligned_psnr" in per_image[0]] == ["offcentre"]
+    offcentre = results["settings"]["offcentre"]
+    aligned_gain = np.mean([r["aligned_psnr"] - r["aligned_input_psnr"] for r in offcentre])
+    aligned = [line for line in printed.splitlines() if line.startswith("| acceleration trajectories up to")
+               and "unsharp mask" not in line]
+    assert len(aligned) == 1 and f"{aligned_gain:+.2f} dB |" in aligned[0]
 
     # --write-card replaces only the marked section of the card.
     evaluate.write_card("new table", card)
@@ -178,6 +185,27 @@ def test_results_are_cached_per_weights_and_previous_weights_are_shown_beside(ph
                                       f"deraining={tiny_weights}"]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Task |"))
     assert "Previous weights PSNR" in header
+
+
+def _smooth_scene(dy: float, dx: float) -> np.ndarray:
+    # A photo defined everywhere, not only on the pixel grid, so it can be moved by a fraction of a pixel exactly.
+    y, x = np.mgrid[:96, :112].astype(np.float64)
+    y, x = y - dy, x - dx
+    planes = [np.sin(0.55 * x + 0.4 * c) * np.cos(0.45 * y - 0.3 * c) + 0.5 * np.sin(0.05 * (x + 2 * y) + c)
+              for c in range(3)]
+    return np.clip(np.round(128 + 60 * np.stack(planes, axis=-1)), 0, 255).astype(np.uint8)
+
+
+def test_aligned_psnr_forgives_a_translation_and_nothing_else():
+    clean = _smooth_scene(0.0, 0.0)
+    moved = _smooth_scene(1.25, -0.625)
+    assert evaluate.psnr(moved, clean) < 25
+    assert evaluate.aligned_psnr(moved, clean) > 40  # the grid holds the exact shift: only rounding is left
+    assert evaluate.aligned_psnr(_smooth_scene(2.375, 0.5), clean) > 40
+    blurred = np.asarray(Image.fromarray(clean).filter(ImageFilter.GaussianBlur(2)))
+    assert evaluate.aligned_psnr(blurred, clean) < 35  # blur is not a translation
+    assert evaluate.aligned_psnr(blurred, clean) == pytest.approx(
+        evaluate.psnr(blurred[16:-16, 16:-16], clean[16:-16, 16:-16]), abs=0.3)
 
 
 def test_noise_estimate_sees_white_noise_not_a_flat_photo():
