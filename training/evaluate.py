@@ -254,10 +254,10 @@ def aligned_psnr(image: np.ndarray, clean: np.ndarray) -> float:
         moved = _translated(spectrum, padded.shape[:2], dy, dx)[2 * b:-2 * b, 2 * b:-2 * b]
         return psnr(np.clip(np.round(moved), 0, 255), target)
 
-    best, y0, x0 = max((score(dy, dx), dy, dx) for dy in range(-ALIGN_REACH, ALIGN_REACH + 1)
-                       for dx in range(-ALIGN_REACH, ALIGN_REACH + 1))
-    fine = np.arange(-0.5, 0.5001, 0.125)
-    return max(max(score(y0 + dy, x0 + dx) for dy in fine for dx in fine), best)
+    _, y0, x0 = max((score(dy, dx), dy, dx) for dy in range(-ALIGN_REACH, ALIGN_REACH + 1)
+                    for dx in range(-ALIGN_REACH, ALIGN_REACH + 1))
+    fine = np.arange(-0.5, 0.5001, 0.125)  # holds 0: the whole-pixel best is among these
+    return max(score(y0 + dy, x0 + dx) for dy in fine for dx in fine)
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
