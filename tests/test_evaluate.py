@@ -187,6 +187,17 @@ def test_results_are_cached_per_weights_and_previous_weights_are_shown_beside(ph
     assert "Previous weights PSNR" in header
 
 
+def test_off_centre_rows_cached_before_the_aligned_scores_are_measured_again(photos, tiny_weights):
+    images = evaluate.load_kodak(photos)
+    cache = {}
+    evaluate.evaluate_task("deblurring", tiny_weights, images, print, cache, only={"offcentre"}, timed=False)
+    for row in cache.values():
+        del row["aligned_psnr"], row["aligned_input_psnr"]
+    result = evaluate.evaluate_task("deblurring", tiny_weights, images, print, cache, only={"offcentre"},
+                                    timed=False)
+    assert all("aligned_psnr" in row and "aligned_input_psnr" in row for row in result["settings"]["offcentre"])
+
+
 def _smooth_scene(dy: float, dx: float) -> np.ndarray:
     # A photo defined everywhere, not only on the pixel grid, so it can be moved by a fraction of a pixel exactly.
     y, x = np.mgrid[:96, :112].astype(np.float64)
