@@ -22,8 +22,14 @@ import torch
 
 from .mprnet import MPRNet
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "MPRNetConfig", "infer_config", "load_checkpoint", "load_model",
+__all__ = ["ATTENTION_PATCH_NOTE", "attention_patch", "read_notes",
+           "CheckpointError", "LoadedCheckpoint", "MPRNetConfig", "infer_config", "load_checkpoint", "load_model",
            "load_state_dict", "save_safetensors", "sha256_file", "RELEASED_CONFIGS"]
+
+
+# The note (safetensors metadata key, training-checkpoint meta key) naming the crop size whose
+# regions the channel attention pools over: MPRNet.pool_attention_locally.
+ATTENTION_PATCH_NOTE = "attention_patch"
 
 
 class CheckpointError(ValueError):
@@ -69,9 +75,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _read_file(path: Path) -> tuple[Mapping, str]:
-    """The file's content and the sha256 of the very bytes it was parsed from, so the digest
-    describes the weights loaded even if the file is replaced meanwhile."""
+def _read_file(path: Path) -> tuple[Mapping, str, dict[str, str]]:
+    """The file's content, the sha256 of the very bytes it was parsed from (so the digest
+    describes the weights loaded even if the file is replaced meanwhile) and its notes: what it
+    says about the weights beside the tensors (a safetensors header's metadata, or the ``meta`` of
+    this project's training checkpoints)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -79,12 +87,16 @@ def _read_file(path: Path) -> tuple[Mapping, str]:
         from safetensors.torch import load
         try:
             data = path.read_bytes()
-            return load(data), hashlib.sha256(data).hexdigest()
+            tensors = load(data)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        # The library has parsed this header already, so it is well-formed JSON.
+        length = struct.unpack("<Q", data[:8])[0]
+        notes = json.loads(data[8:8 + length]).get("__metadata__") or {}
+        return tensors, hashlib.sha256(data).hexdigest(), dict(notes)
     try:
         data = path.read_bytes()
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), hashlib.sha256(data).hexdigest()
+        content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any pickle that names code; say so rather than show the traceback.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -93,10 +105,17 @@ def _read_file(path: Path) -> tuple[Mapping, str]:
             f"to load: {first_line})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    meta = content.get("meta") if isinstance(content, Mapping) else None
+    notes = {str(k): str(v) for k, v in meta.items() if v is not None} if isinstance(meta, Mapping) else {}
+    return content, hashlib.sha256(data).hexdigest(), notes
 
 
 def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    content, digest = _read_file(path)
+    content, digest, _ = _read_file(path)
+    return _tensors(path, content), digest
+
+
+def _tensors(path: Path, content) -> dict[str, torch.Tensor]:
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path}: expected a mapping of tensors, found {type(content).__name__}")
     for wrapper_key in ("state_dict", "model", "params"):
@@ -117,7 +136,23 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         state[name] = value
     if not state:
         raise CheckpointError(f"{path}: the checkpoint holds no tensors")
-    return state, digest
+    return state
+
+
+def read_notes(path: str | os.PathLike) -> dict[str, str]:
+    """What a checkpoint file says about its weights beside the tensors (see ``_read_file``)."""
+    return _read_file(Path(path))[2]
+
+
+def attention_patch(notes: Mapping[str, str]) -> int | None:
+    """The crop size whose regions the weights' channel attention pools over
+    (:meth:`MPRNet.pool_attention_locally`); None: the whole input, as the paper's."""
+    value = notes.get(ATTENTION_PATCH_NOTE)
+    if value in (None, "", "None"):
+        return None
+    if not str(value).isdigit() or int(value) <= 0 or int(value) % 8:
+        raise CheckpointError(f"{ATTENTION_PATCH_NOTE} must be a positive multiple of 8, got {value!r}")
+    return int(value)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -196,7 +231,9 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     """
     path = Path(path)
     try:
-        state, digest = _read_state(path)
+        content, digest, notes = _read_file(path)
+        state = _tensors(path, content)
+        patch = attention_patch(notes)
         config = infer_config(state)
         with torch.device("meta"):
             skeleton = config.build()
@@ -206,6 +243,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     model = config.build()
     model.load_state_dict(state)
+    model.pool_attention_locally(patch)
     return LoadedCheckpoint(model.eval().requires_grad_(False), config, digest, path)
 
 

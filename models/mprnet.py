@@ -18,9 +18,10 @@ Height and width must be multiples of 8: the quadrants are down-sampled twice.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MPRNet"]
+__all__ = ["MPRNet", "LOCAL_SHARE", "grid_window_means", "spread"]
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = False) -> nn.Conv2d:
@@ -28,8 +29,48 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = Fal
     return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 
 
+# How much of a locally pooling attention's gate comes from its window rather than its whole input.
+# Half and half, not tuned: with windows alone the bundled deblurrer (trained on whole 128 px crops)
+# gained most on blur that changes across the frame but lost up to 0.4 dB on blur that does not,
+# where a whole 500 px photo estimates one blur better than any window. Half and half, on the card's
+# 8 photos: camera roll +0.48 dB, zoom +0.24, uniform blur -0.20 dB at worst (MODEL_CARD.md, Training,
+# twenty-eighth session; not shipped).
+LOCAL_SHARE = 0.5
+
+
+def grid_window_means(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, int]:
+    """Means of ``x`` over windows of about ``rows`` x ``cols`` (cut off at its borders), on a grid
+    of square cells an eighth of the window's shorter side: returns the grid of means and the
+    cell's side, so :func:`spread` can bring whatever is computed from them back to full size. A
+    window's mean barely changes over an eighth of its width, and the grid keeps its cost, and
+    that of anything computed from it, a small fraction of the convolutions around it.
+
+    Only fixed-size pooling, no branch on the input's size, so one traced graph (ONNX, OpenVINO)
+    serves every size. Summed in fp32: bf16 and fp16 lose the digits a mean over a window needs.
+    """
+    cell = max(1, min(rows, cols) // 8)
+    cells = F.avg_pool2d(x.float(), cell, ceil_mode=True) if cell > 1 else x.float()
+    # Odd, so each window is centred on its cell.
+    kernel = (2 * (rows // cell // 2) + 1, 2 * (cols // cell // 2) + 1)
+    means = F.avg_pool2d(cells, kernel, stride=1, padding=(kernel[0] // 2, kernel[1] // 2), count_include_pad=False)
+    return means.to(x.dtype), cell
+
+
+def spread(grid: torch.Tensor, cell: int, height: int, width: int) -> torch.Tensor:
+    """A grid of :func:`grid_window_means` back to ``height`` x ``width``, bilinearly."""
+    if cell == 1:
+        return grid
+    return F.interpolate(grid, scale_factor=cell, mode="bilinear", align_corners=False)[..., :height, :width]
+
+
 class ChannelAttention(nn.Module):
     """Squeeze-and-excitation: rescale each channel by a gate computed from global pooling.
+
+    The paper pools the whole input. A network trained on crops and run on whole photos then
+    computes its gates from far larger regions than it learnt them on, and one gate for all of a
+    photo whose degradation changes across the frame. ``window`` (rows, cols), set by
+    :meth:`MPRNet.pool_attention_locally`, mixes in a mean over that region around each position
+    (:data:`LOCAL_SHARE`, :func:`grid_window_means`).
 
     Args:
         channels (int): feature channels.
@@ -46,9 +87,17 @@ class ChannelAttention(nn.Module):
             nn.Conv2d(channels // reduction, channels, 1, bias=bias),
             nn.Sigmoid(),
         )
+        self.window: tuple[int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.conv_du(self.pool(x))
+        whole = self.pool(x)
+        if self.window is None:
+            return x * self.conv_du(whole)
+        # The gate is computed on the grid and spread: the bottleneck at every pixel would cost as
+        # much as the block's convolutions, for a gate that changes as slowly as the windows' means.
+        means, cell = grid_window_means(x, *self.window)
+        gate = self.conv_du(LOCAL_SHARE * means + (1 - LOCAL_SHARE) * whole)
+        return x * spread(gate, cell, x.shape[-2], x.shape[-1])
 
 
 class CAB(nn.Module):
@@ -297,6 +346,40 @@ class MPRNet(nn.Module):
         self.concat12 = conv(n_feat * 2, n_feat, kernel_size, bias)
         self.concat23 = conv(n_feat * 2, n_feat + scale_orsnetfeats, kernel_size, bias)
         self.tail = conv(n_feat + scale_orsnetfeats, out_c, kernel_size, bias)
+        self.attention_patch: int | None = None  # see pool_attention_locally
+
+    def pool_attention_locally(self, patch: int | None) -> None:
+        """Make every channel attention pool over a region the size of what it pooled whole when the
+        network ran on ``patch`` x ``patch`` crops (for stage 1's deepest level, a quadrant down-
+        sampled twice: ``patch // 8`` square), mixed with its whole input; None: the whole input
+        only, as the paper.
+
+        Stored on the network, not in its weights: checkpoints record it beside the tensors
+        (``models.checkpoint``), since weights trained with one pooling expect it at run time.
+        """
+        if patch is not None and (patch <= 0 or patch % 8):
+            raise ValueError(f"the attention patch must be a positive multiple of 8, got {patch}")
+        layers = [module for module in self.modules() if isinstance(module, ChannelAttention)]
+        for layer in layers:
+            layer.window = None
+        self.attention_patch = patch
+        if patch is None:
+            return
+        # Each layer's region follows from the stages' cuts and down-sampling; running a crop
+        # through the network reads it off rather than restating that arithmetic here.
+        seen: dict[ChannelAttention, tuple[int, int]] = {}
+        hooks = [layer.register_forward_pre_hook(
+            lambda layer, inputs: seen.setdefault(layer, tuple(inputs[0].shape[-2:])) and None) for layer in layers]
+        parameter = next(self.parameters())
+        try:
+            with torch.no_grad():
+                self(torch.zeros(1, self.shallow_feat1[0].in_channels, patch, patch,
+                                 device=parameter.device, dtype=parameter.dtype))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for layer in layers:
+            layer.window = seen[layer]
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         height, width = image.shape[-2:]

@@ -122,6 +122,8 @@ def _conversion_key(model: torch.nn.Module) -> str:
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         # contiguous(): the same bytes whether the module arrives channels-last or not.
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    # How its channel attention pools is part of the graph, not of the weights.
+    digest.update(f"attention_patch={getattr(model, 'attention_patch', None)}".encode())
     # The network's code: a fix in models/mprnet.py changes the graph while the weights stay the same.
     sources = {inspect.getsourcefile(type(module)) for module in model.modules()}
     sources.add(inspect.getsourcefile(_RestoredImage))

@@ -188,3 +188,94 @@ def test_other_networks_are_not_taken_for_mprnet(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_model(tmp_path / "absent.pth")
+
+
+# --- channel attention pooled over windows (MPRNet.pool_attention_locally) ---
+
+def _brute_window_mean(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The mean over a rows x cols window centred on each position (both odd), cut off at the borders."""
+    height, width = x.shape[-2:]
+    out = torch.empty_like(x)
+    for i in range(height):
+        for j in range(width):
+            window = x[..., max(i - rows // 2, 0):i + rows // 2 + 1, max(j - cols // 2, 0):j + cols // 2 + 1]
+            out[..., i, j] = window.mean((-2, -1))
+    return out
+
+
+def test_small_windows_are_exact_centred_means_cut_off_at_the_borders():
+    from models.mprnet import grid_window_means
+    x = torch.rand(2, 3, 13, 21)
+    means, cell = grid_window_means(x, 5, 6)
+    assert cell == 1
+    torch.testing.assert_close(means, _brute_window_mean(x, 5, 7), rtol=0, atol=1e-6)  # 6 made odd
+
+
+def test_large_windows_are_means_on_a_grid_spread_smoothly():
+    from models.mprnet import grid_window_means, spread
+    x = torch.rand(1, 2, 100, 120)
+    x[..., :, :60] *= 0.2  # a dark half: the windows' means change by 0.4 across the middle
+    means, cell = grid_window_means(x, 48, 64)
+    assert cell == 6 and means.shape[-2:] == (17, 20)  # 100 and 120 px in 6 px cells, the last partial
+    spread_means = spread(means, cell, 100, 120)
+    assert spread_means.shape[-2:] == (100, 120)
+    exact = _brute_window_mean(x, 54, 66)  # 9 and 11 cells of 6 px
+    assert (spread_means - exact).abs().max() < 0.04
+    flat = torch.full((1, 1, 50, 70), 0.25)
+    torch.testing.assert_close(spread(*grid_window_means(flat, 32, 32), 50, 70), flat)
+
+
+def test_running_sums_are_taken_in_fp32_whatever_the_input():
+    from models.mprnet import grid_window_means
+    x = torch.rand(1, 4, 256, 256) + 1.0  # bf16 running sums would round to steps of 512 and more
+    means, _ = grid_window_means(x.bfloat16(), 8, 8)
+    exact, _ = grid_window_means(x, 8, 8)
+    assert means.dtype == torch.bfloat16
+    assert (means.float() - exact).abs().max() < 0.02
+
+
+def test_local_pooling_changes_what_differs_across_the_frame_and_can_be_undone():
+    torch.manual_seed(0)
+    model = MPRNet(**SMALL_CONFIGS[0].as_kwargs()).eval()
+    image = torch.rand(1, 3, 64, 48)
+    image[..., :, :24] *= 0.1  # a dark side and a bright one: windows there see different means
+    with torch.no_grad():
+        paper = model(image)[0]
+        model.pool_attention_locally(32)
+        assert model.attention_patch == 32
+        local = model(image)[0]
+        model.pool_attention_locally(None)
+        assert model.attention_patch is None
+        torch.testing.assert_close(model(image)[0], paper, rtol=0, atol=0)
+    assert (local - paper).abs().max() > 1e-4
+
+
+def test_each_attention_pools_the_region_the_patch_gave_it():
+    from models.mprnet import ChannelAttention
+    model = MPRNet(**SMALL_CONFIGS[0].as_kwargs())
+    model.pool_attention_locally(64)
+    windows = {name: layer.window for name, layer in model.named_modules() if isinstance(layer, ChannelAttention)}
+    assert windows["shallow_feat1.1.CA"] == (32, 32)                     # stage 1: a quadrant
+    assert windows["stage1_encoder.encoder_level3.0.CA"] == (8, 8)       # ... down-sampled twice
+    assert windows["stage1_decoder.decoder_level1.0.CA"] == (32, 64)     # quadrants joined in halves
+    assert windows["shallow_feat2.1.CA"] == (32, 64)                     # stage 2: a half
+    assert windows["shallow_feat3.1.CA"] == (64, 64)                     # stage 3: all of it
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model.pool_attention_locally(60)
+
+
+@pytest.mark.parametrize("value", ["128", None])
+def test_checkpoints_carry_how_their_attention_pools(tmp_path, value):
+    model = MPRNet(**SMALL_CONFIGS[0].as_kwargs())
+    path = tmp_path / "weights.safetensors"
+    save_safetensors(model, path, metadata={"attention_patch": value} if value else None)
+    loaded = load_checkpoint(path).model
+    assert loaded.attention_patch == (int(value) if value else None)
+    assert (loaded.shallow_feat3[1].CA.window is not None) == bool(value)
+
+
+def test_a_checkpoint_naming_an_impossible_pooling_is_refused(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_safetensors(MPRNet(**SMALL_CONFIGS[0].as_kwargs()), path, metadata={"attention_patch": "100"})
+    with pytest.raises(CheckpointError, match="attention_patch must be a positive multiple of 8"):
+        load_checkpoint(path)

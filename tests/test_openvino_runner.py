@@ -169,6 +169,25 @@ def test_a_mislabelled_digest_does_not_reuse_another_models_conversion(runner, c
     assert _psnr(replaced.forward(tiles), Engine(model_c, device="cpu", tile_size=TILE).forward(tiles)) >= 50
 
 
+def test_attention_pooled_over_windows_converts_and_is_not_the_same_weights_conversion(runner, cache_dir, tmp_path):
+    # The same tensors pooled another way are another graph: a cached conversion of model A (same
+    # digest, same weights) must not be reused, and the converted windows must match PyTorch's,
+    # on the serving tile and on odd sizes whose grid cells do not divide them.
+    shutil.copytree(cache_dir, tmp_path, dirs_exist_ok=True)
+    local = _tiny_model(7)
+    local.pool_attention_locally(32)
+    converted = OpenVinoRunner(local, weights_sha256=SHA_A, tile_size=TILE, threads=2, cache_dir=tmp_path)
+    assert not converted.converted_from_cache and converted.probe_psnr_db >= 50
+    engine = Engine(local, device="cpu", tile_size=TILE)
+    for shape in [(1, 3, TILE, TILE), (1, 3, 40, 96)]:
+        tiles = _tiles(shape, seed=14)
+        tiles[..., : shape[-1] // 2] *= 0.1  # dark and bright sides, so the windows disagree
+        assert _psnr(converted.forward(tiles), engine.forward(tiles)) >= 50
+    tiles = _tiles((1, 3, TILE, TILE), seed=14)
+    tiles[..., : TILE // 2] *= 0.1
+    assert _psnr(converted.forward(tiles), runner.forward(tiles)) < 90, "pooling over windows changed nothing"
+
+
 def test_the_reference_demo_pipeline_within_one_grey_level(conformance_dir):
     demo = np.load(conformance_dir / "deraining_random_demo_equivalent.npz")
     model = load_model(conformance_dir / "deraining_random_official_format.pth")

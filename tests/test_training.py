@@ -324,3 +324,31 @@ def test_mixture_flag_picks_the_degradations_and_is_recorded(photos, tmp_path):
     assert state["meta"]["mixture"] == "classic"
     assert "mixture=classic" in (out / "train.log").read_text()
     assert state["meta"]["spectral_weight"] == 0.0  # the paper's loss where nothing was measured
+
+
+def test_attention_pooled_over_windows_trains_exports_and_passes_on(photos, tmp_path):
+    from models import load_checkpoint
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    # Windows of a 16 px crop in 32 px patches: the network learns gates that differ across a patch.
+    main(_args("deblurring", photos, first, "--iters", "2", "--attention-patch", "16"))
+    assert "attention_patch=16" in (first / "train.log").read_text()
+    main(_args("deblurring", photos, first, "--iters", "3", "--resume"))  # a resumed run keeps it
+    exported = tmp_path / "local.safetensors"
+    main(["--out", str(first), "--export", str(exported)])
+    assert load_checkpoint(exported).model.attention_patch == 16
+    assert load_checkpoint(first / "last.pt").model.attention_patch == 16
+
+    # Fine-tuning such weights keeps their pooling unless told otherwise; 0 is the paper's.
+    main(_args("deblurring", photos, second, "--iters", "1", "--init", str(exported)))
+    assert torch.load(second / "last.pt", weights_only=True)["meta"]["attention_patch"] == 16
+    main(_args("deblurring", photos, third, "--iters", "1", "--init", str(exported), "--attention-patch", "0"))
+    plain = tmp_path / "plain.safetensors"
+    main(["--out", str(third), "--export", str(plain)])
+    assert load_checkpoint(plain).model.attention_patch is None
+
+
+def test_attention_windows_as_large_as_the_patch_are_refused(photos, tmp_path):
+    with pytest.raises(SystemExit, match="only on patches larger than it"):
+        main(_args("deblurring", photos, tmp_path / "run", "--iters", "1", "--attention-patch", "32"))
+    with pytest.raises(SystemExit):
+        main(_args("deblurring", photos, tmp_path / "run", "--iters", "1", "--attention-patch", "12"))

@@ -377,10 +377,13 @@ def architecture_table(threads: int = 2) -> str:
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of the weights themselves (names, dtypes, shapes, values), not of the file: two
-    safetensors exports of one checkpoint can order their metadata differently, and the cache
-    must know them for the same network."""
+    """sha256 of the weights themselves (names, dtypes, shapes, values) and of how the network
+    pools its attention, not of the file: two safetensors exports of one checkpoint can order
+    their metadata differently, and the cache must know them for the same network."""
     digest = hashlib.sha256()
+    patch = getattr(model, "attention_patch", None)
+    if patch is not None:  # pooling is not in the weights but changes every output
+        digest.update(f"attention_patch={patch}|".encode())
     for name, tensor in sorted(model.state_dict().items()):
         array = tensor.detach().cpu().contiguous().numpy()
         digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models import MPRNet, MPRNetConfig, infer_config, load_state_dict, save_safetensors, sha256_file
+from models.checkpoint import ATTENTION_PATCH_NOTE, attention_patch, read_notes
 from service.devices import emulated_precision_problem
 from service.image_files import IMAGE_SUFFIXES
 
@@ -356,6 +357,9 @@ def export(checkpoint: str | os.PathLike, path: str | os.PathLike, half: bool = 
     metadata = {"config": json.dumps(config.as_kwargs()), "iteration": str(iterations),
                 "task": str(meta.get("task", "")), "trained_seconds": f"{seconds:.0f}",
                 "mixture": str(meta.get("mixture", "classic"))}
+    if meta.get(ATTENTION_PATCH_NOTE):
+        # The weights learnt with this pooling and need it at run time: models.checkpoint applies it.
+        metadata[ATTENTION_PATCH_NOTE] = str(meta[ATTENTION_PATCH_NOTE])
     if average_with is not None:
         other_path, share = average_with
         if not 0.0 <= share <= 1.0:
@@ -406,11 +410,7 @@ def _lineage(args, resume_state: dict | None) -> dict:
     recorded = (resume_state or {}).get("meta", {})
     if "prior_iterations" in recorded:
         return {"prior_iterations": recorded["prior_iterations"], "prior_seconds": recorded["prior_seconds"]}
-    metadata = {}
-    if args.init and str(args.init).endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(str(args.init), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+    metadata = read_notes(args.init) if args.init and str(args.init).endswith(".safetensors") else {}
     return {"prior_iterations": int(metadata.get("iteration", 0)),
             "prior_seconds": float(metadata.get("trained_seconds", 0))}
 
@@ -436,6 +436,16 @@ def build_model(args) -> tuple[MPRNet, MPRNetConfig]:
     model = config.build()
     model.load_state_dict(state)
     return model, config
+
+
+def chosen_attention_patch(args, resume_state: dict | None) -> int | None:
+    """The run's channel-attention pooling: a resumed run keeps its own; otherwise the flag (0:
+    the whole input), else what the --init weights were trained with."""
+    if resume_state is not None:
+        return attention_patch(resume_state.get("meta", {}))
+    if args.attention_patch is not None:
+        return args.attention_patch or None
+    return attention_patch(read_notes(args.init)) if args.init else None
 
 
 def train(args) -> Path:
@@ -474,6 +484,12 @@ def train(args) -> Path:
         model.load_state_dict(resume_state["model"])
     else:
         model, config = build_model(args)
+    patch = chosen_attention_patch(args, resume_state)
+    if patch is not None and patch >= args.patch:
+        # Every attention's window would hold its whole input: the paper's pooling, by another name.
+        raise SystemExit(f"--attention-patch {patch} pools locally only on patches larger than it "
+                         f"(--patch {args.patch})")
+    model.pool_attention_locally(patch)
     # Channels-last lets oneDNN/cuDNN pick their fast convolution kernels (1.3x per training
     # step on this 2-core CPU for the bundled size).
     model.to(device, memory_format=torch.channels_last).train()
@@ -496,6 +512,7 @@ def train(args) -> Path:
     spectral_weight = SPECTRAL_WEIGHT.get(args.task, 0.0)
     criterion = MPRNetLoss(spectral_weight=spectral_weight).to(device)
     meta = {"task": args.task, "mixture": args.mixture, "spectral_weight": spectral_weight, "patch": args.patch,
+            ATTENTION_PATCH_NOTE: patch,
             "batch": args.batch, "seed": args.seed, "bf16": args.bf16,
             "data": str(args.data), "device": str(device), "threads": torch.get_num_threads(), "workers": args.workers,
             **_lineage(args, resume_state)}
@@ -506,7 +523,8 @@ def train(args) -> Path:
         _log(log, f"{'resume' if resume_state else 'start'} task={args.task} mixture={args.mixture} "
                   f"config={config.as_kwargs()} "
                   f"params={params} train_images={len(sampler.images)} val_images={len(val_pairs)} "
-                  f"patch={args.patch} batch={args.batch} lr={args.lr} spectral_weight={spectral_weight} "
+                  f"patch={args.patch} attention_patch={patch} batch={args.batch} lr={args.lr} "
+                  f"spectral_weight={spectral_weight} "
                   f"device={device} bf16={args.bf16} "
                   f"threads={torch.get_num_threads()} iteration={schedule.iteration} "
                   f"elapsed={schedule.elapsed:.0f}s")
@@ -572,6 +590,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, help="iterations to train for (total, across resumes)")
     parser.add_argument("--minutes", type=float, help="training time budget (total, across resumes)")
     parser.add_argument("--patch", type=int, default=64, help="patch side; a multiple of 8")
+    parser.add_argument("--attention-patch", type=int, metavar="N",
+                        help="channel attention pools over the regions an NxN crop gives each layer, half and "
+                             "half with its whole input (MPRNet.pool_attention_locally; below --patch); 0: the "
+                             "whole input, as the paper; default: what the --init weights say, else 0")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=100, help="warm-up iterations")
@@ -605,6 +627,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--task and --data are required to train")
     if args.patch % 8:
         parser.error("--patch must be a multiple of 8 (MPRNet's stage 1 splits the patch in four)")
+    if args.attention_patch and (args.attention_patch < 0 or args.attention_patch % 8):
+        parser.error("--attention-patch must be a multiple of 8 (a crop MPRNet could run on), or 0")
     return args
 
 
