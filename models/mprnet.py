@@ -30,9 +30,10 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = Fal
 
 
 # How much of a locally pooling attention's gate comes from its window rather than its whole input.
-# Half and half, not tuned: with windows alone the bundled deblurrer (trained on whole 128 px crops)
-# gained most on blur that changes across the frame but lost up to 0.4 dB on blur that does not,
-# where a whole 500 px photo estimates one blur better than any window. Half and half, on the card's
+# Half and half, not tuned: with windows alone (exact per-pixel windows, before the grid; 4 photos)
+# the bundled deblurrer, trained on whole 128 px crops, gained most on blur that changes across the
+# frame but lost 0.39 dB on arcs, which does not, where a whole 500 px photo estimates one blur
+# better than any window. Half and half, on the card's
 # 8 photos: camera roll +0.48 dB, zoom +0.24, uniform blur -0.20 dB at worst (MODEL_CARD.md, Training,
 # twenty-eighth session; not shipped).
 LOCAL_SHARE = 0.5
@@ -46,14 +47,15 @@ def grid_window_means(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tens
     that of anything computed from it, a small fraction of the convolutions around it.
 
     Only fixed-size pooling, no branch on the input's size, so one traced graph (ONNX, OpenVINO)
-    serves every size. Summed in fp32: bf16 and fp16 lose the digits a mean over a window needs.
+    serves every size. PyTorch's average pooling sums bf16 and fp16 in fp32, so a mean over a
+    window keeps its digits in either.
     """
     cell = max(1, min(rows, cols) // 8)
-    cells = F.avg_pool2d(x.float(), cell, ceil_mode=True) if cell > 1 else x.float()
+    cells = F.avg_pool2d(x, cell, ceil_mode=True) if cell > 1 else x
     # Odd, so each window is centred on its cell.
     kernel = (2 * (rows // cell // 2) + 1, 2 * (cols // cell // 2) + 1)
     means = F.avg_pool2d(cells, kernel, stride=1, padding=(kernel[0] // 2, kernel[1] // 2), count_include_pad=False)
-    return means.to(x.dtype), cell
+    return means, cell
 
 
 def spread(grid: torch.Tensor, cell: int, height: int, width: int) -> torch.Tensor:
