@@ -90,10 +90,7 @@ def _read_file(path: Path) -> tuple[Mapping, str, dict[str, str]]:
             tensors = load(data)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-        # The library has parsed this header already, so it is well-formed JSON.
-        length = struct.unpack("<Q", data[:8])[0]
-        notes = json.loads(data[8:8 + length]).get("__metadata__") or {}
-        return tensors, hashlib.sha256(data).hexdigest(), dict(notes)
+        return tensors, hashlib.sha256(data).hexdigest(), _safetensors_notes(path, data)
     try:
         data = path.read_bytes()
         content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -139,9 +136,36 @@ def _tensors(path: Path, content) -> dict[str, torch.Tensor]:
     return state
 
 
+def _safetensors_notes(path: Path, head: bytes) -> dict[str, str]:
+    """The metadata of a safetensors header, from the file's first bytes (8 of length, then JSON)."""
+    try:
+        length = struct.unpack("<Q", head[:8])[0]
+        if len(head) < 8 + length:
+            raise ValueError(f"a header of {length} bytes runs past the end of the file")
+        header = json.loads(head[8:8 + length])
+        notes = header.get("__metadata__") or {}
+        if not isinstance(notes, dict):
+            raise ValueError("__metadata__ is not a mapping")
+    except (struct.error, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors header ({exc})") from None
+    return {str(k): str(v) for k, v in notes.items()}
+
+
 def read_notes(path: str | os.PathLike) -> dict[str, str]:
-    """What a checkpoint file says about its weights beside the tensors (see ``_read_file``)."""
-    return _read_file(Path(path))[2]
+    """What a checkpoint file says about its weights beside the tensors (see ``_read_file``); of a
+    safetensors file only the header is read, not its tensors."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return _read_file(path)[2]
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(8)
+            # Never read more than the file holds, whatever length its first bytes claim.
+            length = struct.unpack("<Q", start)[0] if len(start) == 8 else 0
+            head = start + handle.read(min(length, path.stat().st_size))
+    except (OSError, struct.error) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return _safetensors_notes(path, head)
 
 
 def attention_patch(notes: Mapping[str, str]) -> int | None:

@@ -279,3 +279,27 @@ def test_a_checkpoint_naming_an_impossible_pooling_is_refused(tmp_path):
     save_safetensors(MPRNet(**SMALL_CONFIGS[0].as_kwargs()), path, metadata={"attention_patch": "100"})
     with pytest.raises(CheckpointError, match="attention_patch must be a positive multiple of 8"):
         load_checkpoint(path)
+
+
+def test_notes_are_read_from_the_header_alone(tmp_path):
+    from models.checkpoint import read_notes
+    path = tmp_path / "weights.safetensors"
+    save_safetensors(MPRNet(**SMALL_CONFIGS[0].as_kwargs()), path, metadata={"attention_patch": "64", "task": "x"})
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    # Tensors cut off: loading the weights fails, their notes are still there to read.
+    (tmp_path / "cut.safetensors").write_bytes(data[:header_end + 10])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "cut.safetensors")
+    assert read_notes(tmp_path / "cut.safetensors") == read_notes(path) == {"attention_patch": "64", "task": "x"}
+
+
+@pytest.mark.parametrize("head", [b"", b"\x05\x00", (10**12).to_bytes(8, "little") + b"{}",
+                                  (3).to_bytes(8, "little") + b"abc", (2).to_bytes(8, "little") + b"[]"],
+                         ids=["empty", "short", "past-the-end", "not-json", "not-a-mapping"])
+def test_notes_of_a_broken_header_are_refused(tmp_path, head):
+    from models.checkpoint import read_notes
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(head)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_notes(path)
