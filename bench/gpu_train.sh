@@ -31,6 +31,11 @@
 # width; 20/12/8/3 took 3.28 s there). Wider growths fit only faster CPUs (models/MODEL_CARD.md,
 # Architecture). Trainers run bf16 autocast; TRAIN_PRECISION="" trains in fp32 instead, where the
 # device has no bf16 instructions (a GPU before Ampere, an AVX2-only CPU), which the trainer refuses.
+# PATCH sets the training crops' side (default 128); ATTENTION_PATCH=N trains channel attention
+# that pools over windows the size of what it pooled on N x N crops (training.train
+# --attention-patch; 0: the paper's whole-input pooling; unset: whatever the starting weights
+# record). The twenty-eighth session's untried recipe: PATCH=192 ATTENTION_PATCH=128, with
+# TASKS=deblurring (26 s a step on an AVX2 CPU; models/MODEL_CARD.md, Training).
 # MIXTURE picks the degradations (training.train --mixture): "broad" by default, issue 16's
 # realistic families (camera-pipeline noise, saturating/smeared/misty rain, some of it saved as
 # JPEG, more blur trajectories with noise and JPEG) mixed with the classic ones, and some patches
@@ -68,7 +73,8 @@ train() {  # task seed batch lr workers
   mkdir -p "$OUT/$1"
   # shellcheck disable=SC2046  # start_from's flags are meant to split
   $PY -m training.train --task "$1" --mixture "${MIXTURE:-broad}" --data "$DATA" --out "$OUT/$1" $(start_from "$1") \
-    --seed "$2" --batch "$3" --lr "$4" --workers "$5" --patch 128 --minutes "$MINUTES" ${TRAIN_PRECISION---bf16} --threads 2 \
+    --seed "$2" --batch "$3" --lr "$4" --workers "$5" --patch "${PATCH:-128}" ${ATTENTION_PATCH:+--attention-patch "$ATTENTION_PATCH"} \
+    --minutes "$MINUTES" ${TRAIN_PRECISION---bf16} --threads 2 \
     --warmup 200 --val-minutes 1.5 --save-minutes 1 --log-every 200 > /dev/null &
   trainers+=($!)
 }

@@ -153,8 +153,9 @@ def test_the_gpu_script_skips_what_its_budget_cannot_hold_and_still_reports_ever
 
 
 def test_the_training_script_grows_the_bundled_weights_when_given_an_architecture(tmp_path):
-    # What the next GPU session is to run (ARCH="16 16 4 2", models/MODEL_CARD.md), here on the CPU
-    # for one step: a wider network trained from scratch would throw the bundled weights away.
+    # What the next GPU session is to run (ARCH="16 16 4 2", PATCH and ATTENTION_PATCH;
+    # models/MODEL_CARD.md), here on the CPU for one step: a wider network trained from scratch
+    # would throw the bundled weights away.
     from models import MPRNetConfig, load_model
 
     data = tmp_path / "photos"
@@ -164,7 +165,8 @@ def test_the_training_script_grows_the_bundled_weights_when_given_an_architectur
         Image.fromarray(synthetic_photo((176, 176), rng)).save(data / f"{index}.png")
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "DATA": str(data), "PY": sys.executable, "TASKS": "deblurring",
-           "ARCH": "16 16 4 2", "MINUTES": "0.01", "WORKERS": "0", "TRAIN_PRECISION": ""}
+           "ARCH": "16 16 4 2", "MINUTES": "0.01", "WORKERS": "0", "TRAIN_PRECISION": "", "PATCH": "96",
+           "ATTENTION_PATCH": "64"}
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_train.sh")], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -173,8 +175,11 @@ def test_the_training_script_grows_the_bundled_weights_when_given_an_architectur
                                                          num_cab=2)
     grown = MPRNetConfig(**run["config"]).build().eval()
     grown.load_state_dict(run["model"])
+    assert (run["meta"]["patch"], run["meta"]["attention_patch"]) == (96, 64)
+    grown.pool_attention_locally(64)
     bundled = load_model(ROOT / "models" / "weights" / "deblurring.safetensors").eval()
-    x = torch.rand(1, 3, 64, 64)
+    bundled.pool_attention_locally(64)
+    x = torch.rand(1, 3, 128, 128)  # larger than the windows, or local pooling would be global
     with torch.no_grad():
         # One warm-up step (lr 1e-3 / 200) from the bundled deblurrer, not from random weights,
         # which are off by more than 1.
