@@ -143,10 +143,10 @@ def _safetensors_notes(path: Path, head: bytes) -> dict[str, str]:
         if len(head) < 8 + length:
             raise ValueError(f"a header of {length} bytes runs past the end of the file")
         header = json.loads(head[8:8 + length])
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+            raise ValueError("the header or its __metadata__ is not a mapping")
         notes = header.get("__metadata__") or {}
-        if not isinstance(notes, dict):
-            raise ValueError("__metadata__ is not a mapping")
-    except (struct.error, ValueError, AttributeError) as exc:
+    except (struct.error, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors header ({exc})") from None
     return {str(k): str(v) for k, v in notes.items()}
 
@@ -163,7 +163,7 @@ def read_notes(path: str | os.PathLike) -> dict[str, str]:
             # Never read more than the file holds, whatever length its first bytes claim.
             length = struct.unpack("<Q", start)[0] if len(start) == 8 else 0
             head = start + handle.read(min(length, path.stat().st_size))
-    except (OSError, struct.error) as exc:
+    except OSError as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     return _safetensors_notes(path, head)
 
