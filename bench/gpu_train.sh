@@ -35,7 +35,7 @@
 # that pools over windows the size of what it pooled on N x N crops (training.train
 # --attention-patch; 0: the paper's whole-input pooling; unset: whatever the starting weights
 # record). The twenty-eighth session's untried recipe: PATCH=192 ATTENTION_PATCH=128, with
-# TASKS=deblurring (26 s a step on an AVX2 CPU; models/MODEL_CARD.md, Training).
+# TASKS=deblurring (26 s a step on an AVX2 CPU; models/TRAINING_LOG.md).
 # MIXTURE picks the degradations (training.train --mixture): "broad" by default, issue 16's
 # realistic families (camera-pipeline noise, saturating/smeared/misty rain, some of it saved as
 # JPEG, more blur trajectories with noise and JPEG) mixed with the classic ones, and some patches

@@ -479,7 +479,7 @@ def broad_blur(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The broad deblurring mixture: a quarter :func:`linear_light_blur`, a quarter
     :func:`varying_blur`, half :func:`mixed_blur`. Trained on uniform blur alone, the deblurrer
     gained only 0.26-0.32 dB on held-out camera roll and zoom; 877 steps on this mixture added
-    0.22-0.33 dB there and cost uniform blur up to 0.19 dB (MODEL_CARD.md, Training, twenty-sixth
+    0.22-0.33 dB there and cost uniform blur up to 0.19 dB (models/TRAINING_LOG.md, twenty-sixth
     session)."""
     pick = rng.random()
     if pick < 0.25:
@@ -714,7 +714,7 @@ def clumped_grain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # Clean in, clean out: a denoiser shown only noisy patches also smooths photos that have no noise
-# (against a control, these patches lifted clean Kodak24 photos by 3.2 dB; MODEL_CARD.md, Training).
+# (against a control, these patches lifted clean Kodak24 photos by 3.2 dB; models/TRAINING_LOG.md, eleventh session).
 CLEAN_SHARE = 0.08
 
 
@@ -747,7 +747,7 @@ Degradation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 class SometimesUntouched:
     """``degradation`` for all but ``share`` of the photos, which pass untouched: their input is
     their own target. A network shown only damaged patches learns to change whatever it is given,
-    undamaged photos too (MODEL_CARD.md, Training). The share is drawn before the degradation's
+    undamaged photos too (models/TRAINING_LOG.md). The share is drawn before the degradation's
     own draws, so a wrapped mixture's stream stays what it was for the photos it damages. A class,
     not a closure, so that the trainer's patch workers can pickle it."""
 
@@ -797,7 +797,7 @@ SHARP_SHARE = 0.1
 # not recognise. 392 steps without the share gave back half of that and lifted every held-out
 # renderer by 0.17-0.35 dB, at clean photos' cost. Yet 2,058 steps at 3 % spared clean photos
 # more than this share did and still lost the slanted streaks: the loss follows more training on
-# rain no steeper than 48 degrees, whatever the share (MODEL_CARD.md, Training, sessions 18-20).
+# rain no steeper than 48 degrees, whatever the share (models/TRAINING_LOG.md, sessions 18-20).
 DRY_SHARE = 0.1
 
 
@@ -819,8 +819,8 @@ BROAD: dict[str, Degradation] = {
 
 # The broad mixtures with randomized rain for deraining, saved as JPEG and with dry patches as the
 # broad rain is, so that the two differ in the rain alone. Bare, at batch 8, it removed a little
-# more of the held-out rain and cost clean photos 1.1 dB (thirteenth session; MODEL_CARD.md,
-# Training); not what the bundled derainer was trained on.
+# more of the held-out rain and cost clean photos 1.1 dB (thirteenth session;
+# models/TRAINING_LOG.md); not what the bundled derainer was trained on.
 RANDOMIZED: dict[str, Degradation] = {
     **BROAD,
     "deraining": SometimesUntouched(ThenSavedAsJpeg(randomized_mixed_rain, *RAIN_JPEG), DRY_SHARE),
