@@ -143,9 +143,9 @@ def _safetensors_notes(path: Path, head: bytes) -> dict[str, str]:
         if len(head) < 8 + length:
             raise ValueError(f"a header of {length} bytes runs past the end of the file")
         header = json.loads(head[8:8 + length])
-        if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        notes = (header.get("__metadata__") or {}) if isinstance(header, dict) else None
+        if not isinstance(notes, dict):
             raise ValueError("the header or its __metadata__ is not a mapping")
-        notes = header.get("__metadata__") or {}
     except (struct.error, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors header ({exc})") from None
     return {str(k): str(v) for k, v in notes.items()}

@@ -33,8 +33,8 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = Fal
 # Half and half, not tuned: with windows alone (exact per-pixel windows, before the grid; 4 photos)
 # the bundled deblurrer, trained on whole 128 px crops, gained most on blur that changes across the
 # frame but lost 0.39 dB on arcs, which does not, where a whole 500 px photo estimates one blur
-# better than any window. Half and half, on the card's 8 photos: camera roll +0.48 dB, zoom +0.24,
-# uniform blur -0.20 dB at worst (TRAINING_LOG.md, twenty-eighth session; not shipped).
+# better than any window. Half and half, on the first 8 Kodak24 photos: camera roll +0.48 dB, zoom
+# +0.24, uniform blur -0.20 dB at worst (TRAINING_LOG.md, twenty-eighth session; not shipped).
 LOCAL_SHARE = 0.5
 
 

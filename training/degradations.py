@@ -714,7 +714,8 @@ def clumped_grain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # Clean in, clean out: a denoiser shown only noisy patches also smooths photos that have no noise
-# (against a control, these patches lifted clean Kodak24 photos by 3.2 dB; models/TRAINING_LOG.md, eleventh session).
+# (against a control, these patches lifted clean Kodak24 photos by 3.2 dB; models/TRAINING_LOG.md,
+# eleventh session).
 CLEAN_SHARE = 0.08
 
 

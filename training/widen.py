@@ -18,7 +18,8 @@ what they computed before, up to float summation order.
 
 The zeros grow only as fast as the optimiser moves them: in 2,000 CPU steps of Adam at lr 1e-4
 they reached about 2 % of the old weights' size and the grown network tracked its narrow control
-(models/TRAINING_LOG.md, fourteenth session). Grow for runs with the learning rate and steps to use the room.
+(models/TRAINING_LOG.md, fourteenth session). Grow for runs with the learning rate and steps to use
+the room.
 """
 
 from __future__ import annotations
