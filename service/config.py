@@ -89,8 +89,9 @@ class Settings(BaseSettings):
         description="on an event stream (Accept: text/event-stream), longest silence before a keep-alive comment, "
                     "so that idle proxies do not cut a queued restore")
     max_inflight_bytes: int | None = Field(
-        default=None, ge=1, description="upload bytes all requests in flight may hold together; past it, 503 "
-                                        "before the body is read (default: four uploads of max_upload_bytes)")
+        default=None, ge=1, description="upload bytes all requests in flight may hold together, counted as they "
+                                        "arrive; past it, 503, before the body is read when its declared size "
+                                        "does not fit (default: four uploads of max_upload_bytes)")
     max_inflight_pixels: int | None = Field(
         default=None, ge=1, description="image pixels all requests in flight may hold together (about 50 bytes "
                                         "each); past it, 503 (default: two images of max_pixels)")

@@ -4,6 +4,10 @@ An upload's cost is known in two steps: its declared body size before a byte is 
 count once its header is parsed. :class:`MemoryBudget` admits a request at each step only while
 the sum over requests in flight stays within its limit; past it the request gets 503 with
 Retry-After, before the expensive step, so a burst cannot decode in full before being refused.
+
+A body counts against the budget as its bytes arrive, not at its declared size: a declaration
+costs a client nothing, and four uploads that each declared the largest body and then sent a
+kilobyte a second would otherwise hold the whole budget, and every other upload out, for hours.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["MemoryBudget", "OverBudget", "release_memory_promptly", "trim_free_memory"]
+__all__ = ["MemoryBudget", "ArrivingBody", "OverBudget", "release_memory_promptly", "trim_free_memory"]
 
 # glibc's mallopt parameters.
 _M_TRIM_THRESHOLD = -1
@@ -78,9 +83,18 @@ class MemoryBudget:
         self.bytes = 0
         self.pixels = 0
 
-    def holding_bytes(self, count: int):
-        """Hold ``count`` body bytes while the ``with`` block runs; :class:`OverBudget` if no room."""
-        return self._holding("bytes", "uploads", count, self.max_bytes)
+    @contextmanager
+    def receiving(self, declared: int) -> Iterator[ArrivingBody]:
+        """A request body of ``declared`` bytes, about to arrive. :class:`OverBudget` at once if
+        the bytes the bodies in flight have received leave no room for it; otherwise the ``with``
+        block holds the body's bytes as they are :meth:`ArrivingBody.add`-ed, until it ends."""
+        if self.bytes and self.bytes + declared > self.max_bytes:
+            raise self._refusal("uploads", self.bytes, "bytes", declared, self.max_bytes)
+        body = ArrivingBody(self)
+        try:
+            yield body
+        finally:
+            self.bytes -= body.held
 
     def holding_pixels(self, count: int):
         """Hold ``count`` image pixels while the ``with`` block runs; :class:`OverBudget` if no room."""
@@ -92,10 +106,31 @@ class MemoryBudget:
         # One request always fits, however large: the byte and pixel limits of a single upload
         # are the service's other settings; the budget only stops requests piling up.
         if held and held + count > limit:
-            raise OverBudget(f"{what} in flight hold {held} {unit}; another {count} would pass the limit of "
-                             f"{limit}", self.retry_after_s)
+            raise self._refusal(what, held, unit, count, limit)
         setattr(self, unit, held + count)
         try:
             yield
         finally:
             setattr(self, unit, getattr(self, unit) - count)
+
+    def _refusal(self, what: str, held: int, unit: str, count: int, limit: int) -> OverBudget:
+        return OverBudget(f"{what} in flight hold {held} {unit}; another {count} would pass the limit of {limit}",
+                          self.retry_after_s)
+
+
+class ArrivingBody:
+    """One request body's share of a :class:`MemoryBudget`, growing as its bytes arrive."""
+
+    def __init__(self, budget: MemoryBudget):
+        self.budget = budget
+        self.held = 0
+
+    def add(self, count: int) -> None:
+        """Hold ``count`` more bytes; :class:`OverBudget` if the other bodies in flight leave no
+        room for them (a body alone in the budget always fits, as in :meth:`MemoryBudget.receiving`)."""
+        budget = self.budget
+        others = budget.bytes - self.held
+        if others and budget.bytes + count > budget.max_bytes:
+            raise budget._refusal("other uploads", others, "bytes", self.held + count, budget.max_bytes)
+        budget.bytes += count
+        self.held += count

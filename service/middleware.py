@@ -18,7 +18,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ServiceError, error_response
-from .memory import MemoryBudget, OverBudget
+from .memory import ArrivingBody, MemoryBudget, OverBudget
 from .metrics import UNKNOWN_TASK, ServiceMetrics
 
 __all__ = ["RequestAccounting", "AdmissionControl", "REQUEST_ID_HEADER", "RESTORE_PREFIX"]
@@ -89,11 +89,32 @@ class RequestAccounting:
             request_log.log(level, json.dumps(entry, separators=(",", ":")))
 
 
+def _over_capacity(exc: OverBudget) -> ServiceError:
+    return ServiceError(503, "over_capacity", f"{exc}; retry later", {"Retry-After": str(exc.retry_after_s)})
+
+
+def _counting_into(body: ArrivingBody, receive: Receive) -> Receive:
+    """``receive``, holding each chunk of the request body in the memory budget as it arrives."""
+
+    async def counted() -> Message:
+        message = await receive()
+        if message["type"] == "http.request":
+            try:
+                body.add(len(message.get("body", b"")))
+            except OverBudget as exc:
+                # An HTTPException, so the body parser passes it on and the route never runs;
+                # the bytes already spooled are freed as the parser unwinds.
+                raise _over_capacity(exc) from None
+        return message
+
+    return counted
+
+
 class AdmissionControl:
     """Refuses a restore before its body is read: unknown task (404), declared body over the
     limit (413), queue full (503), no room in the memory budget for the body (503). Nothing of a
-    refused upload is buffered. An admitted request holds its body's bytes in the budget until
-    it is answered.
+    refused upload is buffered. An admitted request holds its body's bytes in the budget as they
+    arrive, until it is answered; a chunk that would pass the budget ends the upload with 503.
 
     Args:
         app: the application behind it.
@@ -121,12 +142,11 @@ class AdmissionControl:
         refusal = self._refusal(scope["path"][len(RESTORE_PREFIX):], headers)
         if refusal is None:
             try:
-                with self.budget.holding_bytes(body_bytes):
-                    await self.app(scope, receive, send)
+                with self.budget.receiving(body_bytes) as body:
+                    await self.app(scope, _counting_into(body, receive), send)
                 return
             except OverBudget as exc:
-                refusal = ServiceError(503, "over_capacity", f"{exc}; retry later",
-                                       {"Retry-After": str(exc.retry_after_s)})
+                refusal = _over_capacity(exc)
         entry = scope.get("state", {}).get("log_entry")
         if entry is not None:
             entry["error"] = refusal.code

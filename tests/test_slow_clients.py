@@ -23,7 +23,15 @@ from service.app import create_app
 from service.config import Settings
 from service.server import uvicorn_config
 
-from service_helpers import RunningServer, decode_png, encode, multipart_body, random_image, tiny_checkpoint
+from service_helpers import (
+    RunningServer,
+    decode_png,
+    encode,
+    multipart_body,
+    random_image,
+    tiny_checkpoint,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -207,3 +215,68 @@ def test_a_slow_but_steady_upload_above_the_minimum_rate_succeeds(server):
     assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
     assert decode_png(png).size == (96, 96)
     assert_still_serving(server)
+
+
+def test_uploads_that_declare_the_largest_body_and_then_trickle_do_not_hold_other_uploads_out(server):
+    # Four uploads declaring the largest body fill the memory budget's default (four such bodies)
+    # if a declaration is what counts. Each then trickles above the rate floor, so no limit cuts it.
+    declared = server.service.settings.max_upload_bytes
+    assert server.service.budget.max_bytes == 4 * declared
+    head = upload_head(declared, "multipart/form-data; boundary=b")
+    head += b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    stop = threading.Event()
+    tricklers = [connect(server) for _ in range(4)]
+    sent = [0] * len(tricklers)
+
+    def trickle(index: int, sock: socket.socket) -> None:
+        sock.sendall(head)
+        while not stop.wait(0.1):
+            sock.sendall(b"\0" * (BODY_MIN_RATE // 5))  # twice the floor
+            sent[index] += BODY_MIN_RATE // 5
+
+    threads = [threading.Thread(target=trickle, args=pair, daemon=True) for pair in enumerate(tricklers)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(2 * BODY_WINDOW_S)  # past a rate window: the trickles are seen, and not cut
+        assert_still_serving(server)
+        held, sent_so_far = server.service.budget.bytes, sum(sent)
+        # What arrived is what is held: a few kilobytes, nowhere near the four declared bodies.
+        assert 0 < held <= sent_so_far + 4 * len(head) and sent_so_far < server.service.budget.max_bytes / 1000
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        for sock in tricklers:
+            sock.close()
+    wait_until(lambda: server.service.budget.bytes == 0, "the trickles' bytes to leave the budget", timeout=20)
+
+
+def test_an_upload_that_would_pass_the_memory_budget_as_it_arrives_gets_503_and_the_others_go_on(weights):
+    settings = Settings(tasks="denoising", weights_denoising=weights, device="cpu", tile_size=32, tile_overlap=8,
+                        max_pixels=96 * 96, log_level="warning", max_upload_bytes=50_000,
+                        max_inflight_bytes=60_000, request_body_min_rate=BODY_MIN_RATE,
+                        request_body_rate_window_s=BODY_WINDOW_S)
+    filler, filler_type = multipart_body("image", "zeros.png", b"\0" * 45_000)
+    photo, photo_type = multipart_body("image", "photo.png", encode(random_image(96, 96, seed=13)))
+    assert 20_000 < len(photo) < 50_000
+    with serving(settings) as running:
+        budget = running.service.budget
+        first, second = connect(running), connect(running)
+        with first, second:
+            first.sendall(upload_head(len(filler), filler_type) + filler[:5_000])
+            wait_until(lambda: budget.bytes >= 5_000, "the first upload's bytes in the budget", timeout=10)
+            # Admitted: what has arrived (5 KB) leaves room for its whole declared body.
+            second.sendall(upload_head(len(photo), photo_type) + photo[:20_000])
+            wait_until(lambda: budget.bytes >= 25_000, "the second upload's bytes in the budget", timeout=10)
+            first.sendall(filler[5_000:45_000])  # 45 KB of its own beside the second's 20: past 60 KB
+            refused = read_until_closed(first)
+            assert refused.startswith(b"HTTP/1.1 503 "), refused[:300]
+            assert b'"over_capacity"' in refused and b"retry-after: " in refused.lower()
+            wait_until(lambda: budget.bytes == 20_000, "only the second upload's bytes in the budget", timeout=10)
+            second.sendall(photo[20_000:])
+            answer = read_until_closed(second)
+        head, _, png = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert decode_png(png).size == (96, 96)
+        wait_until(lambda: budget.bytes == 0, "every body to leave the budget", timeout=10)
