@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.weights import DEFAULT_MAX_BYTES, TASKS
 
-from .image_files import find_images
+from .image_files import find_images, result_targets
 from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE
 
 if TYPE_CHECKING:
@@ -25,6 +25,9 @@ API_KEY_VARIABLE = "MPRNET_API_KEY"
 
 
 def _restore_command(args: argparse.Namespace) -> int:
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        print(f"error: --output takes a folder; {args.output} is a file", file=sys.stderr)
+        return EXIT_USAGE
     return _restore_remotely(args) if args.url else _restore_locally(args)
 
 
@@ -68,16 +71,13 @@ def _restore_locally(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = len(problems)
-    claimed: dict[Path, Path] = {}
-    progress = tqdm(files, unit="image", disable=len(files) < 2 or args.quiet, file=sys.stderr)
-    for path in progress:
-        target = out_dir / f"{path.stem}.png"
-        if target in claimed:
-            tqdm.write(f"error: {path}: skipped, its result {target} is already taken by {claimed[target]}",
-                       file=sys.stderr)
+    progress = tqdm(result_targets(files, out_dir), unit="image", disable=len(files) < 2 or args.quiet,
+                    file=sys.stderr)
+    for path, target, skipped in progress:
+        if skipped:
+            tqdm.write(f"error: {path}: {skipped}", file=sys.stderr)
             failures += 1
             continue
-        claimed[target] = path
         progress.set_postfix_str(path.name)
         try:
             png = pipeline.restore(path.read_bytes(), engine.forward, engine.max_batch_size)

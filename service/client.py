@@ -62,7 +62,7 @@ from .client_results import (
     plain_result,
 )
 from .client_retries import RetryPolicy
-from .image_files import find_images
+from .image_files import find_images, result_targets
 
 __all__ = ["Client", "AsyncClient", "RestoreResult", "Progress", "FileOutcome", "ServiceError", "InvalidImage",
            "NotFound", "PayloadTooLarge", "UnsupportedMediaType", "ValidationError", "InternalError", "Overloaded",
@@ -98,7 +98,7 @@ FileProgressCallback = Callable[[Path, Progress], None]
 
 
 class OutputTaken(ValueError):
-    """Two inputs share a stem, so the second one's ``<stem>.png`` would overwrite the first's."""
+    """A file's ``<stem>.png`` would overwrite an input, or the result of an earlier input with the same stem."""
 
 
 # -- what both clients share ----------------------------------------------------------------------
@@ -310,7 +310,8 @@ class AsyncClient:
 
         Returns one :class:`FileOutcome` per input file, in input order; a file that failed has
         its ``error`` (a :class:`ServiceError`, an ``OSError`` reading it, or :class:`OutputTaken`
-        when an earlier input already claimed the same ``<stem>.png``) and nothing written.
+        when its ``<stem>.png`` is an input, or an earlier input already claimed it) and nothing
+        written.
         ``on_outcome``, if given, receives each outcome as soon as it is known (to drive a
         progress bar, say), in completion order. ``on_progress``, if given, receives
         ``(path, Progress)`` as each file's tiles are done (see :meth:`restore`'s ``progress``).
@@ -321,16 +322,12 @@ class AsyncClient:
         out.mkdir(parents=True, exist_ok=True)
         outcomes: list[FileOutcome | None] = []
         work: asyncio.Queue[tuple[int, Path, Path]] = asyncio.Queue()
-        claimed: dict[Path, Path] = {}
         report = on_outcome or (lambda outcome: None)
-        for index, path in enumerate(_files_to_restore(inputs)):
-            target = out / f"{path.stem}.png"
-            if target in claimed:
-                outcomes.append(FileOutcome(path, target, error=OutputTaken(
-                    f"skipped, its result {target} is already taken by {claimed[target]}")))
+        for index, (path, target, skipped) in enumerate(result_targets(_files_to_restore(inputs), out)):
+            if skipped:
+                outcomes.append(FileOutcome(path, target, error=OutputTaken(skipped)))
                 report(outcomes[-1])
                 continue
-            claimed[target] = path
             outcomes.append(None)
             work.put_nowait((index, path, target))
 

@@ -1,5 +1,6 @@
-"""Which files on disk are images to restore: shared by the CLI (local and ``--url``) and the client
-library, so both take the same inputs. Standard library only, so importing it costs nothing."""
+"""Which files on disk are images to restore, and where their results go: shared by the CLI (local
+and ``--url``) and the client library, so both take the same inputs and write the same names.
+Standard library only, so importing it costs nothing."""
 
 from __future__ import annotations
 
@@ -26,3 +27,27 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[s
         else:
             problems.append(f"{entry}: no such file or folder")
     return files, problems
+
+
+def result_targets(files: Iterable[Path], out_dir: Path) -> list[tuple[Path, Path, str | None]]:
+    """Each file with where its restored PNG goes (``out_dir/<stem>.png``), and why it must be
+    skipped, or None: its result would overwrite an input (the output folder is the input
+    folder, say, where a restored ``photo.png`` would replace the photo itself), or an earlier
+    file already claimed the same name."""
+    files = list(files)
+    inputs = {path.resolve(): path for path in files}
+    claimed: dict[Path, Path] = {}
+    planned = []
+    for path in files:
+        target = out_dir / f"{path.stem}.png"
+        resolved = target.resolve()
+        if resolved in inputs:
+            reason = (f"skipped, its result {target} would overwrite the input {inputs[resolved]}; "
+                      "choose another output folder")
+        elif resolved in claimed:
+            reason = f"skipped, its result {target} is already taken by {claimed[resolved]}"
+        else:
+            claimed[resolved] = path
+            reason = None
+        planned.append((path, target, reason))
+    return planned

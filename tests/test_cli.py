@@ -82,3 +82,28 @@ def test_missing_weights_say_which_file_and_how_to_install(tmp_path):
     result = _run("restore", tmp_path / "x.png", "-o", tmp_path / "out", "--task", "deblurring",
                   "--weights", tmp_path / "nowhere.pth")
     assert result.returncode == 2 and "nowhere.pth" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_restoring_a_folder_into_itself_never_overwrites_an_input(tmp_path, weights):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _write(folder / "photo.png", 12, 12, 6)
+    _write(folder / "scan.jpg", 12, 12, 7)
+    original = (folder / "photo.png").read_bytes()
+    result = _run("restore", folder, "-o", folder, "--task", "denoising", "--weights", weights, "--tile", "0")
+    assert result.returncode == 1, result.stderr
+    assert f"its result {folder / 'photo.png'} would overwrite the input" in result.stderr
+    assert (folder / "photo.png").read_bytes() == original
+    assert sorted(p.name for p in folder.iterdir()) == ["photo.png", "scan.jpg", "scan.png"]
+
+
+@pytest.mark.parametrize("problem", ["output is a file", "unknown device"])
+def test_usage_mistakes_exit_2_with_one_line_not_a_traceback(tmp_path, weights, problem):
+    _write(tmp_path / "x.png", 8, 8, 8)
+    (tmp_path / "taken.png").write_bytes(b"")
+    output, device = (tmp_path / "taken.png", "cpu") if problem == "output is a file" else (tmp_path / "out", "tpu")
+    result = _run("restore", tmp_path / "x.png", "-o", output, "--task", "denoising", "--weights", weights,
+                  "--device", device)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    assert ("takes a folder" if problem == "output is a file" else "'tpu' is not one") in result.stderr

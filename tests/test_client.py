@@ -30,6 +30,7 @@ from service.client import (
     ConnectionFailed,
     InvalidImage,
     NotFound,
+    OutputTaken,
     Overloaded,
     PayloadTooLarge,
     Progress,
@@ -182,6 +183,17 @@ def test_a_full_queue_answers_503_and_the_client_retries_until_it_gets_through(w
         assert decode_png(second.png).size == (TILE, TILE)
         assert waited >= 1.0, "the retry came before the service's Retry-After"
         assert metric_value(server.metrics(), "mprnet_requests_total", code="503") == second.attempts - 1
+
+
+def test_restore_folder_into_the_input_folder_leaves_every_input_as_it_was(server, tmp_path):
+    Image.fromarray(random_image(20, 20, 9)).save(tmp_path / "photo.png")
+    Image.fromarray(random_image(20, 20, 10)).save(tmp_path / "scan.bmp")
+    original = (tmp_path / "photo.png").read_bytes()
+    with Client(server.url) as client:
+        photo, scan = client.restore_folder([tmp_path], tmp_path, "denoising")
+    assert isinstance(photo.error, OutputTaken) and "would overwrite the input" in str(photo.error)
+    assert (tmp_path / "photo.png").read_bytes() == original
+    assert scan.ok and (tmp_path / "scan.png").read_bytes() == scan.result.png
 
 
 def test_restore_folder_writes_each_stem_and_reports_each_failure(server, tmp_path):
