@@ -10,7 +10,12 @@ The network restores 8-bit RGB. What happens to everything else:
   a truecolour PNG, since restored pixels no longer fit a palette.
 * **16-bit** channels are reduced to 8 bits; the result is 8-bit. Grey is scaled by 255/65535 and
   rounded; colour is what Pillow reads, the high byte of each sample (at most one level under
-  rounding), since Pillow has no 16-bit colour mode to read the full samples into.
+  rounding), since Pillow has no 16-bit colour mode to read the full samples into. (Pillow reads
+  16-bit grey with alpha as RGBA; the PNG header says it is grey, and it comes back as LA.) Wider
+  integers (32-bit TIFF) are refused: no scale to 8 bits keeps what they hold.
+* **Colour profiles** (ICC) are kept: the network restores the values as stored, and the result
+  carries the source's profile, so a Display P3 or Adobe RGB photo shows the colours it had. A
+  profile of another colour space than the result's (a CMYK one, say) is dropped.
 * **CMYK, YCbCr, LAB** are converted to RGB.
 * **Several frames** (animated GIF/PNG/WebP, multi-page TIFF) are refused: which frame a user
   wants restored is not ours to guess.
@@ -71,6 +76,7 @@ class DecodedImage:
     alpha: np.ndarray | None  # (H, W) uint8
     grayscale: bool
     format: str
+    icc_profile: bytes | None = None  # kept only when it describes the result's colour space
 
     @property
     def height(self) -> int:
@@ -89,7 +95,11 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"the image declares too many pixels ({exc})") from None
+        # Past Pillow's own ceiling, which lies above any sensible max_pixels: name ours.
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{declared.group(1)} pixels" if declared else "too many pixels"
+        limit = f"; the limit is {max_pixels}" if max_pixels is not None else f" ({exc})"
+        raise ImageTooLarge(f"the image declares {size}{limit}") from None
     except UnidentifiedImageError:
         raise InvalidImage("the data is not an image in a format this service reads "
                            "(PNG, JPEG, WebP, BMP, TIFF)") from None
@@ -185,7 +195,10 @@ def _pixels(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
     if mode == "F":
         raise UnsupportedImageFormat("floating-point images are not supported; send 8- or 16-bit integers")
     if mode in _SIXTEEN_BIT_GREY or mode in ("1", "L"):
-        grey = _to_uint8(np.asarray(image))
+        samples = np.asarray(image)
+        if mode == "I" and samples.size and (samples.min() < 0 or samples.max() > 65535):
+            raise UnsupportedImageFormat("32-bit integer images are not supported; send 8- or 16-bit integers")
+        grey = _to_uint8(samples)
         return np.repeat(grey[:, :, None], 3, axis=2), None, True
     if mode in ("LA", "La"):
         grey_alpha = np.asarray(image.convert("LA"))
@@ -215,6 +228,8 @@ def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
             image.load()
             image = ImageOps.exif_transpose(image)
         rgb, alpha, grayscale = _pixels(image)
+        grayscale = grayscale or (image_format == "PNG" and _png_colour_type(data) == _PNG_GREY_ALPHA)
+        icc_profile = _profile_for(image.info.get("icc_profile"), grayscale)
     except ImageError:
         raise
     except Exception as exc:
@@ -223,7 +238,22 @@ def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         # decoder chokes on are a bad upload, whatever the exception's type.
         raise InvalidImage(f"the {image_format} data is damaged and cannot be decoded "
                            f"({type(exc).__name__}: {exc})") from None
-    return DecodedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, format=image_format)
+    return DecodedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, format=image_format, icc_profile=icc_profile)
+
+
+_PNG_GREY_ALPHA = 4  # IHDR colour type
+
+
+def _png_colour_type(data: bytes) -> int | None:
+    # Signature (8), IHDR's length and type (8), width and height (8), bit depth (1), colour type.
+    return data[25] if len(data) > 25 and data[12:16] == b"IHDR" else None
+
+
+def _profile_for(profile: bytes | None, grayscale: bool) -> bytes | None:
+    """``profile`` if it describes the colour space of the result (grey or RGB), else None."""
+    if not profile or len(profile) < 128:
+        return None
+    return profile if profile[16:20] == (b"GRAY" if grayscale else b"RGB ") else None
 
 
 def read_image(path: str | Path, max_pixels: int | None = None) -> DecodedImage:
@@ -243,11 +273,12 @@ def _restored_image(restored_rgb: np.ndarray, source: DecodedImage) -> Image.Ima
 
 
 def encode_png(restored_rgb: np.ndarray, source: DecodedImage) -> bytes:
-    """PNG bytes of the restored pixels, in the source's kind (grayscale, alpha) at its size."""
+    """PNG bytes of the restored pixels, in the source's kind (grayscale, alpha, colour profile) at its size."""
     buffer = io.BytesIO()
-    _restored_image(restored_rgb, source).save(buffer, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+    save_png(restored_rgb, source, buffer)
     return buffer.getvalue()
 
 
-def save_png(restored_rgb: np.ndarray, source: DecodedImage, path: str | Path) -> None:
-    _restored_image(restored_rgb, source).save(path, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
+def save_png(restored_rgb: np.ndarray, source: DecodedImage, path: str | Path | io.BytesIO) -> None:
+    options = {"icc_profile": source.icc_profile} if source.icc_profile else {}
+    _restored_image(restored_rgb, source).save(path, format="PNG", compress_level=_PNG_COMPRESS_LEVEL, **options)
