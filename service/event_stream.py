@@ -39,21 +39,32 @@ EVENT_STREAM = "text/event-stream"
 PROGRESS_INTERVAL_S = 0.25
 
 
-def wants_event_stream(accept: str) -> bool:
-    """Whether an Accept header asks for an event stream (and does not refuse it with q=0)."""
+def _media_ranges(accept: str) -> dict[str, float]:
+    """An Accept header's media ranges (lower case) and their q-values; a malformed q counts as 0."""
+    ranges: dict[str, float] = {}
     for media_range in accept.split(","):
         media_type, *parameters = (part.strip() for part in media_range.split(";"))
-        if media_type.lower() != EVENT_STREAM:
-            continue
+        quality = 1.0
         for parameter in parameters:
             name, _, value = parameter.partition("=")
             if name.strip().lower() == "q":
                 try:
-                    return float(value) > 0
+                    quality = float(value)
                 except ValueError:
-                    return False
-        return True
-    return False
+                    quality = 0.0
+        if media_type:
+            ranges[media_type.lower()] = quality
+    return ranges
+
+
+def wants_event_stream(accept: str) -> bool:
+    """Whether an Accept header asks for an event stream: it names one with q > 0, ranked at least
+    as high as the PNG (``image/png``, else ``image/*``, else ``*/*``: the most specific range
+    that covers it decides, as RFC 9110 says)."""
+    ranges = _media_ranges(accept)
+    stream = ranges.get(EVENT_STREAM, 0.0)
+    png = next((ranges[name] for name in ("image/png", "image/*", "*/*") if name in ranges), 0.0)
+    return stream > 0 and stream >= png
 
 
 def _event(name: str, data: dict) -> bytes:

@@ -170,10 +170,14 @@ def test_what_is_refused_before_the_stream_starts_stays_an_ordinary_http_error(s
 
 
 @pytest.mark.parametrize(("accept", "streams"), [
-    ("text/event-stream", True), ("image/png, text/event-stream;q=0.5", True), ("TEXT/Event-Stream", True),
+    ("text/event-stream", True), ("TEXT/Event-Stream", True), ("text/event-stream, image/png", True),
+    ("image/png;q=0.5, text/event-stream", True), ("*/*;q=0.1, text/event-stream;q=0.2", True),
     ("text/event-stream;q=0", False), ("image/png", False), ("*/*", False), ("", False),
-    ("text/event-stream;q=oops", False)])
-def test_only_an_accept_header_naming_the_stream_asks_for_it(accept, streams):
+    ("text/event-stream;q=oops", False),
+    # The client ranks the PNG higher, by name or by a wider range that covers it.
+    ("image/png, text/event-stream;q=0.5", False), ("image/*, text/event-stream;q=0.9", False),
+    ("image/png;q=0.9, */*;q=0.1, text/event-stream;q=0.8", False)])
+def test_the_stream_is_chosen_when_the_accept_header_ranks_it_at_least_as_high_as_the_png(accept, streams):
     assert wants_event_stream(accept) is streams
 
 
