@@ -75,11 +75,18 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+# torch.save writes a zip archive; before PyTorch 1.6, and with _use_new_zipfile_serialization=False,
+# a pickle (its PROTO opcode first).
+_TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
 def _read_file(path: Path) -> tuple[Mapping, str, dict[str, str]]:
     """The file's content, the sha256 of the very bytes it was parsed from (so the digest
     describes the weights loaded even if the file is replaced meanwhile) and its notes: what it
     says about the weights beside the tensors (a safetensors header's metadata, or the ``meta`` of
     this project's training checkpoints)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -93,6 +100,10 @@ def _read_file(path: Path) -> tuple[Mapping, str, dict[str, str]]:
         return tensors, hashlib.sha256(data).hexdigest(), _safetensors_notes(path, data)
     try:
         data = path.read_bytes()
+        if not data.startswith(_TORCH_SAVE_STARTS):
+            # Otherwise torch.load's complaint about a photo or a text file reads as if it held code.
+            raise CheckpointError(f"{path}: not a checkpoint: neither safetensors (by its name) nor a file "
+                                  f"torch.save writes (a zip archive or a pickle)")
         content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any pickle that names code; say so rather than show the traceback.

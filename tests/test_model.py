@@ -188,6 +188,18 @@ def test_other_networks_are_not_taken_for_mprnet(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_model(tmp_path / "absent.pth")
+    with pytest.raises(CheckpointError, match="a folder, not a checkpoint file"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + bytes(64), b"plain text, no weights"])
+def test_a_file_that_is_no_checkpoint_is_not_called_one_that_runs_code(tmp_path, content):
+    path = tmp_path / "photo.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as refused:
+        load_model(path)
+    assert "not a checkpoint" in str(refused.value)
+    assert "run code" not in str(refused.value) and "weights_only" not in str(refused.value)
 
 
 # --- channel attention pooled over windows (MPRNet.pool_attention_locally) ---
