@@ -42,11 +42,12 @@ Service = Annotated[ServiceState, Depends(get_service)]
 _RESTORE_ERRORS = {
     400: "The upload is not a decodable image (`invalid_image`).",
     404: "No such task on this service (`unknown_task`).",
-    413: "The upload is over the byte limit (`payload_too_large`) or the image over the pixel limit "
-         "(`image_too_large`).",
+    413: "The upload is over the byte limit (`payload_too_large`), or the image over the pixel limit or "
+         "needing more tiles than the queue holds (`image_too_large`).",
     415: "An image format or kind the service does not take (`unsupported_media_type`).",
     422: "The multipart field `image` is missing, not a file, or sent twice (`validation_error`).",
-    503: "The queue is full (`queue_full`) or the models are not ready (`not_ready`); see `Retry-After`.",
+    503: "The queue is full (`queue_full`), the memory budget has no room (`over_capacity`) or the models are not "
+         "ready (`not_ready`); see `Retry-After`.",
     504: "The request was not finished within the service's time limit (`timeout`).",
 }
 
