@@ -10,7 +10,11 @@ Two limits, both on what the client owes the server:
   ``body_min_rate`` bytes per second on average. A per-chunk idle timeout alone would let a
   client trickle one byte just under it, for hours; a rate over a window does not.
 
-Both live in the HTTP/1.1 protocol rather than in an ASGI layer: a half-sent head never reaches
+And one at shutdown: an upload still arriving when the graceful period is about to end is cut
+with the API's 503 ``not_ready`` (``Retry-After``), so that its client can retry elsewhere.
+uvicorn would otherwise cancel it at the end of the period and answer a bare text/plain 500.
+
+All three live in the HTTP/1.1 protocol rather than in an ASGI layer: a half-sent head never reaches
 the application, and only the protocol can close the socket. A cut writes a 408 when no response
 to the request being received has begun, then closes the transport. To the application that is
 the client hanging up: ``receive()`` answers ``http.disconnect``, Starlette's multipart parser
@@ -46,11 +50,15 @@ class SlowClientLimits:
     body_rate_window_s: float
 
 
-def _timeout_response(message: str) -> bytes:
+# How long before the end of the graceful period an upload still arriving is cut.
+_SHUTDOWN_CUT_MARGIN_S = 1.0
+
+
+def _error_response(status: str, code: str, message: str, headers: str = "") -> bytes:
     # Written straight to the socket just before it closes, so h11's bookkeeping for this
     # connection does not matter any more. Same body shape as the service's other errors.
-    body = json.dumps({"error": {"code": "request_timeout", "message": message}}).encode()
-    head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n{headers}"
             f"content-length: {len(body)}\r\n\r\n")
     return head.encode("ascii") + body
 
@@ -72,6 +80,7 @@ class SlowClientProtocol(H11Protocol):
         self._phase: object = None  # the client's h11 state (a sentinel class) the timer was armed for
         self._timer: asyncio.TimerHandle | None = None
         self._window_bytes = 0  # received in the current rate window
+        self._shutdown_cut: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -91,7 +100,24 @@ class SlowClientProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
+        if self._shutdown_cut is not None:
+            self._shutdown_cut.cancel()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        grace = self.config.timeout_graceful_shutdown
+        if grace is not None and not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+            self._shutdown_cut = self.loop.call_later(max(grace - _SHUTDOWN_CUT_MARGIN_S, 0.0),
+                                                      self._upload_outlived_shutdown)
+
+    def _upload_outlived_shutdown(self) -> None:
+        self._shutdown_cut = None
+        if self.conn.their_state is h11.SEND_BODY:
+            self._cut("the upload was still arriving as the server shut down", answer=self._may_answer(),
+                      response=_error_response("503 Service Unavailable", "not_ready",
+                                               "the service is shutting down; send the image again",
+                                               "retry-after: 1\r\n"))
 
     # -- the two limits -----------------------------------------------------------------------
 
@@ -129,18 +155,21 @@ class SlowClientProtocol(H11Protocol):
         if not held_back_by_us and self._window_bytes < self.limits.body_min_rate * window:
             rate = self._window_bytes / window
             self._cut(f"the request body arrived at {rate:.0f} bytes/s over the last {window:g} s; the minimum "
-                      f"is {self.limits.body_min_rate:g} bytes/s",
-                      answer=self.cycle is not None and not self.cycle.response_started)
+                      f"is {self.limits.body_min_rate:g} bytes/s", answer=self._may_answer())
             return
         self._start_rate_window()
 
-    def _cut(self, reason: str, answer: bool) -> None:
+    def _may_answer(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_started
+
+    def _cut(self, reason: str, answer: bool, response: bytes | None = None) -> None:
+        """Close the connection, first writing ``response`` (by default a 408 giving ``reason``) if ``answer``."""
         if self.transport.is_closing():
             return  # closed for another reason (keep-alive expiry, a 400) between the timer and now
         client = "%s:%d" % self.client if self.client else "a client"
         log.info("closing the connection from %s: %s", client, reason)
         if answer:
-            self.transport.write(_timeout_response(reason))
+            self.transport.write(response or _error_response("408 Request Timeout", "request_timeout", reason))
         # connection_lost follows and tells the application the client is gone.
         self.transport.close()
 

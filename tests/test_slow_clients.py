@@ -280,3 +280,39 @@ def test_an_upload_that_would_pass_the_memory_budget_as_it_arrives_gets_503_and_
         assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
         assert decode_png(png).size == (96, 96)
         wait_until(lambda: budget.bytes == 0, "every body to leave the budget", timeout=10)
+
+
+def test_an_upload_still_arriving_at_shutdown_gets_503_not_ready_just_before_the_grace_ends(weights):
+    grace_s = 3.0
+    settings = Settings(tasks="denoising", weights_denoising=weights, device="cpu", tile_size=32, tile_overlap=8,
+                        max_pixels=96 * 96, log_level="warning", graceful_shutdown_s=grace_s,
+                        request_body_min_rate=BODY_MIN_RATE, request_body_rate_window_s=BODY_WINDOW_S)
+    body, content_type = multipart_body("image", "slow.png", b"\0" * 200_000)
+    stop = threading.Event()
+    with serving(settings) as running:
+        sock = connect(running)
+
+        def trickle() -> None:  # above the rate floor, so only the shutdown can end it
+            try:
+                sock.sendall(upload_head(len(body), content_type) + body[:1000])
+                for offset in range(1000, len(body), BODY_MIN_RATE // 5):
+                    if stop.wait(0.1):
+                        return
+                    sock.sendall(body[offset:offset + BODY_MIN_RATE // 5])
+            except OSError:
+                return  # cut
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        with sock:
+            thread.start()
+            wait_until(lambda: running.service.budget.bytes > 0, "the upload to start arriving", timeout=10)
+            running.server.should_exit = True  # what SIGTERM does
+            signalled = time.monotonic()
+            answer = read_until_closed(sock)
+            elapsed = time.monotonic() - signalled
+            stop.set()
+            thread.join(10)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer[:300]
+    assert b"application/json" in head and b"retry-after: 1" in head.lower() and b'"not_ready"' in payload
+    assert grace_s - 1.0 - 0.5 <= elapsed <= grace_s + SLACK_S, elapsed
