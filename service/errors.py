@@ -102,7 +102,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "path", "query"))
         problems.append(f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg", "invalid"))
     message = "; ".join(problems) or "the request is not valid"
-    if any(error.get("loc", ())[-1:] == ("image",) for error in exc.errors()):
+    image_errors = [error for error in exc.errors() if error.get("loc", ())[-1:] == ("image",)]
+    if any(isinstance(error.get("input"), str) for error in image_errors):
+        # What curl sends for -F image=<photo.jpg (the file's content as a text field) or -F image=photo.jpg.
+        message = ("the field 'image' came as text, not as a file: send the file itself, with a filename "
+                   "(curl: -F image=@photo.jpg)")
+    elif image_errors:
         message += " (send the image as a multipart/form-data file field named 'image')"
     _note_in_log(request, "validation_error")
     return error_response(422, "validation_error", message)

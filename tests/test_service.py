@@ -255,6 +255,15 @@ ERROR_CASES = {
 }
 
 
+def test_an_image_sent_as_a_text_field_is_told_how_to_send_a_file(server):
+    # curl -F image=<photo.png sends the file's bytes as a text field, without a filename.
+    response = httpx.post(f"{server.url}/v1/restore/denoising",
+                          files={"image": (None, encode(random_image(16, 16, 5)).decode("latin-1"))})
+    assert_error(response, 422, "validation_error")
+    assert "came as text, not as a file" in response.json()["error"]["message"]
+    assert "-F image=@" in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("case", ERROR_CASES)
 def test_every_error_has_its_status_and_the_one_json_shape(server, case):
     send, status, code = ERROR_CASES[case]
