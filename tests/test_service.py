@@ -443,14 +443,18 @@ def test_readiness_turns_true_only_after_the_models_are_warm(checkpoints):
     with running_server(settings, wait_ready=False) as running:
         early_restore = restore(running.url, "denoising", encode(random_image(16, 16, seed=30)))
         early_ready = httpx.get(f"{running.url}/readyz")
+        early_head = httpx.head(f"{running.url}/readyz")
         early_gauge = metric_value(running.metrics(), "mprnet_ready")
         assert httpx.get(f"{running.url}/healthz").status_code == 200
+        assert httpx.head(f"{running.url}/healthz").status_code == 200
+        assert early_head.status_code == 503 and early_head.content == b""
         assert_error(early_restore, 503, "not_ready")
         assert early_restore.headers["retry-after"]
         assert_error(early_ready, 503, "not_ready")
         assert early_gauge == 0
         running.wait_ready()
         assert httpx.get(f"{running.url}/readyz").json() == {"status": "ready"}
+        assert httpx.head(f"{running.url}/readyz").status_code == 200
         assert metric_value(running.metrics(), "mprnet_ready") == 1
         assert restore(running.url, "denoising", encode(random_image(16, 16, seed=30))).status_code == 200
 
