@@ -218,6 +218,21 @@ def _pixels(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
     return np.ascontiguousarray(_to_uint8(pixels)), None, False
 
 
+_PNG_GREY_ALPHA = 4  # IHDR colour type
+
+
+def _png_colour_type(data: bytes) -> int | None:
+    # Signature (8), IHDR's length and type (8), width and height (8), bit depth (1), colour type.
+    return data[25] if len(data) > 25 and data[12:16] == b"IHDR" else None
+
+
+def _profile_for(profile: bytes | None, grayscale: bool) -> bytes | None:
+    """``profile`` if it describes the colour space of the result (grey or RGB), else None."""
+    if not profile or len(profile) < 128:
+        return None
+    return profile if profile[16:20] == (b"GRAY" if grayscale else b"RGB ") else None
+
+
 def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     """Decode an upload into RGB pixels, refusing it with an :class:`ImageError` if it cannot be."""
     image = _open(data, max_pixels)
@@ -239,21 +254,6 @@ def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         raise InvalidImage(f"the {image_format} data is damaged and cannot be decoded "
                            f"({type(exc).__name__}: {exc})") from None
     return DecodedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, format=image_format, icc_profile=icc_profile)
-
-
-_PNG_GREY_ALPHA = 4  # IHDR colour type
-
-
-def _png_colour_type(data: bytes) -> int | None:
-    # Signature (8), IHDR's length and type (8), width and height (8), bit depth (1), colour type.
-    return data[25] if len(data) > 25 and data[12:16] == b"IHDR" else None
-
-
-def _profile_for(profile: bytes | None, grayscale: bool) -> bytes | None:
-    """``profile`` if it describes the colour space of the result (grey or RGB), else None."""
-    if not profile or len(profile) < 128:
-        return None
-    return profile if profile[16:20] == (b"GRAY" if grayscale else b"RGB ") else None
 
 
 def read_image(path: str | Path, max_pixels: int | None = None) -> DecodedImage:
