@@ -11,7 +11,10 @@ there) on a free loopback port and runs, one after another:
    growth of resident memory (server and decoder processes together) and where it is 10 s
    after the clients left;
 4. **slow clients** (``--slow``): a request head that stops half-way, and a body that declares
-   30 MB, sends 1 KB and stalls: seconds until the server cuts each.
+   30 MB, sends 1 KB and stalls: seconds until the server cuts each; then four uploads that each
+   declare the largest body (32 MiB: together the default memory budget) and trickle 2 KiB/s,
+   twice the rate floor, for 30 s, with a 64x64 photo sent 5, 15 and 25 s in: its status and
+   seconds each time.
 
 Traffic goes to 127.0.0.1 only; every loop is bounded. Prints a Markdown table.
 
@@ -168,6 +171,39 @@ def slow_clients(port: int) -> dict:
     return {"half_head_s": cut_after(head), "stalled_body_s": cut_after(body)}
 
 
+def trickling_uploads(port: int, url: str, seconds: float = 30.0) -> list[tuple[float, int, float]]:
+    head = (b"POST /v1/restore/denoising HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
+            b"boundary=x\r\nContent-Length: 33554432\r\n\r\n--x\r\nContent-Disposition: form-data; "
+            b"name=\"image\"; filename=\"a.png\"\r\n\r\n")
+    stop = threading.Event()
+    connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+
+    def trickle(connection: socket.socket) -> None:
+        try:
+            connection.sendall(head)
+            while not stop.wait(0.5):
+                connection.sendall(b"\0" * 1024)
+        except OSError:
+            pass  # cut by the server
+
+    threads = [threading.Thread(target=trickle, args=(c,), daemon=True) for c in connections]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    small, beside = _png(64, 64), []
+    try:
+        for at in (5.0, 15.0, 25.0):
+            time.sleep(max(0.0, started + at - time.monotonic()))
+            status, took = asyncio.run(_post(url, "small.png", small, timeout=120))
+            beside.append((at, status, took))
+        time.sleep(max(0.0, started + seconds - time.monotonic()))
+    finally:
+        stop.set()
+        for connection in connections:
+            connection.close()
+    return beside
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slow", action="store_true", help="also time the slow-client cuts (up to a minute)")
@@ -184,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         results["memory_served"] = memory(url, psutil.Process(server.pid), client_timeout=600)
         if args.slow:
             results["slow_clients"] = slow_clients(port)
+            results["trickling_uploads"] = trickling_uploads(port, url)
     finally:
         server.terminate()
         server.wait(120)
@@ -202,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         slow = results["slow_clients"]
         print(f"| request head stopped half-way | cut after {slow['half_head_s']:.1f} s |")
         print(f"| 30 MB body declared, 1 KB sent | cut after {slow['stalled_body_s']:.1f} s |")
+        answers = "; ".join(f"at {at:.0f} s HTTP {status} in {took:.2f} s" for at, status, took in
+                            results["trickling_uploads"])
+        print(f"| four 32 MiB bodies declared, each trickling 2 KiB/s; a 64x64 PNG beside them | {answers} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
