@@ -50,7 +50,7 @@ def _restore_locally(args: argparse.Namespace) -> int:
     from .pipeline import RestorePipeline
     from .tiling import Tiling
 
-    files, problems = find_images(args.inputs)
+    files, problems = find_images(args.inputs, leave_out=args.output)
     _report_problems(problems)
     if not files:
         return EXIT_SOME_FAILED if problems else EXIT_USAGE
@@ -127,7 +127,7 @@ def _restore_remotely(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         print(f"error: --concurrency must be at least 1, got {args.concurrency}", file=sys.stderr)
         return EXIT_USAGE
-    files, problems = find_images(args.inputs)
+    files, problems = find_images(args.inputs, leave_out=args.output)
     _report_problems(problems)
     if not files:
         return EXIT_SOME_FAILED if problems else EXIT_USAGE

@@ -213,8 +213,8 @@ class Client:
             return False
         return True
 
-    def restore_folder(self, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, task: str, *,
-                       concurrency: int = 4, on_outcome: OutcomeCallback | None = None,
+    def restore_folder(self, inputs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
+                       task: str, *, concurrency: int = 4, on_outcome: OutcomeCallback | None = None,
                        on_progress: FileProgressCallback | None = None) -> list[FileOutcome]:
         """See :meth:`AsyncClient.restore_folder`; runs it on a private event loop, so not from
         inside a running one (``on_outcome`` and ``on_progress`` are called on this thread)."""
@@ -302,11 +302,13 @@ class AsyncClient:
             return False
         return True
 
-    async def restore_folder(self, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, task: str, *,
-                             concurrency: int = 4, on_outcome: OutcomeCallback | None = None,
+    async def restore_folder(self, inputs: str | os.PathLike | Iterable[str | os.PathLike],
+                             out_dir: str | os.PathLike, task: str, *, concurrency: int = 4,
+                             on_outcome: OutcomeCallback | None = None,
                              on_progress: FileProgressCallback | None = None) -> list[FileOutcome]:
-        """Restore every image in ``inputs`` (files, and folders searched recursively) into
-        ``out_dir/<stem>.png``, at most ``concurrency`` requests at a time.
+        """Restore every image in ``inputs`` (one path, or several: files, and folders searched
+        recursively, leaving out ``out_dir`` when it lies inside one) into ``out_dir/<stem>.png``,
+        at most ``concurrency`` requests at a time; a file named twice is restored once.
 
         Returns one :class:`FileOutcome` per input file, in input order; a file that failed has
         its ``error`` (a :class:`ServiceError`, an ``OSError`` reading it, or :class:`OutputTaken`
@@ -323,7 +325,7 @@ class AsyncClient:
         outcomes: list[FileOutcome | None] = []
         work: asyncio.Queue[tuple[int, Path, Path]] = asyncio.Queue()
         report = on_outcome or (lambda outcome: None)
-        for index, (path, target, skipped) in enumerate(result_targets(_files_to_restore(inputs), out)):
+        for index, (path, target, skipped) in enumerate(result_targets(_files_to_restore(inputs, out), out)):
             if skipped:
                 outcomes.append(FileOutcome(path, target, error=OutputTaken(skipped)))
                 report(outcomes[-1])
@@ -348,12 +350,14 @@ class AsyncClient:
         return outcomes  # type: ignore[return-value]  # every slot is filled by now
 
 
-def _files_to_restore(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def _files_to_restore(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: Path) -> list[Path]:
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]  # one folder or file, not the characters of its name
     files: list[Path] = []
     for entry in map(Path, inputs):
         # Anything but a folder is kept as given, even if missing, so that its outcome carries the
         # error of reading it instead of the input silently dropping out of the results.
-        files.extend(find_images([entry])[0] if entry.is_dir() else [entry])
+        files.extend(find_images(entry, leave_out=out_dir)[0] if entry.is_dir() else [entry])
     return files
 
 

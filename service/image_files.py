@@ -11,14 +11,24 @@ from pathlib import Path
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
 
-def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike],
+                leave_out: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
     """Files as given and the images inside folders (recursively, sorted by path), in input order;
-    plus one sentence per input that yielded nothing (``"<path>: no images in this folder"``)."""
+    plus one sentence per input that yielded nothing (``"<path>: no images in this folder"``).
+
+    ``inputs`` may be one path (not taken for the characters of its name). Inside a folder, images
+    under ``leave_out`` are left out when it is a folder below that one: an output folder inside
+    the input folder holds the results of an earlier run, not more photos."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    outputs = Path(leave_out).resolve() if leave_out is not None else None
     files: list[Path] = []
     problems: list[str] = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            below = outputs if outputs is not None and outputs != entry.resolve() else None
+            found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not (below is not None and p.resolve().is_relative_to(below)))
             if not found:
                 problems.append(f"{entry}: no images in this folder")
             files.extend(found)
@@ -30,15 +40,17 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[s
 
 
 def result_targets(files: Iterable[Path], out_dir: Path) -> list[tuple[Path, Path, str | None]]:
-    """Each file with where its restored PNG goes (``out_dir/<stem>.png``), and why it must be
-    skipped, or None: its result would overwrite an input (the output folder is the input
-    folder, say, where a restored ``photo.png`` would replace the photo itself), or an earlier
-    file already claimed the same name."""
-    files = list(files)
-    inputs = {path.resolve(): path for path in files}
+    """Each file once (a file named twice, or met in two overlapping folders, is restored once),
+    with where its restored PNG goes (``out_dir/<stem>.png``) and why it must be skipped, or None:
+    its result would overwrite an input (the output folder is the input folder, say, where a
+    restored ``photo.png`` would replace the photo itself), or an earlier file already claimed
+    the same name."""
+    inputs: dict[Path, Path] = {}
+    for path in files:
+        inputs.setdefault(path.resolve(), path)
     claimed: dict[Path, Path] = {}
     planned = []
-    for path in files:
+    for path in inputs.values():
         target = out_dir / f"{path.stem}.png"
         resolved = target.resolve()
         if resolved in inputs:

@@ -107,3 +107,16 @@ def test_usage_mistakes_exit_2_with_one_line_not_a_traceback(tmp_path, weights, 
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
     assert ("takes a folder" if problem == "output is a file" else "'tpu' is not one") in result.stderr
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_taken_for_more_photos_on_a_rerun(tmp_path, weights):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _write(folder / "photo.png", 12, 12, 9)
+    out = folder / "restored"
+    for attempt in range(2):
+        result = _run("restore", folder, folder / "photo.png", "-o", out, "--task", "denoising",
+                      "--weights", weights, "--tile", "0")
+        # The photo named twice (once in its folder) is restored once, not reported as a clash.
+        assert result.returncode == 0, (attempt, result.stderr)
+        assert sorted(p.name for p in out.iterdir()) == ["photo.png"]

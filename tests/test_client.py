@@ -196,6 +196,17 @@ def test_restore_folder_into_the_input_folder_leaves_every_input_as_it_was(serve
     assert scan.ok and (tmp_path / "scan.png").read_bytes() == scan.result.png
 
 
+def test_restore_folder_takes_one_folder_given_as_a_string_as_that_folder(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(random_image(12, 12, 11)).save(tmp_path / "unrelated.png")  # in the working folder
+    (tmp_path / "trip.2024").mkdir()
+    Image.fromarray(random_image(12, 12, 12)).save(tmp_path / "trip.2024" / "holiday.png")
+    with Client(server.url) as client:
+        outcomes = client.restore_folder("trip.2024", "restored", "denoising")
+    assert [(outcome.path, outcome.ok) for outcome in outcomes] == [(Path("trip.2024/holiday.png"), True)]
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["holiday.png"]
+
+
 def test_restore_folder_writes_each_stem_and_reports_each_failure(server, tmp_path):
     inputs = tmp_path / "in"
     (inputs / "nested").mkdir(parents=True)
