@@ -133,7 +133,12 @@ def _restore_remotely(args: argparse.Namespace) -> int:
         return EXIT_SOME_FAILED if problems else EXIT_USAGE
     # The environment keeps the key out of the command line, where other users' `ps` can read it.
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
-    with Client(args.url, api_key=api_key) as client:
+    try:
+        client = Client(args.url, api_key=api_key)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with client:
         try:
             served = client.models().get("models", {})
         except ConnectionFailed as exc:

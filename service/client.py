@@ -126,6 +126,10 @@ API_KEY_HEADER = "X-API-Key"
 def _client_options(base_url: str, timeout: float | httpx.Timeout, headers: dict[str, str] | None,
                     api_key: str | None) -> dict:
     if api_key is not None:
+        # A key read from a file or a Secret often ends in a newline, which no header may carry.
+        api_key = api_key.strip()
+        if not (api_key and api_key.isascii() and api_key.isprintable()):
+            raise ValueError("api_key is empty, or has characters an HTTP header cannot carry (it is not shown here)")
         headers = {**(headers or {}), API_KEY_HEADER: api_key}
     return dict(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
 
@@ -142,7 +146,8 @@ class Client:
         backoff: the first pause in seconds; it doubles with each retry.
         max_wait: longest pause between two attempts; a ``Retry-After`` beyond it ends the retries.
         headers: sent with every request (an ``Authorization`` for a gateway in front, say).
-        api_key: the service's API key, sent as ``X-API-Key`` with every request.
+        api_key: the service's API key, sent as ``X-API-Key`` with every request (without surrounding
+            whitespace, such as the final newline of a key read from a file).
     """
 
     def __init__(self, base_url: str, *, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, retries: int = 4,

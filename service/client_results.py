@@ -28,6 +28,8 @@ import httpx
 
 from .client_errors import REQUEST_ID_HEADER, ServiceError, error_for_status, error_from_response
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 EVENT_STREAM = "text/event-stream"
 
 
@@ -73,6 +75,11 @@ def plain_result(response: httpx.Response) -> RestoreResult:
     """The result of a PNG answer (its body read); an error answer's :class:`ServiceError` is raised."""
     if not response.is_success:
         raise error_from_response(response)
+    if not response.content.startswith(PNG_SIGNATURE):
+        # A proxy's login page or another server at this address, answering 200 all the same.
+        media_type = response.headers.get("Content-Type", "no Content-Type")
+        raise ServiceError(f"the answer from {response.url} is {media_type}, not a PNG: is this the service?",
+                           code="not_a_png", status=response.status_code)
     return RestoreResult(png=response.content, request_id=response.headers.get(REQUEST_ID_HEADER, ""),
                          timings=parse_server_timing(response.headers.get("Server-Timing")))
 

@@ -89,6 +89,10 @@ class RequestAccounting:
             request_log.log(level, json.dumps(entry, separators=(",", ":")))
 
 
+def _is_count(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # isdigit alone takes "²", which int() refuses
+
+
 def _over_capacity(exc: OverBudget) -> ServiceError:
     return ServiceError(503, "over_capacity", f"{exc}; retry later", {"Retry-After": str(exc.retry_after_s)})
 
@@ -138,7 +142,7 @@ class AdmissionControl:
             return
         headers = _headers(scope)
         declared = headers.get("content-length", "")
-        body_bytes = int(declared) if declared.isdigit() else self.max_upload_bytes
+        body_bytes = int(declared) if _is_count(declared) else self.max_upload_bytes
         refusal = self._refusal(scope["path"][len(RESTORE_PREFIX):], headers)
         if refusal is None:
             try:
@@ -157,7 +161,7 @@ class AdmissionControl:
             return ServiceError(404, "unknown_task",
                                 f"no task {task!r} here; this service restores: {', '.join(self.tasks)}")
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_upload_bytes:
+        if _is_count(declared) and int(declared) > self.max_upload_bytes:
             return ServiceError(413, "payload_too_large",
                                 f"the upload is {int(declared)} bytes; the limit is {self.max_upload_bytes} bytes")
         # Refusing now, before the upload is read and decoded, is what keeps the cost of a

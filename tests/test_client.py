@@ -477,7 +477,7 @@ def stub(*replies: Reply) -> Iterator[tuple[str, list[dict]]]:
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             seen.append({"at": time.monotonic(), "request_id": self.headers.get("X-Request-ID"),
-                         "accept": self.headers.get("Accept")})
+                         "accept": self.headers.get("Accept"), "api_key": self.headers.get("X-API-Key")})
             (script.pop(0) if len(script) > 1 else script[0])(self)
 
         do_GET = do_POST
@@ -632,3 +632,30 @@ def test_a_stream_that_ends_before_its_result_is_a_dropped_connection():
         with pytest.raises(ConnectionFailed) as raised:
             client.restore(PNG, "denoising", progress=lambda report: None)
     assert len(seen) == 3 and "ended before" in raised.value.message
+
+
+def test_a_200_that_is_not_a_png_is_an_error_not_a_result():
+    # A captive portal or a proxy's login page in front of the service.
+    with stub(reply(200, b"<html>log in</html>", "text/html")) as (url, _), Client(url) as client:
+        with pytest.raises(ServiceError) as raised:
+            client.restore(PNG, "denoising")
+    assert raised.value.code == "not_a_png" and "text/html" in raised.value.message
+
+
+def test_a_retry_after_of_digits_that_are_not_ascii_is_ignored_not_a_crash():
+    with stub(full_queue("²"), ok()) as (url, seen), Client(url, backoff=0.01) as client:
+        assert client.restore(PNG, "denoising").attempts == 2
+
+
+@pytest.mark.parametrize("key", ["the-key\n", " the-key "])
+def test_an_api_key_read_with_surrounding_whitespace_is_sent_without_it(key):
+    with stub(ok()) as (url, seen), Client(url, api_key=key) as client:
+        client.restore(PNG, "denoising")
+    assert seen[0]["api_key"] == "the-key"
+
+
+@pytest.mark.parametrize("key", ["", "clé", "two\nlines"])
+def test_an_api_key_no_header_can_carry_is_refused_without_being_shown(key):
+    with pytest.raises(ValueError) as refused:
+        Client("http://127.0.0.1:9", api_key=key)
+    assert (key.strip() or "<nothing>") not in str(refused.value)
