@@ -128,7 +128,7 @@ def describe() -> list[dict]:
     """One row per task for ``weights list``: task, path, source (installed, bundled or missing),
     sha256, config (the constructor keywords) and error (why a file is unusable, else None)."""
     rows = []
-    listed = manifest()
+    listed, recorded = manifest(), installed_manifest()
     for task in TASKS:
         row = {"task": task, "path": None, "source": "missing", "sha256": None, "config": None, "error": None}
         installed = _installed(task)
@@ -138,6 +138,10 @@ def describe() -> list[dict]:
                 row["config"] = infer_config(load_state_dict(installed)).as_kwargs()
             except CheckpointError as exc:
                 row["error"] = str(exc)
+            if recorded.get(task, {}).get("sha256") not in (None, row["sha256"]):
+                # Changed since `weights install` wrote it: damaged on disk, or replaced by hand.
+                row["error"] = "; ".join(filter(None, [row["error"], f"sha256 differs from what was installed "
+                                                                    f"({recorded[task]['sha256']})"]))
         elif bundled_path(task).is_file():
             path = bundled_path(task)
             entry = listed.get(task, {})

@@ -201,10 +201,16 @@ def _serve_command(args: argparse.Namespace) -> int:
 def _weights_list_command(args: argparse.Namespace) -> int:
     from models.weights import describe
 
+    unusable = 0
     for row in describe():
         sha = (row.get("sha256") or "")[:16]
         print(f"{row['task']:<11} {row['source']:<9} {sha:<16} {row.get('path') or '-'}")
-    return EXIT_OK
+        if row["error"]:
+            # Restoring and serving would stop on this file: installed weights are preferred to
+            # the bundled ones, never silently replaced by them.
+            print(f"{'':<11} error: {row['error']}")
+            unusable += 1
+    return EXIT_SOME_FAILED if unusable else EXIT_OK
 
 
 def _weights_install_command(args: argparse.Namespace) -> int:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -241,6 +244,19 @@ def test_install_follows_drive_confirmation_page(drive, install_dir, released_de
 
 def test_install_from_local_path(install_dir, released_deraining):
     assert weights.install("deraining", str(released_deraining), progress=False) == install_dir / "deraining.pth"
+
+
+def test_weights_list_names_an_installed_file_damaged_since_and_exits_1(install_dir, released_deraining):
+    path = weights.install("deraining", str(released_deraining), progress=False)
+    with open(path, "r+b") as handle:
+        handle.truncate(1000)
+    row = next(r for r in weights.describe() if r["task"] == "deraining")
+    assert "not a readable PyTorch checkpoint" in row["error"]
+    assert "sha256 differs from what was installed" in row["error"]
+    listed = subprocess.run([sys.executable, "-m", "service", "weights", "list"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "MPRNET_WEIGHTS_DIR": str(install_dir)})
+    assert listed.returncode == 1, listed.stdout + listed.stderr
+    assert "error: " in listed.stdout and "sha256 differs" in listed.stdout
 
 
 def test_install_sniffs_safetensors_and_replaces_previous(install_dir, released_deraining, tmp_path):
