@@ -292,8 +292,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         # Values stay strings here; Settings parses and validates them exactly as it does the
         # environment's, so both paths give the same errors.
         default = field.get_default(call_default_factory=True)
+        # A switch given alone turns it on (--compile), as README's tables show it; a value still works.
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(),
-                           help=f"{field.description} [env MPRNET_{name.upper()}, default {default!r}]")
+                           help=f"{field.description} [env MPRNET_{name.upper()}, default {default!r}]", **switch)
 
 
 def settings_from_args(namespace: argparse.Namespace) -> Settings:

@@ -123,7 +123,9 @@ def test_settings_come_from_the_environment_and_flags_override_them(monkeypatch,
     monkeypatch.setenv("MPRNET_MAX_BATCH_SIZE", "6")
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    settings = settings_from_args(parser.parse_args(["--max-batch-size", "3", "--port", "9001"]))
+    settings = settings_from_args(parser.parse_args(["--max-batch-size", "3", "--port", "9001", "--protect-metrics",
+                                                     "--compile", "false"]))
+    assert settings.protect_metrics is True and settings.compile is False  # a switch alone turns it on
     assert settings.tasks == ("denoising", "deraining")
     assert settings.weights_path("denoising") == tmp_path / "dn.pth"
     assert (settings.device, settings.tile_size, settings.max_batch_size, settings.port) == ("cpu", 128, 3, 9001)
