@@ -13,7 +13,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from starlette.staticfiles import StaticFiles
@@ -29,12 +29,16 @@ SWAGGER_UI_PREFIX = "/swagger-ui/"
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
 
 
+# The files /docs loads; the package's others include its own demo page, which points a browser
+# at the public Petstore example.
+_SWAGGER_UI_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
+
+
 def _docs_page(openapi_url: str, title: str) -> HTMLResponse:
+    script, stylesheet, icon = (f"{SWAGGER_UI_PREFIX}{name}" for name in _SWAGGER_UI_FILES)
     return get_swagger_ui_html(
         openapi_url=openapi_url, title=title,
-        swagger_js_url=f"{SWAGGER_UI_PREFIX}swagger-ui-bundle.js",
-        swagger_css_url=f"{SWAGGER_UI_PREFIX}swagger-ui.css",
-        swagger_favicon_url=f"{SWAGGER_UI_PREFIX}favicon-32x32.png",
+        swagger_js_url=script, swagger_css_url=stylesheet, swagger_favicon_url=icon,
         # Swagger UI would otherwise send the document to an online validator for its badge.
         swagger_ui_parameters={"validatorUrl": None})
 
@@ -74,5 +78,10 @@ def mount_web(app: FastAPI) -> None:
         # A new response each time: middleware may add headers to a response's own header list.
         return HTMLResponse(docs_html)
 
+    @app.get(SWAGGER_UI_PREFIX + "{name}", include_in_schema=False)
+    async def swagger_ui_file(name: str) -> FileResponse:
+        if name not in _SWAGGER_UI_FILES:
+            raise HTTPException(404, "Not Found")
+        return FileResponse(Path(swagger_ui_path) / name)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.mount(SWAGGER_UI_PREFIX.rstrip("/"), StaticFiles(directory=swagger_ui_path), name="swagger-ui")

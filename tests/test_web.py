@@ -470,3 +470,18 @@ def test_the_page_is_served_with_its_assets(server):
     # The page is for people; the API's schema stays the API's.
     assert "/" not in httpx.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
 
+
+
+def test_the_docs_serve_the_swagger_ui_files_they_load_and_nothing_else_of_the_package(server):
+    docs = httpx.get(f"{server.url}/docs", timeout=10)
+    assert docs.status_code == 200
+    for asset, kind in (("swagger-ui-bundle.js", "javascript"), ("swagger-ui.css", "text/css"),
+                        ("favicon-32x32.png", "image/png")):
+        assert f"/swagger-ui/{asset}" in docs.text
+        response = httpx.get(f"{server.url}/swagger-ui/{asset}", timeout=10)
+        assert response.status_code == 200 and kind in response.headers["content-type"], asset
+    # The package's own demo page, which sends a browser to the public Petstore example.
+    for other in ("index.html", "swagger-initializer.js", "..%2f..%2fweb.py"):
+        refused = httpx.get(f"{server.url}/swagger-ui/{other}", timeout=10)
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found", other
+    assert not any(path.startswith("/swagger-ui") for path in httpx.get(f"{server.url}/openapi.json").json()["paths"])
