@@ -27,7 +27,7 @@ from .config import Settings
 from .errors import error_response, install_error_handlers
 from .middleware import REQUEST_ID_HEADER, AdmissionControl, RequestAccounting
 from .routes import operations_router, restore_router
-from .security import ApiKeyGuard, SecurityHeaders
+from .security import ApiKeyGuard, SecurityHeaders, document_api_keys
 from .state import ServiceState
 from .web import content_policies, mount_web
 
@@ -90,7 +90,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(restore_router(settings))
     app.include_router(operations_router())
     mount_web(app)
+    if settings.api_key_hashes:
+        _document_api_keys(app, settings)
     return app
+
+
+def _document_api_keys(app: FastAPI, settings: Settings) -> None:
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # built once, as FastAPI's own is
+            app.openapi_schema = document_api_keys(plain(), protect_health=settings.protect_health,
+                                                   protect_metrics=settings.protect_metrics)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 @functools.cache

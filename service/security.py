@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["hash_key", "ApiKeyGuard", "SecurityHeaders", "PROTECTED_PREFIX", "PAGE_POLICY", "API_POLICY"]
+__all__ = ["hash_key", "requires_key", "document_api_keys", "ApiKeyGuard", "SecurityHeaders", "PROTECTED_PREFIX",
+           "PAGE_POLICY", "API_POLICY"]
 
 PROTECTED_PREFIX = "/v1/"
 _HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
@@ -40,6 +41,30 @@ _BEARER = b"bearer "
 def hash_key(key: str) -> str:
     """The sha256 hex digest that ``api_key_hashes`` holds for ``key``."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def requires_key(path: str, *, protect_health: bool = False, protect_metrics: bool = False) -> bool:
+    """Whether a request for ``path`` must carry a key (when keys are configured at all)."""
+    return (path.startswith(PROTECTED_PREFIX) or (protect_health and path in _HEALTH_PATHS)
+            or (protect_metrics and path in _METRICS_PATHS))
+
+
+def document_api_keys(schema: dict, *, protect_health: bool = False, protect_metrics: bool = False) -> dict:
+    """``schema`` (an OpenAPI document) with the key's two headers as security schemes and each
+    operation that needs one marked so, with its 401: /docs then offers "Authorize", and its
+    "Try it out" can send the key."""
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "bearer": {"type": "http", "scheme": "bearer"},
+    }
+    unauthorized = {"description": "No key, or not an accepted one (`missing_api_key`, `invalid_api_key`).",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for path, operations in schema.get("paths", {}).items():
+        if requires_key(path, protect_health=protect_health, protect_metrics=protect_metrics):
+            for operation in operations.values():
+                operation["security"] = [{"apiKey": []}, {"bearer": []}]
+                operation.setdefault("responses", {})["401"] = unauthorized
+    return schema
 
 
 def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -72,12 +97,11 @@ class ApiKeyGuard:
         # Digests as bytes of equal length: compare_digest then takes the same time for any
         # presented key, whether it is close to a valid one or not.
         self._digests = tuple(bytes.fromhex(digest) for digest in key_hashes)
-        self._exact = (_HEALTH_PATHS if protect_health else frozenset()) | (
-            _METRICS_PATHS if protect_metrics else frozenset())
+        self._protected = {"protect_health": protect_health, "protect_metrics": protect_metrics}
         self._error_response = error_response
 
     def _protects(self, path: str) -> bool:
-        return path.startswith(PROTECTED_PREFIX) or path in self._exact
+        return requires_key(path, **self._protected)
 
     def _accepts(self, key: bytes) -> bool:
         presented = hashlib.sha256(key).digest()

@@ -497,6 +497,18 @@ def test_restore_needs_a_valid_key_and_says_so_in_the_one_error_shape(keyed_serv
     assert 'code="401"' in httpx.get(f"{url}/metrics").text
 
 
+def test_the_openapi_document_says_which_operations_need_a_key_and_how_to_send_it(keyed_server):
+    schema = httpx.get(f"{keyed_server.url}/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes == {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                       "bearer": {"type": "http", "scheme": "bearer"}}
+    restore_operation = schema["paths"]["/v1/restore/{task}"]["post"]
+    assert restore_operation["security"] == [{"apiKey": []}, {"bearer": []}] and "401" in restore_operation["responses"]
+    assert "security" in schema["paths"]["/v1/models"]["get"]
+    for open_path in ("/healthz", "/readyz", "/metrics"):  # open by default, as the guard leaves them
+        assert "security" not in schema["paths"][open_path]["get"], open_path
+
+
 @pytest.mark.parametrize("path", ["/v1/restore/denoising/", "//v1/restore/denoising", "/v1/%72estore/denoising",
                                   "/v1/./restore/denoising", "/v1/restore/../restore/denoising"])
 def test_spellings_of_the_restore_path_do_not_get_past_the_key(keyed_server, path):
@@ -534,7 +546,8 @@ def test_health_and_metrics_can_be_put_behind_the_key(weights):
         for path in ("/healthz", "/readyz", "/metrics"):
             assert_error(httpx.get(f"{running.url}{path}"), 401, "missing_api_key")
             assert httpx.get(f"{running.url}{path}", headers={"Authorization": f"Bearer {KEYS[0]}"}).status_code == 200
-        assert httpx.get(f"{running.url}/openapi.json").status_code == 200
+        schema = httpx.get(f"{running.url}/openapi.json").json()
+        assert all("security" in schema["paths"][path]["get"] for path in ("/healthz", "/readyz", "/metrics"))
 
 
 def test_plain_keys_are_not_taken_as_hashes():
