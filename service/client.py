@@ -322,6 +322,8 @@ class AsyncClient:
         ``on_outcome``, if given, receives each outcome as soon as it is known (to drive a
         progress bar, say), in completion order. ``on_progress``, if given, receives
         ``(path, Progress)`` as each file's tiles are done (see :meth:`restore`'s ``progress``).
+        An exception raised by either callback stops the whole run and propagates, with no list of
+        outcomes; results already written stay on disk.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
