@@ -314,11 +314,11 @@ def test_streams_cut_at_random_points_all_at_once_leave_nothing_behind(weights):
 
         # Well before the deadline would drop the tiles anyway.
         metrics = wait_until(settled, "every cut stream to be closed and its tiles dropped", timeout=30)
-        # Each ended as a cancelled restore (499) or an upload cut before it was all read (400);
-        # none as a server error.
-        answered = {code: metric_value(metrics, "mprnet_requests_total", code=code) for code in ("400", "499")}
-        assert sum(answered.values()) == metric_value(metrics, "mprnet_requests_total") == 30, metrics
-        assert answered["499"] == metric_value(metrics, "mprnet_restores_cancelled_by_client_total") >= 1
+        # Each ended as a client gone (499): a cancelled restore, or an upload cut before it was
+        # all read; none as a server error, nor as a bad request.
+        assert metric_value(metrics, "mprnet_requests_total", code="499") == 30, metrics
+        assert metric_value(metrics, "mprnet_requests_total") == 30, metrics
+        assert 1 <= metric_value(metrics, "mprnet_restores_cancelled_by_client_total") <= 30
         assert (server.service.budget.bytes, server.service.budget.pixels) == (0, 0)
         gate.release.set()
         assert_progress_then_result(post_stream(server.url, "denoising", encode(smooth_image(64, 64))))

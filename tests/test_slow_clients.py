@@ -27,6 +27,7 @@ from service_helpers import (
     RunningServer,
     decode_png,
     encode,
+    metric_value,
     multipart_body,
     random_image,
     tiny_checkpoint,
@@ -316,3 +317,16 @@ def test_an_upload_still_arriving_at_shutdown_gets_503_not_ready_just_before_the
     assert head.startswith(b"HTTP/1.1 503 "), answer[:300]
     assert b"application/json" in head and b"retry-after: 1" in head.lower() and b'"not_ready"' in payload
     assert grace_s - 1.0 - 0.5 <= elapsed <= grace_s + SLACK_S, elapsed
+
+
+def test_a_client_that_leaves_during_its_upload_is_counted_as_gone_499_not_as_a_bad_request(server):
+    def count(code: str) -> float:
+        return metric_value(server.metrics(), "mprnet_requests_total", code=code)
+
+    before = {code: count(code) for code in ("400", "499")}
+    body, content_type = multipart_body("image", "half.png", encode(random_image(64, 64, seed=14)))
+    with connect(server) as sock:
+        sock.sendall(upload_head(len(body), content_type) + body[:len(body) // 2])
+        wait_until(lambda: server.service.budget.bytes > 0, "the upload to start arriving", timeout=10)
+    wait_until(lambda: count("499") == before["499"] + 1, "the abandoned upload to be counted", timeout=10)
+    assert count("400") == before["400"]
