@@ -15,7 +15,8 @@ The network restores 8-bit RGB. What happens to everything else:
   integers (32-bit TIFF) are refused: no scale to 8 bits keeps what they hold.
 * **Colour profiles** (ICC) are kept: the network restores the values as stored, and the result
   carries the source's profile, so a Display P3 or Adobe RGB photo shows the colours it had. A
-  profile of another colour space than the result's (a CMYK one, say) is dropped.
+  profile of another colour space than the result's (a CMYK one, say) is dropped. A PNG's other
+  colour chunks (gAMA, cHRM, sRGB) are kept too, where no profile is.
 * **CMYK, YCbCr, LAB** are converted to RGB.
 * **Several frames** (animated GIF/PNG/WebP, multi-page TIFF) are refused: which frame a user
   wants restored is not ours to guess.
@@ -30,12 +31,13 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 __all__ = ["ImageError", "InvalidImage", "UnsupportedImageFormat", "ImageTooLarge", "DecodedImage",
            "SUPPORTED_FORMATS", "decode", "read_image", "encode_png", "save_png"]
@@ -77,6 +79,7 @@ class DecodedImage:
     grayscale: bool
     format: str
     icc_profile: bytes | None = None  # kept only when it describes the result's colour space
+    png_colour_chunks: tuple[tuple[bytes, bytes], ...] = ()  # gAMA, cHRM, sRGB: (type, data) to write back
 
     @property
     def height(self) -> int:
@@ -233,6 +236,20 @@ def _profile_for(profile: bytes | None, grayscale: bool) -> bytes | None:
     return profile if profile[16:20] == (b"GRAY" if grayscale else b"RGB ") else None
 
 
+def _png_colour_chunks(info: dict) -> tuple[tuple[bytes, bytes], ...]:
+    """A PNG's gamma, chromaticities and sRGB intent, as Pillow read them, as chunks to write back
+    (Pillow writes none of them by itself). Both store each number in units of 1/100000."""
+    chunks = []
+    if isinstance(info.get("gamma"), (int, float)):
+        chunks.append((b"gAMA", struct.pack(">I", round(info["gamma"] * 100_000))))
+    chromaticity = info.get("chromaticity")
+    if isinstance(chromaticity, tuple) and len(chromaticity) == 8:
+        chunks.append((b"cHRM", struct.pack(">8I", *(round(value * 100_000) for value in chromaticity))))
+    if isinstance(info.get("srgb"), int):
+        chunks.append((b"sRGB", bytes([info["srgb"]])))
+    return tuple(chunks)
+
+
 def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     """Decode an upload into RGB pixels, refusing it with an :class:`ImageError` if it cannot be."""
     image = _open(data, max_pixels)
@@ -245,6 +262,8 @@ def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         rgb, alpha, grayscale = _pixels(image)
         grayscale = grayscale or (image_format == "PNG" and _png_colour_type(data) == _PNG_GREY_ALPHA)
         icc_profile = _profile_for(image.info.get("icc_profile"), grayscale)
+        # With a profile kept, these would only contradict it (and sRGB may not stand beside one).
+        colour_chunks = _png_colour_chunks(image.info) if image_format == "PNG" and icc_profile is None else ()
     except ImageError:
         raise
     except Exception as exc:
@@ -253,7 +272,8 @@ def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         # decoder chokes on are a bad upload, whatever the exception's type.
         raise InvalidImage(f"the {image_format} data is damaged and cannot be decoded "
                            f"({type(exc).__name__}: {exc})") from None
-    return DecodedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, format=image_format, icc_profile=icc_profile)
+    return DecodedImage(rgb=rgb, alpha=alpha, grayscale=grayscale, format=image_format, icc_profile=icc_profile,
+                        png_colour_chunks=colour_chunks)
 
 
 def read_image(path: str | Path, max_pixels: int | None = None) -> DecodedImage:
@@ -280,5 +300,9 @@ def encode_png(restored_rgb: np.ndarray, source: DecodedImage) -> bytes:
 
 
 def save_png(restored_rgb: np.ndarray, source: DecodedImage, path: str | Path | io.BytesIO) -> None:
-    options = {"icc_profile": source.icc_profile} if source.icc_profile else {}
+    options: dict = {"icc_profile": source.icc_profile} if source.icc_profile else {}
+    if source.png_colour_chunks:
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        for chunk_type, chunk_data in source.png_colour_chunks:
+            options["pnginfo"].add(chunk_type, chunk_data)
     _restored_image(restored_rgb, source).save(path, format="PNG", compress_level=_PNG_COMPRESS_LEVEL, **options)

@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service import imaging
 
@@ -170,6 +170,24 @@ def test_a_colour_profile_is_carried_to_the_result(kind):
     decoded = imaging.decode(_encode(image, "JPEG" if "jpeg" in kind else "PNG", **options))
     result = Image.open(io.BytesIO(imaging.encode_png(decoded.rgb, decoded)))
     assert result.info.get("icc_profile") == profile
+
+
+@pytest.mark.parametrize("chunks", [
+    [(b"gAMA", struct.pack(">I", 100_000))],  # linear: shown far darker if the result forgot it
+    [(b"gAMA", struct.pack(">I", 55_556)), (b"cHRM", struct.pack(">8I", 31270, 32900, 64000, 33000, 30000,
+                                                                  60000, 15000, 6000))],
+    [(b"sRGB", b"\x00"), (b"gAMA", struct.pack(">I", 45_455))],
+], ids=["linear gamma", "gamma 1.8 and chromaticities", "srgb"])
+def test_a_pngs_gamma_chromaticities_and_srgb_chunks_are_kept(chunks):
+    info = PngImagePlugin.PngInfo()
+    for chunk_type, data in chunks:
+        info.add(chunk_type, data)
+    source = Image.open(io.BytesIO(_encode(Image.fromarray(RGB), pnginfo=info)))
+    decoded = imaging.decode(_encode(Image.fromarray(RGB), pnginfo=info))
+    result = Image.open(io.BytesIO(imaging.encode_png(decoded.rgb, decoded)))
+    described = ("gamma", "chromaticity", "srgb")
+    assert {key: result.info.get(key) for key in described} == {key: source.info.get(key) for key in described}
+    assert any(key in source.info for key in described)
 
 
 def test_a_profile_for_another_colour_space_is_dropped():
