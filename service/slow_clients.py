@@ -119,7 +119,7 @@ class SlowClientProtocol(H11Protocol):
                                                "the service is shutting down; send the image again",
                                                "retry-after: 1\r\n"))
 
-    # -- the two limits -----------------------------------------------------------------------
+    # -- the limits ---------------------------------------------------------------------------
 
     def _follow_client(self) -> None:
         if self.transport.is_closing():
