@@ -62,7 +62,7 @@ from .client_results import (
     plain_result,
 )
 from .client_retries import RetryPolicy
-from .image_files import find_images, result_targets
+from .image_files import as_paths, find_images, result_targets
 
 __all__ = ["Client", "AsyncClient", "RestoreResult", "Progress", "FileOutcome", "ServiceError", "InvalidImage",
            "NotFound", "PayloadTooLarge", "UnsupportedMediaType", "ValidationError", "InternalError", "Overloaded",
@@ -358,10 +358,8 @@ class AsyncClient:
 
 
 def _files_to_restore(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: Path) -> list[Path]:
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]  # one folder or file, not the characters of its name
     files: list[Path] = []
-    for entry in map(Path, inputs):
+    for entry in as_paths(inputs):
         # Anything but a folder is kept as given, even if missing, so that its outcome carries the
         # error of reading it instead of the input silently dropping out of the results.
         files.extend(find_images(entry, leave_out=out_dir)[0] if entry.is_dir() else [entry])

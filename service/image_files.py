@@ -11,6 +11,11 @@ from pathlib import Path
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
 
+def as_paths(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """One path, or several: a string is one path, never the characters of its name."""
+    return [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else list(map(Path, inputs))
+
+
 def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike],
                 leave_out: str | os.PathLike | None = None) -> tuple[list[Path], list[str]]:
     """Files as given and the images inside folders (recursively, sorted by path), in input order;
@@ -19,12 +24,10 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     ``inputs`` may be one path (not taken for the characters of its name). Inside a folder, images
     under ``leave_out`` are left out when it is a folder below that one: an output folder inside
     the input folder holds the results of an earlier run, not more photos."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
     outputs = Path(leave_out).resolve() if leave_out is not None else None
     files: list[Path] = []
     problems: list[str] = []
-    for entry in map(Path, inputs):
+    for entry in as_paths(inputs):
         if entry.is_dir():
             below = outputs if outputs is not None and outputs != entry.resolve() else None
             found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
