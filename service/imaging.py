@@ -5,14 +5,16 @@ The network restores 8-bit RGB. What happens to everything else:
 * **EXIF orientation** is applied first, so the result looks as the photo did on screen.
 * **Grayscale** (1-bit, 8-bit, 16-bit) is restored as RGB with equal channels and returned as
   grayscale (ITU-R 601 luma of the restored pixels).
-* **Alpha** is kept aside, the colour is restored, and the original alpha is re-attached.
+* **Alpha** is kept aside, the colour is restored, and the original alpha is re-attached. A PNG's
+  transparent colour (tRNS in a grey or RGB image) is alpha too.
 * **Palette** images are expanded to RGB (RGBA when the palette has transparency); the result is
   a truecolour PNG, since restored pixels no longer fit a palette.
 * **16-bit** channels are reduced to 8 bits; the result is 8-bit. Grey is scaled by 255/65535 and
   rounded; colour is what Pillow reads, the high byte of each sample (at most one level under
   rounding), since Pillow has no 16-bit colour mode to read the full samples into. (Pillow reads
   16-bit grey with alpha as RGBA; the PNG header says it is grey, and it comes back as LA.) Wider
-  integers (32-bit TIFF) are refused: no scale to 8 bits keeps what they hold.
+  or signed integers (32-bit or signed TIFF) are refused, whatever values they hold: no scale to
+  8 bits keeps what they hold. 16-bit grey stored "white is zero" is shown as a viewer would.
 * **Colour profiles** (ICC) are kept: the network restores the values as stored, and the result
   carries the source's profile, so a Display P3 or Adobe RGB photo shows the colours it had. A
   profile of another colour space than the result's (a CMYK one, say) is dropped. A PNG's other
@@ -20,7 +22,9 @@ The network restores 8-bit RGB. What happens to everything else:
 * **CMYK, YCbCr, LAB** are converted to RGB.
 * **Several frames** (animated GIF/PNG/WebP, multi-page TIFF) are refused: which frame a user
   wants restored is not ours to guess.
-* **Formats**: PNG, JPEG, WebP, BMP and TIFF. Anything else is refused as unsupported.
+* **Formats**: PNG, JPEG, WebP, BMP and TIFF. Anything else is refused as unsupported, including
+  images Pillow has no reader for but whose signature says what they are (HEIC, JPEG XL, TIFF
+  layouts such as 16-bit grey with alpha); bytes that are no image are invalid.
 * **Size**: the pixel count is checked from the header, before any pixel is decoded, so a small
   file that declares a huge image never allocates it.
 
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 __all__ = ["ImageError", "InvalidImage", "UnsupportedImageFormat", "ImageTooLarge", "DecodedImage",
            "SUPPORTED_FORMATS", "decode", "read_image", "encode_png", "save_png"]
@@ -104,8 +108,7 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         limit = f"; the limit is {max_pixels}" if max_pixels is not None else f" ({exc})"
         raise ImageTooLarge(f"the image declares {size}{limit}") from None
     except UnidentifiedImageError:
-        raise InvalidImage("the data is not an image in a format this service reads "
-                           "(PNG, JPEG, WebP, BMP, TIFF)") from None
+        raise _why_pillow_cannot_read(data) from None
     except Exception as exc:  # untrusted bytes: any failure of the parser means "not readable"
         raise InvalidImage(f"the image header cannot be read ({type(exc).__name__}: {exc})") from None
     if image.format not in SUPPORTED_FORMATS:
@@ -134,6 +137,63 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         count = f"{frames} frames" if frames else "more than one frame"
         raise UnsupportedImageFormat(f"the {image.format} has {count}; send a single-frame image")
     return image
+
+
+# Image formats Pillow has no reader for, by their signatures: an upload in one of them is a real
+# image the service does not take (415), not bytes that are no image (400). ISO-BMFF brands name
+# HEIF (iPhones' HEIC) and AVIF, which newer Pillows identify by themselves.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1",
+                          b"msf1", b"avif", b"avis"})
+_JPEG_XL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+
+
+def _why_pillow_cannot_read(data: bytes) -> ImageError:
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        kind = "AVIF" if data[8:12].startswith(b"avi") else "HEIF/HEIC"
+        return UnsupportedImageFormat(f"{kind} images are not supported; send PNG, JPEG, WebP, BMP or TIFF")
+    if data.startswith(_JPEG_XL_SIGNATURES):
+        return UnsupportedImageFormat("JPEG XL images are not supported; send PNG, JPEG, WebP, BMP or TIFF")
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        layout = _tiff_layout_pillow_cannot_read(data)
+        if layout:
+            return UnsupportedImageFormat(f"TIFFs of {layout} are not supported; send 8-bit grey or colour, "
+                                          "with or without alpha, or 16-bit grey or colour")
+    return InvalidImage("the data is not an image in a format this service reads (PNG, JPEG, WebP, BMP, TIFF)")
+
+
+_TIFF_SAMPLE_FORMATS = {1: "unsigned integers", 2: "signed integers", 3: "floating point"}
+
+
+def _tiff_layout_pillow_cannot_read(data: bytes) -> str | None:
+    """The sample layout of a well-formed TIFF that Pillow has no reader for (16-bit grey with
+    alpha, 16-bit floats, ...), or None when the header itself is damaged."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            TiffImagePlugin.TiffImageFile(io.BytesIO(data))
+            return None
+        except SyntaxError as exc:
+            if str(exc) != "unknown pixel mode":  # what Pillow says of a layout; anything else is damage
+                return None
+        except Exception:
+            return None
+        try:
+            stream = io.BytesIO(data)
+            directory = TiffImagePlugin.ImageFileDirectory_v2(stream.read(8))
+            stream.seek(directory.next)
+            directory.load(stream)
+            channels, bits = _tiff_tag(directory, 277, 1), _tiff_tag(directory, 258, 1)
+            sample_format = _tiff_tag(directory, 339, 1)
+        except Exception:
+            return "a sample layout this service does not read"
+    kind = _TIFF_SAMPLE_FORMATS.get(sample_format, f"sample format {sample_format}")
+    return f"{channels} channel{'s' if channels != 1 else ''} of {bits}-bit {kind}"
+
+
+def _tiff_tag(tags, number: int, default: int) -> int:
+    """A TIFF tag's first value: per-channel tags (bits, sample format) repeat it for each channel."""
+    value = tags.get(number, default)
+    return int(value[0] if isinstance(value, tuple) and value else value)
 
 
 # Progressive JPEGs as encoders write them have up to a few dozen scans (libjpeg's default script
@@ -192,17 +252,52 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.rint(scaled).astype(np.uint8)
 
 
-def _pixels(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
+def _refuse_samples_without_an_8_bit_scale(image: Image.Image) -> None:
+    if image.mode == "F":
+        raise UnsupportedImageFormat("floating-point images are not supported; send 8- or 16-bit integers")
+    # Pillow reads 16-bit unsigned TIFFs as I;16 (and older Pillows read 16-bit PNGs as I), so a
+    # TIFF in mode I holds 32-bit or signed samples: small values are no evidence of 16 bits.
+    if image.mode == "I" and image.format == "TIFF":
+        bits, signed = _tiff_tag(image.tag_v2, 258, 32), _tiff_tag(image.tag_v2, 339, 1) == 2
+        raise UnsupportedImageFormat(f"{bits}-bit {'signed ' if signed else ''}integer images are not "
+                                     "supported; send 8- or 16-bit unsigned integers")
+
+
+def _grey_is_inverted(image: Image.Image) -> bool:
+    # Pillow inverts 1- and 8-bit "white is zero" TIFFs as it reads them, but not 16-bit ones.
+    return image.format == "TIFF" and image.mode in _SIXTEEN_BIT_GREY and image.tag_v2.get(262) == 0
+
+
+def _colour_key(image: Image.Image, data: bytes) -> int | tuple[int, ...] | None:
+    """A PNG's tRNS colour key of a grey or RGB image, in the units its pixels are read in: the one
+    colour that stands for "transparent" (palettes are Pillow's to expand)."""
+    key = image.info.get("transparency")
+    if image.format != "PNG" or image.mode not in ("1", "L", "RGB", *_SIXTEEN_BIT_GREY):
+        return None
+    bit_depth = data[24] if len(data) > 24 else 8
+    if image.mode == "L" and isinstance(key, int) and bit_depth < 8:
+        return key * 255 // (2 ** bit_depth - 1)  # Pillow scales 1-, 2- and 4-bit samples to 8 bits, not the key
+    if image.mode == "RGB" and isinstance(key, tuple) and bit_depth == 16:
+        # Pillow reads 16-bit colour as its high bytes, so only those can be matched.
+        return tuple(value >> 8 for value in key)
+    return key if isinstance(key, (int, tuple)) else None
+
+
+def _pixels(image: Image.Image, *, colour_key: int | tuple[int, ...] | None = None,
+            grey_is_inverted: bool = False) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """(rgb, alpha, grayscale) of a loaded, upright image."""
     mode = image.mode
-    if mode == "F":
-        raise UnsupportedImageFormat("floating-point images are not supported; send 8- or 16-bit integers")
     if mode in _SIXTEEN_BIT_GREY or mode in ("1", "L"):
         samples = np.asarray(image)
-        if mode == "I" and samples.size and (samples.min() < 0 or samples.max() > 65535):
-            raise UnsupportedImageFormat("32-bit integer images are not supported; send 8- or 16-bit integers")
+        if grey_is_inverted:
+            samples = 65535 - samples.astype(np.int32)
         grey = _to_uint8(samples)
-        return np.repeat(grey[:, :, None], 3, axis=2), None, True
+        alpha = None
+        if isinstance(colour_key, int):
+            # Key and samples alike: raw for 16 bits, 0-255 otherwise (Pillow reads 1-bit as 0/255).
+            keyed = samples if mode in _SIXTEEN_BIT_GREY else grey
+            alpha = np.where(keyed == colour_key, 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2), alpha, True
     if mode in ("LA", "La"):
         grey_alpha = np.asarray(image.convert("LA"))
         return np.repeat(grey_alpha[:, :, :1], 3, axis=2), np.ascontiguousarray(grey_alpha[:, :, 1]), True
@@ -218,7 +313,11 @@ def _pixels(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
     pixels = np.asarray(image)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise UnsupportedImageFormat(f"images of mode {mode} are not supported")
-    return np.ascontiguousarray(_to_uint8(pixels)), None, False
+    rgb = np.ascontiguousarray(_to_uint8(pixels))
+    alpha = None
+    if isinstance(colour_key, tuple) and len(colour_key) == 3:
+        alpha = np.where((rgb == np.array(colour_key)).all(axis=2), 0, 255).astype(np.uint8)
+    return rgb, alpha, False
 
 
 _PNG_GREY_ALPHA = 4  # IHDR colour type
@@ -258,8 +357,11 @@ def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
+            _refuse_samples_without_an_8_bit_scale(image)
+            # Read before turning upright, which gives a new image without the TIFF's tags.
+            colour_key, grey_is_inverted = _colour_key(image, data), _grey_is_inverted(image)
             image = ImageOps.exif_transpose(image)
-        rgb, alpha, grayscale = _pixels(image)
+        rgb, alpha, grayscale = _pixels(image, colour_key=colour_key, grey_is_inverted=grey_is_inverted)
         grayscale = grayscale or (image_format == "PNG" and _png_colour_type(data) == _PNG_GREY_ALPHA)
         icc_profile = _profile_for(image.info.get("icc_profile"), grayscale)
         # With a profile kept, these would only contradict it (and sRGB may not stand beside one).

@@ -144,12 +144,84 @@ def test_sixteen_bit_grey_with_alpha_comes_back_as_grey_with_alpha():
     assert Image.open(io.BytesIO(imaging.encode_png(restored, decoded))).mode == "LA"
 
 
-def test_integers_wider_than_sixteen_bits_are_refused():
-    wide = np.arange(20 * 30, dtype=np.int32).reshape(20, 30) * 1000
-    with pytest.raises(imaging.UnsupportedImageFormat, match="32-bit"):
-        imaging.decode(_encode(Image.fromarray(wide, "I"), "TIFF"))
-    narrow = np.arange(20 * 30, dtype=np.int32).reshape(20, 30) * 100  # mode I, within 16 bits
-    assert imaging.decode(_encode(Image.fromarray(narrow, "I"), "TIFF")).grayscale
+def _tiff(samples: np.ndarray, photometric: int = 1, sample_format: int = 1) -> bytes:
+    """A one-strip little-endian TIFF written by hand, for layouts Pillow does not write."""
+    height, width, channels = samples.shape
+    pixels = samples.astype(samples.dtype.newbyteorder("<")).tobytes()
+    bits = samples.dtype.itemsize * 8
+    tags = [(256, width), (257, height), (258, bits), (259, 1), (262, photometric), (273, None), (277, channels),
+            (278, height), (279, len(pixels)), (339, sample_format)]
+    if channels == 2:
+        tags.insert(-1, (338, 2))  # the second channel is unassociated alpha
+    # Counts of 1 with per-channel tags are read as applying to every channel.
+    data_offset = 8 + 2 + 12 * len(tags) + 4
+    entries = b"".join(struct.pack("<HHII", tag, 4, 1, data_offset if value is None else value)
+                       for tag, value in tags)
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + struct.pack("<I", 0) + pixels
+
+
+def test_integers_wider_than_sixteen_bits_or_signed_are_refused():
+    # Whatever values they hold: 0-255 in 32 bits is no 16-bit image, and scaling it as one
+    # would return it black.
+    for values in (np.arange(600, dtype=np.int32).reshape(20, 30) * 1000, np.arange(4, dtype=np.int32).reshape(1, 4)):
+        with pytest.raises(imaging.UnsupportedImageFormat, match="32-bit"):
+            imaging.decode(_encode(Image.fromarray(values, "I"), "TIFF"))
+    with pytest.raises(imaging.UnsupportedImageFormat, match="16-bit signed"):
+        imaging.decode(_tiff(np.array([[[0], [16384], [32767]]], np.int16), sample_format=2))
+
+
+def test_sixteen_bit_grey_stored_white_is_zero_is_not_a_negative():
+    for samples, shown in (([[0, 255]], [255, 0]), ([[0, 65535]], [255, 0])):
+        dtype = np.uint8 if max(samples[0]) == 255 else np.uint16
+        decoded = imaging.decode(_tiff(np.array(samples, dtype)[:, :, None], photometric=0))
+        assert decoded.grayscale and decoded.rgb[0, :, 0].tolist() == shown
+
+
+@pytest.mark.parametrize("name,data,message", [
+    ("16-bit grey with alpha TIFF", _tiff(np.zeros((4, 5, 2), np.uint16)), "2 channels of 16-bit unsigned"),
+    ("16-bit float TIFF", _tiff(np.zeros((4, 5, 1), np.float16), sample_format=3), "16-bit floating point"),
+    ("HEIC", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(100), "HEIF/HEIC"),
+    ("JPEG XL", b"\x00\x00\x00\x0cJXL \r\n\x87\n" + bytes(100), "JPEG XL"),
+], ids=["16-bit grey with alpha TIFF", "16-bit float TIFF", "HEIC", "JPEG XL"])
+def test_real_images_pillow_cannot_read_are_unsupported_not_invalid(name, data, message):
+    with pytest.raises(imaging.UnsupportedImageFormat, match=message) as error:
+        imaging.decode(data)
+    assert error.value.status_code == 415
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")
+def test_a_tiff_with_a_damaged_header_is_still_invalid():
+    with pytest.raises(imaging.InvalidImage):
+        imaging.decode(b"II*\x00\x08\x00\x00\x00" + bytes(3))
+
+
+def _png_with_colour_key(rows: bytes, width: int, bit_depth: int, colour_type: int, key: bytes) -> bytes:
+    return (b"\x89PNG\r\n\x1a\n"
+            + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, 1, bit_depth, colour_type, 0, 0, 0))
+            + _png_chunk(b"tRNS", key) + _png_chunk(b"IDAT", zlib.compress(b"\x00" + rows)) + _png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("kind,data,transparent", [
+    ("rgb", _png_with_colour_key(bytes([10, 20, 30, 10, 20, 31, 10, 20, 30]), 3, 8, 2, struct.pack(">3H", 10, 20, 30)),
+     [True, False, True]),
+    ("grey", _png_with_colour_key(bytes([7, 8, 7]), 3, 8, 0, struct.pack(">H", 7)), [True, False, True]),
+    ("2-bit grey", _png_with_colour_key(bytes([0b00011011]), 4, 2, 0, struct.pack(">H", 2)),
+     [False, False, True, False]),
+    ("1-bit grey", _png_with_colour_key(bytes([0b10110000]), 4, 1, 0, struct.pack(">H", 0)),
+     [False, True, False, False]),
+    ("16-bit grey", _png_with_colour_key(struct.pack(">3H", 700, 701, 700), 3, 16, 0, struct.pack(">H", 700)),
+     [True, False, True]),
+    # Pillow reads 16-bit colour as high bytes: the key matches on those.
+    ("16-bit rgb", _png_with_colour_key(struct.pack(">6H", 1000, 2000, 3000, 1000, 2300, 3000), 2, 16, 2,
+                                        struct.pack(">3H", 1000, 2000, 3000)), [True, False]),
+], ids=["rgb", "grey", "2-bit grey", "1-bit grey", "16-bit grey", "16-bit rgb"])
+def test_a_pngs_transparent_colour_key_becomes_alpha(kind, data, transparent):
+    decoded = imaging.decode(data)
+    assert decoded.alpha is not None and (decoded.alpha == 0)[0].tolist() == transparent
+    assert decoded.grayscale == ("grey" in kind)
+    result = Image.open(io.BytesIO(imaging.encode_png(decoded.rgb, decoded)))
+    assert result.mode == ("LA" if "grey" in kind else "RGBA")
+    assert (np.asarray(result)[..., -1] == 0)[0].tolist() == transparent
 
 
 def _icc(space: bytes) -> bytes:
