@@ -112,6 +112,9 @@ class _Decoder:
             log.warning("decoder process %d did not exit after being killed", self.process.pid)
 
 
+_RESTART_DELAY_S = 1.0
+
+
 class _DecoderLost(Exception):
     """The process went away mid-decode: killed because its request left, or crashed."""
 
@@ -159,10 +162,12 @@ class DecoderPool:
             except _DecoderLost:
                 raise imaging.InvalidImage("the image could not be decoded (the decoder stopped)") from None
         finally:
-            if not decoder.alive:
-                decoder = await loop.run_in_executor(None, self._replace, decoder)
-            if decoder is not None:
+            if decoder.alive:
                 idle.put_nowait(decoder)
+            else:
+                # Not awaited here: a request cancelled again while it waited (its deadline, then
+                # its client leaving) would abandon the replacement, and the pool would shrink for good.
+                self._restock(decoder, idle)
 
     def _idle_queue(self) -> asyncio.Queue:
         if self._idle is None:
@@ -170,6 +175,23 @@ class DecoderPool:
             for decoder in self._decoders:
                 self._idle.put_nowait(decoder)
         return self._idle
+
+    def _restock(self, dead: _Decoder, idle: asyncio.Queue) -> None:
+        """Put a fresh process in the place of ``dead``, then into ``idle``, whatever becomes of
+        the request that lost it; retried while processes cannot be started (out of pids, say)."""
+        loop = asyncio.get_running_loop()
+
+        def restocked(replacement: asyncio.Future) -> None:
+            if replacement.cancelled():  # the loop's executor is shutting down, and the pool with it
+                return
+            if replacement.exception() is not None:
+                log.error("could not start a decoder process (%s); retrying in %g s",
+                          replacement.exception(), _RESTART_DELAY_S)
+                loop.call_later(_RESTART_DELAY_S, lambda: self._restock(dead, idle))
+            elif replacement.result() is not None:
+                idle.put_nowait(replacement.result())
+
+        loop.run_in_executor(None, self._replace, dead).add_done_callback(restocked)
 
     def _replace(self, dead: _Decoder) -> _Decoder | None:
         dead.kill()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from service.config import Settings
+from service.decoding import DecoderPool
 from service.pipeline import RestorePipeline
 
 from attacks import chunk_bomb, ifd_bomb, scan_bomb, smooth_image
@@ -84,6 +85,36 @@ def test_a_decode_past_the_time_limit_is_stopped_and_the_service_goes_on(weights
         ok = httpx.post(url, files={"image": ("small.png", encode(smooth_image(32, 32)))}, timeout=60)
         assert ok.status_code == 200
         assert {decoder.process.pid for decoder in server.service.decoders._decoders} != pids
+
+
+def test_a_decode_cancelled_twice_still_gives_its_decoder_back():
+    # Over HTTP: a progress stream's deadline cancels a decode, and its client hangs up a few
+    # milliseconds later, cancelling it again while the killed decoder is being replaced. Each
+    # time the pool lost a process, until uploads waited forever while /readyz said ready.
+    slow = encode(smooth_image(2500, 2500))
+
+    async def scenario():
+        pool = DecoderPool(workers=2, max_pixels=None, timeout_s=30)
+        first_pids = {decoder.process.pid for decoder in pool._decoders}
+        try:
+            for _ in range(3):
+                decode = asyncio.ensure_future(pool.decode(slow))
+                await asyncio.sleep(0.05)
+                decode.cancel()
+                await asyncio.sleep(0)  # into the cleanup, where the second cancel lands
+                decode.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await decode
+            small = await asyncio.wait_for(asyncio.gather(*(pool.decode(encode(smooth_image(32, 32)))
+                                                            for _ in range(2))), 30)
+            assert [image.width for image in small] == [32, 32]
+            assert pool._idle.qsize() == 2 and all(decoder.alive for decoder in pool._decoders)
+            # The cancels did stop decodes in flight (not ones already finished), and were replaced.
+            assert not first_pids & {decoder.process.pid for decoder in pool._decoders}
+        finally:
+            pool.close()
+
+    asyncio.run(scenario())
 
 
 class _Gate:
