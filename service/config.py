@@ -134,8 +134,9 @@ class Settings(BaseSettings):
                                                        "max_batch_size) from free device memory at start-up; "
                                                        "on the CPU the configured values stay")
     limit_concurrency: int | None = Field(
-        default=None, ge=1, description="connections plus tasks past which the server answers 503 at once "
-                                        "(default: no limit)")
+        default=None, ge=1, description="open connections the server serves at once; a request that arrives "
+                                        "while more are open (refused ones count until they close) gets a "
+                                        "plain-text 503 at once (default: no limit)")
     request_head_timeout_s: float = Field(
         default=20.0, gt=0, description="a request's line and headers must arrive within this many seconds of the "
                                         "connection opening (or of the previous response); past it the connection "

@@ -84,9 +84,11 @@ def uvicorn_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                           log_config=None, access_log=False, lifespan="on",
                           timeout_graceful_shutdown=settings.graceful_shutdown_s,
-                          # Past this many connections and tasks uvicorn answers 503 without
-                          # running the app, so a flood of idle or slow clients cannot pile up.
-                          limit_concurrency=settings.limit_concurrency,
+                          # Past this many connections uvicorn answers 503 without running the
+                          # app, so a flood of idle or slow clients cannot pile up. Its count
+                          # includes the connection asking, so a limit of N would serve N - 1.
+                          limit_concurrency=None if settings.limit_concurrency is None
+                          else settings.limit_concurrency + 1,
                           http=functools.partial(SlowClientProtocol, limits=limits))
 
 

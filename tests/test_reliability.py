@@ -313,26 +313,40 @@ def test_a_client_that_vanishes_mid_upload_leaves_nothing_behind(server):
     assert_still_serving(server.url)
 
 
+def _kept_alive(host: str, port: int) -> socket.socket:
+    """A connection that the server has certainly taken in: one request answered, kept open."""
+    connection = socket.create_connection((host, port), timeout=10)
+    connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += connection.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    return connection
+
+
 def test_idle_connections_past_the_concurrency_limit_get_503_from_the_server(weights):
     """Slow or idle clients (half-sent headers) hold connections; past ``limit_concurrency`` the
-    server itself turns new ones away instead of letting them pile up."""
+    server itself turns new ones away instead of letting them pile up, and up to it serves them."""
     settings = dict(MPRNET_TASKS="denoising", MPRNET_WEIGHTS_DENOISING=str(weights), MPRNET_DEVICE="cpu",
                     MPRNET_TILE_SIZE="32", MPRNET_TILE_OVERLAP="8", MPRNET_LIMIT_CONCURRENCY="3",
                     MPRNET_LOG_LEVEL="warning")
-    idle: list[socket.socket] = []
+    held: list[socket.socket] = []
     with serving_process(settings) as served:
         url = httpx.URL(served.url)
         try:
-            for _ in range(3):
-                connection = socket.create_connection((url.host, url.port), timeout=10)
-                connection.sendall(b"POST /v1/restore/denoising HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-                idle.append(connection)
-            # Each probe is a connection of its own, so it is turned away once the three idle
-            # ones have been taken in.
+            # Two open connections and the probe's own make three: within the limit (uvicorn
+            # counts the asking connection too, which once left a limit of 3 serving 2).
+            held += [_kept_alive(url.host, url.port) for _ in range(2)]
+            assert httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200
+            connection = socket.create_connection((url.host, url.port), timeout=10)
+            connection.sendall(b"POST /v1/restore/denoising HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            held.append(connection)
+            # Each probe is a connection of its own, the fourth, so it is turned away once the
+            # half-sent one has been taken in.
             wait_until(lambda: httpx.get(f"{served.url}/healthz", timeout=10).status_code == 503,
                        "a connection past the limit to be turned away")
         finally:
-            for connection in idle:
+            for connection in held:
                 connection.close()
         wait_until(lambda: httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200,
                    "the closed connections to free their places")
