@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.weights import DEFAULT_MAX_BYTES, TASKS
 
-from .image_files import find_images, result_targets
+from .image_files import find_images, result_targets, write_atomically
 from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE
 
 if TYPE_CHECKING:
@@ -28,7 +28,17 @@ def _restore_command(args: argparse.Namespace) -> int:
     if Path(args.output).exists() and not Path(args.output).is_dir():
         print(f"error: --output takes a folder; {args.output} is a file", file=sys.stderr)
         return EXIT_USAGE
-    return _restore_remotely(args) if args.url else _restore_locally(args)
+    # An empty --url (an unset variable, say) is a mistake to report, not a request to run locally.
+    return _restore_remotely(args) if args.url is not None else _restore_locally(args)
+
+
+def _made_output_folder(folder: str) -> bool:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot create the output folder {folder}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _report_problems(problems: list[str]) -> None:
@@ -67,9 +77,10 @@ def _restore_locally(args: argparse.Namespace) -> int:
     except (WeightsNotFound, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not _made_output_folder(args.output):
+        return EXIT_USAGE
 
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     failures = len(problems)
     progress = tqdm(result_targets(files, out_dir), unit="image", disable=len(files) < 2 or args.quiet,
                     file=sys.stderr)
@@ -81,7 +92,7 @@ def _restore_locally(args: argparse.Namespace) -> int:
         progress.set_postfix_str(path.name)
         try:
             png = pipeline.restore(path.read_bytes(), engine.forward, engine.max_batch_size)
-            target.write_bytes(png)
+            write_atomically(target, png)
         except imaging.ImageError as exc:
             tqdm.write(f"error: {path}: {exc}", file=sys.stderr)
             failures += 1
@@ -137,6 +148,8 @@ def _restore_remotely(args: argparse.Namespace) -> int:
         client = Client(args.url, api_key=api_key)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not _made_output_folder(args.output):
         return EXIT_USAGE
     with client:
         try:

@@ -62,7 +62,7 @@ from .client_results import (
     plain_result,
 )
 from .client_retries import RetryPolicy
-from .image_files import as_paths, find_images, result_targets
+from .image_files import as_paths, find_images, result_targets, write_atomically
 
 __all__ = ["Client", "AsyncClient", "RestoreResult", "Progress", "FileOutcome", "ServiceError", "InvalidImage",
            "NotFound", "PayloadTooLarge", "UnsupportedMediaType", "ValidationError", "InternalError", "Overloaded",
@@ -108,7 +108,10 @@ def _upload(image: ImageInput) -> tuple[str, bytes, str]:
         return "image", bytes(image), "application/octet-stream"
     path = Path(image)
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return path.name, path.read_bytes(), content_type
+    # A name in another encoding than the file system's (Latin-1 on a UTF-8 system, say) holds
+    # undecodable bytes that no multipart header can carry; the service only logs the name.
+    filename = path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return filename, path.read_bytes(), content_type
 
 
 def _restore_request(task: str, upload: tuple[str, bytes, str], request_id: str | None,
@@ -131,6 +134,12 @@ def _client_options(base_url: str, timeout: float | httpx.Timeout, headers: dict
         if not (api_key and api_key.isascii() and api_key.isprintable()):
             raise ValueError("api_key is empty, or has characters an HTTP header cannot carry (it is not shown here)")
         headers = {**(headers or {}), API_KEY_HEADER: api_key}
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"the service URL {base_url!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"the service URL must be http://host:port or https://host:port, got {base_url!r}")
     return dict(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
 
 
@@ -344,17 +353,36 @@ class AsyncClient:
             while not work.empty():
                 index, path, target = work.get_nowait()
                 try:
-                    progress = None if on_progress is None else functools.partial(on_progress, path)
+                    progress = None if on_progress is None else functools.partial(_calling_back, on_progress, path)
                     result = await self.restore(path, task, progress=progress)
-                    await asyncio.to_thread(_write_atomically, target, result.png)
+                    await asyncio.to_thread(write_atomically, target, result.png)
                 except (ServiceError, OSError) as exc:
                     outcomes[index] = FileOutcome(path, target, error=exc)
                 else:
                     outcomes[index] = FileOutcome(path, target, result=result)
                 report(outcomes[index])
 
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, max(1, work.qsize())))))
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, max(1, work.qsize())))))
+        except _CallbackRaised as raised:
+            raise raised.error from None
         return outcomes  # type: ignore[return-value]  # every slot is filled by now
+
+
+class _CallbackRaised(Exception):
+    """Carries what the caller's progress callback raised past the handling of one file's errors:
+    a BrokenPipeError of the caller's is not an OSError of reading or writing that file."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
+
+
+def _calling_back(on_progress: FileProgressCallback, path: Path, progress: Progress) -> None:
+    try:
+        on_progress(path, progress)
+    except Exception as exc:
+        raise _CallbackRaised(exc) from exc
 
 
 def _files_to_restore(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: Path) -> list[Path]:
@@ -366,10 +394,4 @@ def _files_to_restore(inputs: str | os.PathLike | Iterable[str | os.PathLike], o
     return files
 
 
-def _write_atomically(target: Path, data: bytes) -> None:
-    # A run stopped midway must not leave a truncated PNG under the final name, which a rerun
-    # or a downstream job would take for a finished result.
-    partial = target.with_name(f".{target.name}.part")
-    partial.write_bytes(data)
-    partial.replace(target)
 

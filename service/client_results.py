@@ -144,8 +144,11 @@ class RestoreEvents:
                 eta_s = fields.get("eta_s")
                 return Progress(int(fields["done"]), int(fields["total"]), None if eta_s is None else float(eta_s))
             if name == "result":
-                return RestoreResult(png=base64.b64decode(fields["png_base64"], validate=True),
-                                     request_id=str(fields["request_id"]),
+                png = base64.b64decode(fields["png_base64"], validate=True)
+                if not png.startswith(PNG_SIGNATURE):
+                    return ServiceError("the result event carries no PNG: is this the service?", code="not_a_png",
+                                        status=200, request_id=self._request_id)
+                return RestoreResult(png=png, request_id=str(fields["request_id"]),
                                      timings={str(step): float(ms) for step, ms in fields["timings"].items()})
             if name == "error":
                 detail = fields["error"]

@@ -42,8 +42,8 @@ class RetryPolicy:
         if retry_after > self.max_wait:
             return None  # the service asks for a longer pause than this caller agreed to wait
         # At least what the service asked for; the jitter keeps clients told the same number of
-        # seconds from all coming back in the same instant.
-        return retry_after + random.uniform(0, step)
+        # seconds from all coming back in the same instant, within the longest pause agreed.
+        return min(self.max_wait, retry_after + random.uniform(0, step))
 
     def wait_after(self, failure: httpx.TransportError | Overloaded, attempt: int, retry: bool) -> float:
         """The pause before retrying the attempt that failed with ``failure``; when there is

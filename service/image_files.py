@@ -5,6 +5,7 @@ Standard library only, so importing it costs nothing."""
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,13 +24,16 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike],
 
     ``inputs`` may be one path (not taken for the characters of its name). Inside a folder, images
     under ``leave_out`` are left out when it is a folder below that one: an output folder inside
-    the input folder holds the results of an earlier run, not more photos."""
+    the input folder holds the results of an earlier run, not more photos. An output folder
+    that is the input folder, or above it, leaves nothing out."""
     outputs = Path(leave_out).resolve() if leave_out is not None else None
     files: list[Path] = []
     problems: list[str] = []
     for entry in as_paths(inputs):
         if entry.is_dir():
-            below = outputs if outputs is not None and outputs != entry.resolve() else None
+            folder = entry.resolve()
+            inside = outputs is not None and outputs != folder and outputs.is_relative_to(folder)
+            below = outputs if inside else None
             found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                            and not (below is not None and p.resolve().is_relative_to(below)))
             if not found:
@@ -66,3 +70,18 @@ def result_targets(files: Iterable[Path], out_dir: Path) -> list[tuple[Path, Pat
             reason = None
         planned.append((path, target, reason))
     return planned
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a temporary file beside it: a run stopped midway never
+    leaves a truncated PNG under the final name, which a rerun or a downstream job would take for
+    a finished result, and a failed write leaves nothing at all."""
+    # A short random name: the target's own name plus a suffix could pass the 255-byte limit.
+    partial = target.parent / f".{secrets.token_hex(8)}.part"
+    try:
+        with open(partial, "xb") as file:
+            file.write(data)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

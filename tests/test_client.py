@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -38,7 +39,9 @@ from service.client import (
     Timeout,
     UnsupportedMediaType,
 )
+from service.client_retries import RetryPolicy
 from service.config import Settings
+from service.image_files import find_images, write_atomically
 from service.tiling import plan_tiles
 
 from service_helpers import (
@@ -205,6 +208,59 @@ def test_restore_folder_takes_one_folder_given_as_a_string_as_that_folder(server
         outcomes = client.restore_folder("trip.2024", "restored", "denoising")
     assert [(outcome.path, outcome.ok) for outcome in outcomes] == [(Path("trip.2024/holiday.png"), True)]
     assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["holiday.png"]
+
+
+@pytest.mark.parametrize("output", ["parent", "root"])
+def test_restore_folder_into_a_folder_above_the_inputs_restores_them(server, tmp_path, output):
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(random_image(12, 12, 13)).save(tmp_path / "photos" / "beach.bmp")
+    # Every file lies under the root folder too: none is a result of an earlier run.
+    found, problems = find_images(tmp_path / "photos", leave_out="/" if output == "root" else tmp_path)
+    assert (found, problems) == ([tmp_path / "photos" / "beach.bmp"], [])
+    with Client(server.url) as client:
+        [outcome] = client.restore_folder(tmp_path / "photos", tmp_path, "denoising")
+    assert outcome.ok and (tmp_path / "beach.png").read_bytes() == outcome.result.png
+
+
+def test_a_file_name_in_another_encoding_than_the_file_systems_is_restored(server, tmp_path):
+    # A Latin-1 "café.png" from an old camera card on a UTF-8 system: bytes no multipart header
+    # can carry as they are, which once ended the whole run with UnicodeEncodeError.
+    name = os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(random_image(12, 12, 14)).save(tmp_path / name)
+    Image.fromarray(random_image(12, 12, 15)).save(tmp_path / "plain.png")
+    with Client(server.url) as client:
+        outcomes = client.restore_folder(tmp_path, tmp_path / "out", "denoising")
+    assert [(outcome.path.name, outcome.ok) for outcome in outcomes] == [(name, True), ("plain.png", True)]
+    assert (tmp_path / "out" / name).read_bytes() == outcomes[0].result.png
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path):
+    # The temporary name must not grow with the target's: 250 bytes of stem plus ".png" fit the
+    # 255-byte limit of a file name, and once did not with ".<name>.part" around them.
+    long_name = tmp_path / f"{'x' * 250}.png"
+    write_atomically(long_name, b"\x89PNG whole")
+    assert long_name.read_bytes() == b"\x89PNG whole"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert long_name.stat().st_mode & 0o777 == 0o666 & ~mask  # as any file this user writes
+    (tmp_path / "taken.png").mkdir()  # the final rename fails: a folder holds the name
+    with pytest.raises(OSError):
+        write_atomically(tmp_path / "taken.png", b"\x89PNG whole")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([long_name.name, "taken.png"])
+
+
+def test_an_os_error_raised_by_the_progress_callback_stops_the_run(server, tmp_path):
+    # A BrokenPipeError from printing progress to a closed pipe is the caller's, not a failure
+    # to read or write the file; as the docstring says, it stops the run and propagates.
+    for seed in (16, 17):
+        Image.fromarray(random_image(12, 12, seed)).save(tmp_path / f"{seed}.png")
+
+    def progress(path, report):
+        raise BrokenPipeError("stdout is closed")
+
+    with Client(server.url) as client, pytest.raises(BrokenPipeError):
+        client.restore_folder(tmp_path, tmp_path / "out", "denoising", concurrency=1, on_progress=progress)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_restore_folder_writes_each_stem_and_reports_each_failure(server, tmp_path):
@@ -640,6 +696,44 @@ def test_a_200_that_is_not_a_png_is_an_error_not_a_result():
         with pytest.raises(ServiceError) as raised:
             client.restore(PNG, "denoising")
     assert raised.value.code == "not_a_png" and "text/html" in raised.value.message
+
+
+def test_a_result_event_that_is_not_a_png_is_the_same_error_as_a_plain_answers():
+    html = ("event: result\ndata: " + json.dumps({"png_base64": base64.b64encode(b"<html>log in</html>").decode(),
+                                                  "request_id": "stub", "timings": {}}) + "\n\n")
+    with stub(event_stream(html)) as (url, _), Client(url) as client:
+        with pytest.raises(ServiceError) as raised:
+            client.restore(PNG, "denoising", progress=lambda report: None)
+    assert raised.value.code == "not_a_png"
+
+
+def test_no_pause_between_attempts_is_longer_than_max_wait():
+    policy = RetryPolicy("http://stub", retries=10, backoff=4, max_wait=2)
+    pauses = [policy.delay(attempt, retry_after) for attempt in range(1, 6) for retry_after in (None, 0.5, 2)
+              for _ in range(50)]
+    assert max(pauses) <= 2
+    assert min(policy.delay(3, 2) for _ in range(50)) >= 2  # and never shorter than Retry-After
+
+
+@pytest.mark.parametrize("url", ["", "localhost:8000", "http://[::1", "http://host:80:90", "ftp://host"])
+def test_a_service_url_that_is_not_http_is_refused_at_once(url):
+    with pytest.raises(ValueError, match="service URL"):
+        Client(url)
+
+
+def test_cli_usage_mistakes_exit_2_with_one_line(tmp_path):
+    Image.fromarray(random_image(8, 8, 18)).save(tmp_path / "a.png")
+    (tmp_path / "afile").write_text("not a folder")
+    # An unset variable in a script: refused, not taken for "restore locally".
+    empty = run_cli(tmp_path / "a.png", "-o", tmp_path / "out", "--task", "denoising", "--url", "")
+    assert empty.returncode == 2 and error_lines(empty.stderr) == [
+        "error: the service URL must be http://host:port or https://host:port, got ''"]
+    assert not (tmp_path / "out").exists()
+    for mode in ([], ["--url", "http://127.0.0.1:9"]):
+        uncreatable = run_cli(tmp_path / "a.png", "-o", tmp_path / "afile" / "sub", "--task", "denoising", *mode)
+        assert uncreatable.returncode == 2 and "Traceback" not in uncreatable.stderr, uncreatable.stderr
+        assert error_lines(uncreatable.stderr) == [
+            f"error: cannot create the output folder {tmp_path / 'afile' / 'sub'}: Not a directory"]
 
 
 def test_a_retry_after_of_digits_that_are_not_ascii_is_ignored_not_a_crash():
