@@ -41,7 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .image_structure import jpeg_scans_past, kind_pillow_cannot_read, png_chunks_past, tiff_tag
 
 __all__ = ["ImageError", "InvalidImage", "UnsupportedImageFormat", "ImageTooLarge", "DecodedImage",
            "SUPPORTED_FORMATS", "decode", "read_image", "encode_png", "save_png"]
@@ -50,6 +52,14 @@ __all__ = ["ImageError", "InvalidImage", "UnsupportedImageFormat", "ImageTooLarg
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF"})
 _SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _PNG_COMPRESS_LEVEL = 1  # level 6 costs seconds on a 12-megapixel image for a few % of size
+
+# Progressive JPEGs as encoders write them have up to a few dozen scans (libjpeg's default script
+# has 10); each scan is a pass over every coefficient, so a file repeating a tiny scan thousands
+# of times costs seconds of CPU per kilobyte.
+MAX_JPEG_SCANS = 100
+# Encoders write IDAT chunks of 8 KiB or more (a 32 MiB PNG has a few thousand chunks); Pillow
+# handles each chunk in Python, so a file split into millions of 1-byte chunks costs seconds.
+MAX_PNG_CHUNKS = 100_000
 
 
 class ImageError(ValueError):
@@ -108,7 +118,12 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         limit = f"; the limit is {max_pixels}" if max_pixels is not None else f" ({exc})"
         raise ImageTooLarge(f"the image declares {size}{limit}") from None
     except UnidentifiedImageError:
-        raise _why_pillow_cannot_read(data) from None
+        kind = kind_pillow_cannot_read(data)
+        if kind:
+            raise UnsupportedImageFormat(f"{kind} are not supported; send PNG, JPEG, WebP, BMP or TIFF "
+                                         "(8-bit, or 16-bit grey or colour)") from None
+        raise InvalidImage("the data is not an image in a format this service reads "
+                           "(PNG, JPEG, WebP, BMP, TIFF)") from None
     except Exception as exc:  # untrusted bytes: any failure of the parser means "not readable"
         raise InvalidImage(f"the image header cannot be read ({type(exc).__name__}: {exc})") from None
     if image.format not in SUPPORTED_FORMATS:
@@ -118,10 +133,10 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         raise InvalidImage(f"the image declares an empty size {width}x{height}")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
-    if image.format in ("JPEG", "MPO"):
-        _check_jpeg_scans(data)
-    elif image.format == "PNG":
-        _check_png_chunks(data)
+    if image.format in ("JPEG", "MPO") and jpeg_scans_past(data, MAX_JPEG_SCANS):
+        raise InvalidImage(f"the JPEG has more than {MAX_JPEG_SCANS} scans; no encoder writes that many")
+    if image.format == "PNG" and png_chunks_past(data, MAX_PNG_CHUNKS):
+        raise InvalidImage(f"the PNG has more than {MAX_PNG_CHUNKS} chunks; no encoder writes that many")
     try:
         # One frame ahead is enough to know; counting every frame would walk the whole file (a
         # TIFF with 40,000 tiny directories took 14-25 s to count). A TIFF's second directory is
@@ -139,110 +154,6 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
     return image
 
 
-# Image formats Pillow has no reader for, by their signatures: an upload in one of them is a real
-# image the service does not take (415), not bytes that are no image (400). ISO-BMFF brands name
-# HEIF (iPhones' HEIC) and AVIF, which newer Pillows identify by themselves.
-_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1",
-                          b"msf1", b"avif", b"avis"})
-_JPEG_XL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
-
-
-def _why_pillow_cannot_read(data: bytes) -> ImageError:
-    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-        kind = "AVIF" if data[8:12].startswith(b"avi") else "HEIF/HEIC"
-        return UnsupportedImageFormat(f"{kind} images are not supported; send PNG, JPEG, WebP, BMP or TIFF")
-    if data.startswith(_JPEG_XL_SIGNATURES):
-        return UnsupportedImageFormat("JPEG XL images are not supported; send PNG, JPEG, WebP, BMP or TIFF")
-    if data.startswith((b"II*\x00", b"MM\x00*")):
-        layout = _tiff_layout_pillow_cannot_read(data)
-        if layout:
-            return UnsupportedImageFormat(f"TIFFs of {layout} are not supported; send 8-bit grey or colour, "
-                                          "with or without alpha, or 16-bit grey or colour")
-    return InvalidImage("the data is not an image in a format this service reads (PNG, JPEG, WebP, BMP, TIFF)")
-
-
-_TIFF_SAMPLE_FORMATS = {1: "unsigned integers", 2: "signed integers", 3: "floating point"}
-
-
-def _tiff_layout_pillow_cannot_read(data: bytes) -> str | None:
-    """The sample layout of a well-formed TIFF that Pillow has no reader for (16-bit grey with
-    alpha, 16-bit floats, ...), or None when the header itself is damaged."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            TiffImagePlugin.TiffImageFile(io.BytesIO(data))
-            return None
-        except SyntaxError as exc:
-            if str(exc) != "unknown pixel mode":  # what Pillow says of a layout; anything else is damage
-                return None
-        except Exception:
-            return None
-        try:
-            stream = io.BytesIO(data)
-            directory = TiffImagePlugin.ImageFileDirectory_v2(stream.read(8))
-            stream.seek(directory.next)
-            directory.load(stream)
-            channels, bits = _tiff_tag(directory, 277, 1), _tiff_tag(directory, 258, 1)
-            sample_format = _tiff_tag(directory, 339, 1)
-        except Exception:
-            return "a sample layout this service does not read"
-    kind = _TIFF_SAMPLE_FORMATS.get(sample_format, f"sample format {sample_format}")
-    return f"{channels} channel{'s' if channels != 1 else ''} of {bits}-bit {kind}"
-
-
-def _tiff_tag(tags, number: int, default: int) -> int:
-    """A TIFF tag's first value: per-channel tags (bits, sample format) repeat it for each channel."""
-    value = tags.get(number, default)
-    return int(value[0] if isinstance(value, tuple) and value else value)
-
-
-# Progressive JPEGs as encoders write them have up to a few dozen scans (libjpeg's default script
-# has 10); each scan is a pass over every coefficient, so a file repeating a tiny scan thousands
-# of times costs seconds of CPU per kilobyte.
-MAX_JPEG_SCANS = 100
-_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any fill bytes; FF00 is stuffing
-_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI, EOI: no length field
-
-
-# Encoders write IDAT chunks of 8 KiB or more (a 32 MiB PNG has a few thousand chunks); Pillow
-# handles each chunk in Python, so a file split into millions of 1-byte chunks costs seconds.
-MAX_PNG_CHUNKS = 100_000
-
-
-def _check_png_chunks(data: bytes) -> None:
-    """Refuse a PNG with more chunks than any encoder writes, by walking the chunk headers."""
-    position, chunks = 8, 0
-    while position + 8 <= len(data):
-        chunks += 1
-        if chunks > MAX_PNG_CHUNKS:
-            raise InvalidImage(f"the PNG has more than {MAX_PNG_CHUNKS} chunks; no encoder writes that many")
-        if data[position + 4:position + 8] == b"IEND":
-            return
-        position += 12 + int.from_bytes(data[position:position + 4], "big")
-
-
-def _check_jpeg_scans(data: bytes) -> None:
-    """Refuse a JPEG with more scans than any encoder writes, by walking its markers (no decoding)."""
-    scans, position = 0, 2
-    while (match := _JPEG_MARKER.search(data, position)) is not None:
-        marker = match.group(1)[0]
-        position = match.end()
-        if marker == 0xD9:  # end of image
-            return
-        if marker in _JPEG_STANDALONE:
-            continue
-        if marker == 0xDA:
-            scans += 1
-            if scans > MAX_JPEG_SCANS:
-                raise InvalidImage(f"the JPEG has more than {MAX_JPEG_SCANS} scans; no encoder writes that many")
-        if position + 2 > len(data):
-            return
-        # Skip the segment by its length, so that bytes inside headers (EXIF thumbnails, ICC
-        # profiles) are never mistaken for markers; entropy-coded data after a scan header is
-        # searched for the next marker.
-        position += int.from_bytes(data[position:position + 2], "big")
-
-
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype == np.uint8:
         return pixels
@@ -258,7 +169,8 @@ def _refuse_samples_without_an_8_bit_scale(image: Image.Image) -> None:
     # Pillow reads 16-bit unsigned TIFFs as I;16 (and older Pillows read 16-bit PNGs as I), so a
     # TIFF in mode I holds 32-bit or signed samples: small values are no evidence of 16 bits.
     if image.mode == "I" and image.format == "TIFF":
-        bits, signed = _tiff_tag(image.tag_v2, 258, 32), _tiff_tag(image.tag_v2, 339, 1) == 2
+        bits = tiff_tag(image.tag_v2, 258, 32)
+        signed = tiff_tag(image.tag_v2, 339, 1) == 2
         raise UnsupportedImageFormat(f"{bits}-bit {'signed ' if signed else ''}integer images are not "
                                      "supported; send 8- or 16-bit unsigned integers")
 

@@ -91,10 +91,12 @@ def test_the_client_library_never_imports_the_command_line(module):
 
 
 @pytest.mark.parametrize("module", ["service.tiling", "service.tile_queue", "service.watchdog", "service.memory",
-                                    "service.imaging", "service.image_files", "service.progress",
-                                    "service.devices"])
+                                    "service.imaging", "service.image_structure", "service.image_files",
+                                    "service.progress", "service.devices"])
 def test_the_bottom_layer_imports_no_other_service_module(module):
-    assert not {m for m in _imports_of(module) if m.startswith("service")}
+    # But imaging reads what an upload's bytes say through image_structure, a layer further down.
+    allowed = {"service.image_structure"} if module == "service.imaging" else set()
+    assert not {m for m in _imports_of(module) if m.startswith("service")} - allowed
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "service").glob("*.py")), ids=lambda path: path.name)
