@@ -31,7 +31,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlparse
 
-from .checkpoint import RELEASED_CONFIGS, CheckpointError, infer_config, load_checkpoint, load_state_dict, sha256_file
+# .checkpoint (PyTorch) is imported where a checkpoint is read: task names and paths come without it.
 
 __all__ = ["TASKS", "RELEASED_DRIVE_IDS", "DEFAULT_MAX_BYTES", "WeightsNotFound", "WeightsInstallError",
            "bundled_path", "installed_dir", "resolve", "install", "describe", "manifest", "installed_manifest",
@@ -127,6 +127,8 @@ def manifest() -> dict:
 def describe() -> list[dict]:
     """One row per task for ``weights list``: task, path, source (installed, bundled or missing),
     sha256, config (the constructor keywords) and error (why a file is unusable, else None)."""
+    from .checkpoint import CheckpointError, infer_config, load_state_dict, sha256_file
+
     rows = []
     listed, recorded = manifest(), installed_manifest()
     for task in TASKS:
@@ -354,6 +356,8 @@ def _suffix_of(path: Path) -> str:
 
 
 def _matching_task(config) -> str | None:
+    from .checkpoint import RELEASED_CONFIGS
+
     return next((task for task, released in RELEASED_CONFIGS.items() if released == config), None)
 
 
@@ -395,6 +399,8 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
     :class:`WeightsInstallError` otherwise, leaving any previously installed file as it was. The
     file's sha256 is recorded in :func:`installed_manifest`.
     """
+    from .checkpoint import RELEASED_CONFIGS, CheckpointError, load_checkpoint
+
     _check_task(task, WeightsInstallError)
     if max_bytes < 1:
         raise WeightsInstallError(f"the size limit must be at least 1 byte, got {max_bytes}")

@@ -420,6 +420,19 @@ def test_the_client_library_runs_without_the_cli_torch_or_fastapi(server, tmp_pa
 
 # -- the CLI's remote mode ----------------------------------------------------------------------
 
+
+def test_the_cli_remote_mode_runs_without_torch(server, tmp_path):
+    # Importing PyTorch takes seconds; a command that only sends files to a service should not pay
+    # them (nor should --help).
+    Image.fromarray(random_image(12, 12, 19)).save(tmp_path / "x.png")
+    script = ("import sys; from service.cli import main\n"
+              f"code = main(['restore', {str(tmp_path / 'x.png')!r}, '-o', {str(tmp_path / 'out')!r}, "
+              f"'--task', 'denoising', '--url', {server.url!r}, '-q'])\n"
+              "print(code, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "0 False", (run.stdout, run.stderr)
+    assert (tmp_path / "out" / "x.png").is_file()
+
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "service", "restore", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
