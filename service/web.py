@@ -16,6 +16,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
@@ -61,6 +62,17 @@ def content_policies(app: FastAPI) -> tuple[dict[str, str], dict[str, str]]:
     return {"/": PAGE_POLICY, DOCS_PATH: docs}, {"/static/": PAGE_POLICY, SWAGGER_UI_PREFIX: docs}
 
 
+class _RevalidatedFiles(StaticFiles):
+    """The page's script and styles, revalidated on every visit as the page is (their ETag makes
+    that a 304 when nothing changed): cached by the browser's own guess, a redeployed page could
+    run the old script against the new API."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def mount_web(app: FastAPI) -> None:
     """Add the page and the docs to ``app`` (created with ``docs_url=None``); kept out of the
     OpenAPI schema, which documents the API only."""
@@ -84,4 +96,4 @@ def mount_web(app: FastAPI) -> None:
             raise HTTPException(404, "Not Found")
         return FileResponse(Path(swagger_ui_path) / name)
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", _RevalidatedFiles(directory=STATIC_DIR), name="static")

@@ -9,9 +9,11 @@ tests skip, unless CI is set: there a missing browser must fail the build, not h
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -485,3 +487,120 @@ def test_the_docs_serve_the_swagger_ui_files_they_load_and_nothing_else_of_the_p
         refused = httpx.get(f"{server.url}/swagger-ui/{other}", timeout=10)
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found", other
     assert not any(path.startswith("/swagger-ui") for path in httpx.get(f"{server.url}/openapi.json").json()["paths"])
+
+
+def test_the_pages_script_and_styles_are_revalidated_like_the_page(server):
+    # Cached by the browser's own guess, a redeployed page could run last week's app.js.
+    for asset in ("/static/app.js", "/static/event-stream.js", "/static/style.css"):
+        first = httpx.get(f"{server.url}{asset}", timeout=10)
+        assert first.headers["cache-control"] == "no-cache", asset
+        again = httpx.get(f"{server.url}{asset}", headers={"If-None-Match": first.headers["etag"]}, timeout=10)
+        assert again.status_code == 304, asset  # revalidating an unchanged file costs no body
+
+
+# Blob images (the original and the result) wait until the test sets window.releaseImages; each
+# one held counts in window.heldImages.
+HOLD_RESULT_IMAGES = """
+window.heldImages = 0;
+const source = Object.getOwnPropertyDescriptor(HTMLImageElement.prototype, "src");
+Object.defineProperty(HTMLImageElement.prototype, "src", {
+  get() { return source.get.call(this); },
+  set(url) {
+    if (!String(url).startsWith("blob:") || window.releaseImages) return source.set.call(this, url);
+    window.heldImages += 1;
+    const waiting = setInterval(() => {
+      if (window.releaseImages) { clearInterval(waiting); source.set.call(this, url); }
+    }, 20);
+  },
+});
+"""
+
+
+def test_a_result_still_decoding_when_another_image_is_chosen_never_covers_that_ones_answer(page, server):
+    page.add_init_script(HOLD_RESULT_IMAGES)
+    _open(page, server)
+    page.set_input_files("#file-input", files=[{"name": "first.png", "mimeType": "image/png",
+                                                "buffer": encode(_photo()[:40, :40], "PNG")}])
+    page.wait_for_function("() => window.heldImages >= 2")  # the result event came; its images are decoding
+    page.set_input_files("#file-input", files=[{"name": "second.gif", "mimeType": "image/gif",
+                                                "buffer": encode(_photo()[:40, :40], "GIF")}])
+    page.wait_for_selector("#error:not([hidden])")
+    page.evaluate("window.releaseImages = true")
+    page.wait_for_function("() => document.getElementById('result-image').complete "
+                           "&& document.getElementById('original-image').complete")
+    page.wait_for_timeout(300)  # for the first result's display to run on, as it once did
+    assert "GIF" in page.inner_text("#error-message")
+    assert page.is_hidden("#result") and not page.inner_text("#status-text").startswith("Restored")
+
+
+def test_a_file_changed_since_it_was_chosen_is_named_and_can_be_chosen_again(page, server, tmp_path):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode(_photo()[:40, :48], "PNG"))
+    _open(page, server)
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_function("() => document.getElementById('status-text').textContent.startsWith('Restored')")
+    assert page.eval_on_selector("#file-input", "input => input.value") == ""  # so that the same file is a change
+    time.sleep(1.1)  # a later modification time
+    photo.write_bytes(encode(_photo()[:40, :48] // 2, "PNG"))  # edited on disk: the browser sends nothing
+    page.click("#restore-button")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error-code") == "file_unreadable"
+    assert "photo.png can no longer be read" in page.inner_text("#error-message")
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_function("() => document.getElementById('status-text').textContent.startsWith('Restored')")
+    assert page.is_hidden("#error")
+
+
+def test_the_page_fits_a_320_pixel_screen_with_a_result(page, server):
+    _open(page, server)
+    page.set_input_files("#file-input", files=[{"name": "small.png", "mimeType": "image/png",
+                                                "buffer": encode(_photo()[:40, :40], "PNG")}])
+    page.wait_for_selector("#result:not([hidden])")
+    page.set_viewport_size({"width": 320, "height": 900})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 320
+
+
+def _contrast(first: str, second: str) -> float:
+    def luminance(css: str) -> float:
+        red, green, blue = (int(value) / 255 for value in re.findall(r"\d+", css)[:3])
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (red, green, blue)]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    lighter, darker = sorted((luminance(first), luminance(second)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def test_focus_rings_stand_out_from_what_they_are_drawn_on(page, server):
+    # WCAG 1.4.11: 3:1 for a focus indicator against the colours beside it.
+    _open(page, server)
+    page.emulate_media(color_scheme="light")
+    page.evaluate("document.getElementById('cancel-button').hidden = false")
+    page.focus("#cancel-button")
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Tab")  # focused by the keyboard, so :focus-visible applies
+    ring, page_background = page.evaluate("""() => [
+        getComputedStyle(document.getElementById('cancel-button')).outlineColor,
+        getComputedStyle(document.body).backgroundColor]""")
+    assert _contrast(ring, page_background) >= 3
+    page.evaluate("document.getElementById('result').hidden = false")
+    page.focus("#view-slider")  # the chosen option: its ring is drawn inside it, over the accent
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowLeft")
+    ring, option_background = page.evaluate("""() => {
+        const label = document.querySelector('label[for=view-slider]');
+        return [getComputedStyle(label).outlineColor, getComputedStyle(label).backgroundColor]; }""")
+    assert _contrast(ring, option_background) >= 3
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_weights):
+    settings = Settings(tasks=("denoising",), device="cpu", backend="torch", tile_size=64, tile_overlap=8,
+                        weights_denoising=tiny_weights(4), api_key_hashes=(hashlib.sha256(b"a-key").hexdigest(),))
+    with running_server(settings) as running:
+        yield running
+
+
+def test_with_api_keys_on_the_page_says_it_cannot_send_one(browser, keyed_server):
+    with _page_of(browser, keyed_server) as page:
+        page.goto(f"{keyed_server.url}/")
+        page.wait_for_function("() => document.getElementById('status-text').textContent.includes('API key')")
+        assert page.is_hidden("#error")  # not "the image could not be restored": none was chosen

@@ -36,6 +36,7 @@ const MIN_DISPLAY_WIDTH = 512;
 let chosenFile = null;
 let running = null; // the XMLHttpRequest in flight, so a new choice can cancel it
 let objectUrls = [];
+let restores = 0; // counts restores, so the display of an older result never lands over a newer restore
 
 // -- tasks --------------------------------------------------------------------------------------
 
@@ -44,8 +45,15 @@ async function loadTasks() {
   try {
     const response = await fetch("/v1/models", { headers: { Accept: "application/json" } });
     body = await response.json();
+    if (response.status === 401) {
+      // README: the page sends no key; a proxy in front that adds one makes it usable.
+      showStatus("This service asks for an API key, which this page cannot send: open it through a proxy " +
+                 "that adds the key.");
+      return;
+    }
     if (!response.ok) {
-      showApiError(response.status, body);
+      showStatus(`The service answered HTTP ${response.status} for its tasks; trying again\u2026`);
+      setTimeout(loadTasks, MODELS_RETRY_MS);
       return;
     }
   } catch (error) {
@@ -88,7 +96,11 @@ function updateButton() {
   restoreButton.disabled = !chosenFile || taskSelect.disabled || running !== null;
 }
 
-fileInput.addEventListener("change", () => choose(fileInput.files[0]));
+fileInput.addEventListener("change", () => {
+  choose(fileInput.files[0]);
+  // Emptied, so that choosing the same file again (after it changed on disk) is a change too.
+  fileInput.value = "";
+});
 
 // The whole window takes drops, so a near miss does not make the browser open the file instead.
 let dragDepth = 0;
@@ -137,6 +149,7 @@ function restore() {
   // stream, the service answers at once and its responseText grows event by event.
   const request = new XMLHttpRequest();
   running = request;
+  const restoreNumber = ++restores;
   request.open("POST", `/v1/restore/${encodeURIComponent(task)}`);
   request.setRequestHeader("Accept", "text/event-stream");
   request.responseType = "text";
@@ -204,8 +217,8 @@ function restore() {
     } else if (type === "result") {
       settle();
       const roundTrip = performance.now() - started;
-      showResult(file, task, pngFromBase64(payload.png_base64), payload.request_id, payload.timings,
-                 roundTrip);
+      showResult(restoreNumber, file, task, pngFromBase64(payload.png_base64), payload.request_id,
+                 payload.timings, roundTrip);
     } else if (type === "error") {
       settle();
       hideStatus();
@@ -245,11 +258,19 @@ function restore() {
       showApiError(request.status, parsed, request.statusText);
     }
   });
-  request.addEventListener("error", () => {
+  request.addEventListener("error", async () => {
     if (settled) return;
     finish();
     hideStatus();
-    showError("The service could not be reached, or it closed the connection.", "network_error");
+    // The browser sends nothing for a file changed or moved since it was chosen, and reports that
+    // as a network error too; reading the file again tells the two apart.
+    const readable = await file.slice(0, 1).arrayBuffer().then(() => true, () => false);
+    if (!readable) {
+      showError(`${file.name} can no longer be read (changed or moved since it was chosen); choose it again.`,
+                "file_unreadable");
+    } else {
+      showError("The service could not be reached, or it closed the connection.", "network_error");
+    }
   });
   request.addEventListener("abort", finish);
   request.send(body);
@@ -279,7 +300,7 @@ function pngFromBase64(encoded) {
   return new Blob([bytes], { type: "image/png" });
 }
 
-async function showResult(file, task, blob, requestId, timings, roundTrip) {
+async function showResult(restoreNumber, file, task, blob, requestId, timings, roundTrip) {
   for (const url of objectUrls) URL.revokeObjectURL(url);
   const originalUrl = URL.createObjectURL(file);
   const resultUrl = URL.createObjectURL(blob);
@@ -290,7 +311,10 @@ async function showResult(file, task, blob, requestId, timings, roundTrip) {
   resultImage.alt = `Restored (${task}): ${file.name}`;
   const originalShown = loadImage(originalImage, originalUrl);
   await loadImage(resultImage, resultUrl);
-  if (!(await originalShown)) {
+  const originalDecoded = await originalShown;
+  // Another image was chosen while these decoded: its restore owns the page now.
+  if (restoreNumber !== restores) return;
+  if (!originalDecoded) {
     // Chromium shows no TIFF, for one; the restored PNG is still worth showing alone.
     compare.classList.add("no-original");
   }
