@@ -326,3 +326,96 @@ def test_gusty_rain_blends_by_the_maximum_so_faint_streak_ends_vanish_over_mid_g
     dark, grey = (lift[:, 4:39] > 12).mean(), (lift[:, 47:82] > 12).mean()
     assert dark > 0.05
     assert grey < 0.4 * dark
+
+
+def test_evaluation_photos_are_read_as_the_service_reads_uploads(tmp_path):
+    # A 16-bit grey photo read by a plain RGB conversion is white; an EXIF-turned one lies sideways.
+    Image.fromarray(np.full((40, 48), 100 * 257, np.uint16)).save(tmp_path / "grey16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.full((40, 64, 3), 90, np.uint8)).save(tmp_path / "turned.jpg", exif=exif)
+    (grey_name, grey), (turned_name, turned) = evaluate.load_kodak(tmp_path)
+    assert (grey_name, turned_name) == ("grey16", "turned")
+    assert grey.shape == (40, 48, 3) and np.abs(grey.astype(int) - 100).max() <= 1
+    assert turned.shape == (64, 40, 3)
+
+
+def _bad_evaluation_arguments(photos, weights):
+    return {"misspelt task": ["--weights", f"denosing={weights}"],
+            "task not evaluated": ["--weights", f"deblurring={weights}"],
+            "no TASK=": ["--weights", str(weights)],
+            "missing weights": ["--weights", f"denoising={photos}/nope.safetensors"],
+            "previous not evaluated": ["--previous", f"deraining={weights}"],
+            "missing data": ["--data", f"{photos}/nope"],
+            "limit 0": ["--limit", "0"],
+            "threads 0": ["--threads", "0"]}
+
+
+@pytest.mark.parametrize("case", list(_bad_evaluation_arguments("P", "W")))
+def test_weights_that_would_not_be_evaluated_and_other_bad_arguments_are_usage_errors(case, photos, tiny_weights,
+                                                                                      capsys, monkeypatch):
+    def no_evaluating(*args, **kwargs):
+        raise AssertionError("evaluated despite a usage mistake")
+
+    monkeypatch.setattr(evaluate, "evaluate_task", no_evaluating)
+    bad = _bad_evaluation_arguments(photos, tiny_weights)[case]
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(["--data", str(photos), "--tasks", "denoising", "--settings", "noise15", "--no-cache",
+                       "--no-timing", "--threads", "1", *bad])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m training.evaluate: error: ")
+
+
+def test_unreadable_weights_are_named_in_one_line(photos, tmp_path):
+    torn = tmp_path / "denoising.safetensors"
+    torn.write_bytes(b"not safetensors")
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(["--data", str(photos), "--tasks", "denoising", "--settings", "noise15", "--no-cache",
+                       "--no-timing", "--threads", "1", "--weights", f"denoising={torn}"])
+    assert isinstance(refused.value.code, str) and str(torn) in refused.value.code
+
+
+@pytest.fixture
+def card_of_tiny_kodak(photos, tiny_weights, tmp_path, monkeypatch):
+    """The card's evaluation as if ``photos`` were Kodak24 and ``tiny_weights`` the bundled weights,
+    with one row per task so that the full evaluation stays quick; the card written is a copy."""
+    card = tmp_path / "CARD.md"
+    start, end = markers("eval-table")
+    card.write_text(f"before\n{start}\nthe full table\n{end}\nafter\n")
+    monkeypatch.setattr(evaluate, "write_card", lambda text: evaluate.replace_section("eval-table", text, card))
+    monkeypatch.setattr(evaluate, "KODAK", photos)
+    monkeypatch.setattr(evaluate, "bundled_path", lambda task: tiny_weights)
+    monkeypatch.setattr(evaluate, "CBM3D_CACHE", tmp_path / "no-cbm3d.json")
+    monkeypatch.setattr(evaluate, "SETTINGS", tuple(s for s in evaluate.SETTINGS
+                                                    if s.key in ("noise15", "shake", "rain")))
+    return card
+
+
+@pytest.mark.parametrize("part", [["--tasks", "denoising"], ["--settings", "noise15", "shake", "rain"],
+                                  ["--limit", "1"], ["--data", "{other_photos}"],
+                                  ["--weights", "denoising={other_weights}"]])
+def test_write_card_refuses_a_part_of_the_evaluation(part, card_of_tiny_kodak, photos, tmp_path, capsys):
+    other_photos = tmp_path / "other"
+    other_photos.mkdir()
+    for photo in photos.iterdir():
+        (other_photos / photo.name).write_bytes(photo.read_bytes())
+    torch.manual_seed(2)
+    other_weights = tmp_path / "other.safetensors"
+    save_safetensors(TINY.build(), other_weights)
+    part = [item.format(other_photos=other_photos, other_weights=other_weights) for item in part]
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(["--write-card", "--no-cache", "--no-timing", "--threads", "1", *part])
+    assert refused.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--write-card" in error and part[0] in error
+    assert "the full table" in card_of_tiny_kodak.read_text()
+
+
+def test_write_card_regenerates_the_full_evaluation(card_of_tiny_kodak, tiny_weights, capsys):
+    # Naming the bundled file itself is still the full evaluation.
+    assert evaluate.main(["--write-card", "--no-cache", "--no-timing", "--threads", "1",
+                          "--weights", f"denoising={tiny_weights}"]) == 0
+    printed = capsys.readouterr().out.strip()
+    start, end = markers("eval-table")
+    assert card_of_tiny_kodak.read_text() == f"before\n{start}\n{printed}\n{end}\nafter\n"
+    assert all(f"| {task} |" in printed for task in ("denoising", "deblurring", "deraining"))

@@ -352,3 +352,165 @@ def test_attention_windows_as_large_as_the_patch_are_refused(photos, tmp_path):
         main(_args("deblurring", photos, tmp_path / "run", "--iters", "1", "--attention-patch", "32"))
     with pytest.raises(SystemExit):
         main(_args("deblurring", photos, tmp_path / "run", "--iters", "1", "--attention-patch", "12"))
+
+
+def _sixteen_bit_grey_and_turned_jpeg(folder: Path) -> tuple[Path, Path]:
+    """A 16-bit grey PNG (Pillow's plain RGB conversion clips every sample to white) and a JPEG
+    stored sideways with an EXIF orientation that turns it upright, as phones write them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grey = folder / "grey16.png"
+    Image.fromarray(np.full((40, 48), 100 * 257, np.uint16)).save(grey)
+    turned = folder / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(np.full((40, 64, 3), 90, np.uint8)).save(turned, exif=exif)
+    return grey, turned
+
+
+def test_training_photos_are_read_as_the_service_reads_uploads(tmp_path):
+    from training.train import load_images
+    grey, turned = _sixteen_bit_grey_and_turned_jpeg(tmp_path / "photos")
+    grey_pixels, turned_pixels = load_images([grey, turned])
+    assert grey_pixels.shape == (40, 48, 3) and np.abs(grey_pixels.astype(int) - 100).max() <= 1
+    assert turned_pixels.shape == (64, 40, 3)
+
+
+def _train_folder_with(photos, tmp_path: Path, name: str, content: bytes) -> Path:
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for photo in photos[0].iterdir():
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    (folder / name).write_bytes(content)
+    return folder
+
+
+def test_a_photo_that_cannot_be_decoded_is_named_in_one_line(photos, tmp_path):
+    folder = _train_folder_with(photos, tmp_path, "notes.jpg", b"hello")
+    with pytest.raises(SystemExit) as refused:
+        main(_args("denoising", (folder, photos[1]), tmp_path / "run", "--iters", "1"))
+    assert str(folder / "notes.jpg") in str(refused.value.code) and "\n" not in str(refused.value.code)
+
+
+# The time budget beside the negative iterations only bounds the run that a missing check would start.
+@pytest.mark.parametrize("bad", [["--iters", "-5", "--minutes", "0.005"], ["--iters", "0"], ["--minutes", "-1"],
+                                 ["--patch", "0"], ["--patch", "-8"], ["--batch", "0"], ["--batch", "-2"],
+                                 ["--lr", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--log-every", "0"],
+                                 ["--threads", "-1"], ["--warmup", "-1"], ["--workers", "-1"], ["--clip", "0"],
+                                 ["--device", "gpu"], ["--data", "/nonexistent/photos"], ["--data", __file__],
+                                 ["--init", "/nonexistent.pt"]])
+def test_impossible_training_arguments_are_usage_errors(bad, photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as refused:
+        main(_args("denoising", photos, out, "--iters", "1", *bad))
+    assert refused.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("python -m training.train: error: ") and bad[0] in error
+    assert not out.exists()
+
+
+def test_exporting_without_a_run_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["--out", str(tmp_path / "none"), "--export", str(tmp_path / "weights.safetensors")])
+    assert refused.value.code == 2 and "no run to export" in capsys.readouterr().err
+
+
+def test_runs_that_cannot_start_say_why_in_one_line(photos, tmp_path):
+    def refusal(*arguments: str, data=photos) -> str:
+        with pytest.raises(SystemExit) as refused:
+            main(_args("denoising", data, *arguments))
+        message = refused.value.code
+        assert isinstance(message, str) and "\n" not in message
+        return message
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert "cannot make the run folder" in refusal(str(afile), "--iters", "1")
+    assert "cannot make the run folder" in refusal(str(afile / "run"), "--iters", "1")
+
+    tiny_val = tmp_path / "tiny_val"
+    tiny_val.mkdir()
+    Image.new("RGB", (4, 4)).save(tiny_val / "a.png")
+    assert f"{tiny_val / 'a.png'} is 4x4" in refusal(str(tmp_path / "run"), "--iters", "1",
+                                                     data=(photos[0], tiny_val))
+
+    torn = tmp_path / "torn"
+    main(_args("denoising", photos, torn, "--iters", "1"))
+    whole = (torn / "last.pt").read_bytes()
+    (torn / "last.pt").write_bytes(whole[:len(whole) // 2])
+    assert "last.pt: not a readable training checkpoint" in refusal(str(torn), "--iters", "2", "--resume")
+
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in refusal(str(tmp_path / "run"), "--iters", "1", "--device", "cuda")
+
+
+def test_resume_refuses_to_relabel_a_run_and_logs_the_schedule_it_keeps(photos, tmp_path):
+    out = tmp_path / "run"
+    main(_args("denoising", photos, out, "--iters", "1"))
+    before = (out / "last.pt").read_bytes()
+    for flag, value, recorded in (("--task", "deraining", "denoising"), ("--mixture", "classic", "broad"),
+                                  ("--patch", "40", "32")):
+        with pytest.raises(SystemExit) as refused:
+            main(_args("denoising", photos, out, "--iters", "2", "--resume", flag, value))
+        message = str(refused.value.code)
+        assert f"{flag} {value} would relabel it" in message and recorded in message and str(out) in message
+    assert (out / "last.pt").read_bytes() == before
+
+    # The peak and warm-up belong to the schedule being continued; the log says which ran.
+    main(_args("denoising", photos, out, "--iters", "2", "--resume", "--lr", "1e-2", "--warmup", "0"))
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert state["iteration"] == 2 and state["schedule"]["peak_lr"] == 1e-3 and state["schedule"]["warmup"] == 2
+    resumed = next(line for line in (out / "train.log").read_text().splitlines() if " resume task=" in line)
+    assert " lr=0.001 warmup=2 " in resumed
+    assert "--lr 0.01 and --warmup 0 apply to new runs only" in (out / "train.log").read_text()
+
+
+def test_starting_from_a_runs_last_pt_counts_the_training_in_it(photos, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    main(_args("denoising", photos, first, "--iters", "3"))
+    first_state = torch.load(first / "last.pt", map_location="cpu", weights_only=True)
+    main(_args("denoising", photos, second, "--iters", "2", "--init", str(first / "last.pt")))
+    meta = torch.load(second / "last.pt", map_location="cpu", weights_only=True)["meta"]
+    assert meta["prior_iterations"] == 3 and meta["prior_seconds"] == first_state["schedule"]["elapsed"]
+    tuned = tmp_path / "tuned.safetensors"
+    main(["--out", str(second), "--export", str(tuned)])
+    from models.checkpoint import read_notes
+    assert read_notes(tuned)["iteration"] == "5"
+
+
+def test_bundling_refuses_another_tasks_run_and_bad_inputs_in_one_line(photos, tmp_path, monkeypatch, capsys):
+    from models import save_safetensors, weights
+    from training import bundle
+    from training.card import markers, replace_section
+    out = tmp_path / "run"
+    main(_args("denoising", photos, out, "--iters", "1"))
+    monkeypatch.setattr(weights, "BUNDLED_DIR", tmp_path / "bundled")
+    card = tmp_path / "CARD.md"
+    card.write_text("\n".join(markers("files")) + "\n")
+    monkeypatch.setattr(bundle, "replace_section", lambda name, text, _=None: replace_section(name, text, card))
+    last = str(out / "last.pt")
+
+    with pytest.raises(ValueError, match="trained denoising, not deblurring"):
+        bundle.bundle("deblurring", last, card=card)
+    with pytest.raises(SystemExit) as refused:
+        bundle.main(["deblurring", last])
+    assert "trained denoising, not deblurring" in str(refused.value.code)
+    assert not weights.bundled_path("deblurring").exists()
+
+    other = tmp_path / "other.safetensors"
+    save_safetensors(MPRNetConfig(n_feat=12, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1).build(), other)
+    with pytest.raises(SystemExit) as refused:
+        bundle.main(["denoising", last, "--average-with", str(other), "0.5"])
+    assert isinstance(refused.value.code, str) and "only the same architecture averages" in refused.value.code
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(SystemExit) as refused:
+        bundle.main(["denoising", str(torn)])
+    assert isinstance(refused.value.code, str) and "not a readable training checkpoint" in refused.value.code
+
+    for arguments in (["denoising", str(tmp_path / "nope.pt")],
+                      ["denoising", last, "--average-with", str(other), "1.5"],
+                      ["denoising", last, "--average-with", str(tmp_path / "nope.safetensors"), "0.5"]):
+        with pytest.raises(SystemExit) as refused:
+            bundle.main(arguments)
+        assert refused.value.code == 2 and "python -m training.bundle: error:" in capsys.readouterr().err
+    assert not any((tmp_path / "bundled").glob("*.safetensors"))

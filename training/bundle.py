@@ -15,12 +15,10 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from models import infer_config, load_state_dict, sha256_file, weights
 
 from .card import CARD, replace_section
-from .train import export, total_training
+from .train import export, read_run, total_training
 
 
 def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: Path = CARD,
@@ -29,6 +27,12 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: P
     share, if given) as the bundled weights of ``task`` and record it in the manifest (with the
     run's iterations and training time) and the model card's files table; returns the manifest
     entry."""
+    run = read_run(checkpoint)
+    trained = run.get("meta", {}).get("task")
+    if trained and trained != task:
+        # The file would pass every check (its architecture is the same) and serve a network that
+        # undoes the wrong thing.
+        raise ValueError(f"{checkpoint} trained {trained}, not {task}: bundle it as {trained}")
     path = weights.bundled_path(task)
     weights.BUNDLED_DIR.mkdir(exist_ok=True)
     tmp = path.with_name(f".{task}.partial.safetensors")
@@ -41,7 +45,6 @@ def bundle(task: str, checkpoint: str | os.PathLike, half: bool = False, card: P
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    run = torch.load(checkpoint, map_location="cpu", weights_only=True)
     iterations, seconds = total_training(run)
     entry = {"file": path.name, "sha256": digest, "config": config, "fp16": half,
              "iterations": iterations, "trained_minutes": round(seconds / 60, 1),
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="average the run's weights with FILE's (same architecture), FILE taking SHARE "
                              "(0-1) of each tensor; typically the weights the run started from")
     args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        parser.error(f"{args.checkpoint}: no such file")
     average_with = None
     if args.average_with:
         other, share = args.average_with
@@ -81,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             average_with = (other, float(share))
         except ValueError:
             parser.error(f"--average-with SHARE must be a number, got {share!r}")
-    entry = bundle(args.task, args.checkpoint, half=args.half, average_with=average_with)
+        if not 0.0 <= average_with[1] <= 1.0:
+            parser.error(f"--average-with SHARE must be between 0 and 1, got {share}")
+        if not Path(other).is_file():
+            parser.error(f"--average-with {other}: no such file")
+    try:
+        entry = bundle(args.task, args.checkpoint, half=args.half, average_with=average_with)
+    except ValueError as error:  # models' CheckpointError is one too
+        raise SystemExit(f"{parser.prog}: {error}") from None
     print(json.dumps({args.task: entry}, indent=2))
     return 0
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from models import MPRNetConfig, load_checkpoint
+from models.checkpoint import CheckpointError
 from models.weights import TASKS, bundled_path
 from service.devices import cpu_summary
 from service.engine import Engine
@@ -74,6 +75,7 @@ from .held_out import (
     sheet_rain,
     slanted_rain,
 )
+from .train import read_photo
 
 # The card's numbers are of whole images: the network's own quality, without tiling's seams.
 WHOLE_IMAGES = Tiling(tile_size=0)
@@ -293,7 +295,7 @@ def load_kodak(folder: Path, limit: int | None = None) -> list[tuple[str, np.nda
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".bmp", ".tif"})
     if not paths:
         raise SystemExit(f"no images in {folder}")
-    return [(p.stem, np.asarray(Image.open(p).convert("RGB"))) for p in paths[:limit]]
+    return [(p.stem, read_photo(p)) for p in paths[:limit]]
 
 
 def time_per_512(engine, repeats: int = 3) -> float:
@@ -439,7 +441,10 @@ def evaluate_task(task: str, weights: Path, images, log, cache: dict | None = No
     """Every setting of ``task`` (or those named in ``only``) on every photo; per-image rows come
     from ``cache`` (keyed by digests of the weights and of the degraded input) when there, and are
     added to it when computed."""
-    checkpoint = load_checkpoint(weights)
+    try:
+        checkpoint = load_checkpoint(weights)
+    except CheckpointError as error:
+        raise SystemExit(f"{task} weights: {error}") from None
     engine = Engine(checkpoint.model, config=checkpoint.config, device="cpu", tile_size=0)
     cache = {} if cache is None else cache
     digest = weights_digest(checkpoint.model)
@@ -764,6 +769,41 @@ def _save_cache(cache: dict) -> None:
         tmp.replace(RESULTS_CACHE)
 
 
+def _paths_by_task(parser: argparse.ArgumentParser, flag: str, items: list[str], tasks: list[str]) -> dict[str, Path]:
+    """``TASK=PATH`` arguments as {task: path}. A task misspelt or left out of ``--tasks`` would not
+    be evaluated, and the bundled weights' numbers would read as these weights'."""
+    paths = {}
+    for item in items:
+        task, separator, path = item.partition("=")
+        if not separator or not path:
+            parser.error(f"{flag} takes TASK=PATH, got {item!r}")
+        if task not in TASKS:
+            parser.error(f"{flag} {item}: no task {task!r} (tasks: {', '.join(TASKS)})")
+        if task not in tasks:
+            parser.error(f"{flag} {item}: {task} is not among --tasks ({' '.join(tasks)}): it would not be evaluated")
+        if not Path(path).is_file():
+            parser.error(f"{flag} {item}: no such file")
+        paths[task] = Path(path)
+    return paths
+
+
+def _less_than_the_card(args, overrides: dict[str, Path]) -> list[str]:
+    """The flags that make this evaluation a part of what the card's table states: every task and
+    row, on every Kodak24 photo, of the bundled weights."""
+    partial = []
+    if set(args.tasks) != set(TASKS):
+        partial.append(f"--tasks {' '.join(args.tasks)}")
+    if args.settings:
+        partial.append("--settings")
+    if args.limit is not None:
+        partial.append(f"--limit {args.limit}")
+    if args.data.resolve() != KODAK.resolve():
+        partial.append(f"--data {args.data}")
+    partial += [f"--weights {task}={path}" for task, path in overrides.items()
+                if path.resolve() != bundled_path(task).resolve()]
+    return partial
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=KODAK, help="folder of clean evaluation photos")
@@ -786,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write all per-image numbers here")
     parser.add_argument("--write-card", action="store_true", help=f"replace the table in {CARD.name}")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
 
     def log(message):
@@ -797,20 +839,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_card:
             replace_section("arch-table", text)
         return 0
+    if not args.data.is_dir():
+        parser.error(f"--data {args.data}: no such folder")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1, got {args.limit}")
+    overrides = _paths_by_task(parser, "--weights", args.weights, args.tasks)
+    previous_weights = _paths_by_task(parser, "--previous", args.previous, args.tasks)
+    partial = _less_than_the_card(args, overrides) if args.write_card and not args.cbm3d_only else []
+    if partial:
+        # The card's table and the prose around it describe the full evaluation; a part of it
+        # written there would drop every other row and still be read as Kodak24's.
+        parser.error(f"--write-card replaces the card's whole table (every task and row, all of Kodak24, the "
+                     f"bundled weights); this evaluation is a part of it ({', '.join(partial)})")
     images = load_kodak(args.data, args.limit)
     if args.cbm3d_only:
         run_cbm3d(images, log)
         return 0
     cache = {} if args.no_cache else _load_cache()
-    overrides = dict(item.split("=", 1) for item in args.weights)
     results = {}
     save = None if args.no_cache else _save_cache
     only = set(args.settings) if args.settings else None
     for task in args.tasks:
-        results[task] = evaluate_task(task, Path(overrides.get(task, bundled_path(task))), images, log, cache, save,
+        results[task] = evaluate_task(task, overrides.get(task, bundled_path(task)), images, log, cache, save,
                                       only, timed=not args.no_timing)
-    previous = {task: evaluate_task(task, Path(path), images, log, cache, save, only, timed=not args.no_timing)
-                for task, path in (item.split("=", 1) for item in args.previous)}
+    previous = {task: evaluate_task(task, path, images, log, cache, save, only, timed=not args.no_timing)
+                for task, path in previous_weights.items()}
     if save:
         save({key: value for key, value in cache.items() if "|seconds_per_512|" in key})
     cbm3d = json.loads(CBM3D_CACHE.read_text()) if CBM3D_CACHE.is_file() else {}

@@ -27,21 +27,23 @@ import argparse
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from models import MPRNet, MPRNetConfig, infer_config, load_state_dict, save_safetensors, sha256_file
-from models.checkpoint import ATTENTION_PATCH_NOTE, attention_patch, read_notes
+from models.checkpoint import ATTENTION_PATCH_NOTE, CheckpointError, attention_patch, read_notes
 from service.devices import emulated_precision_problem
 from service.image_files import IMAGE_SUFFIXES
+from service.imaging import ImageError, read_image
 
 from .degradations import MAX_KERNEL, MIXTURES
 from .widen import widen
@@ -150,9 +152,18 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return paths
 
 
+def read_photo(path: Path) -> np.ndarray:
+    """A photo's pixels as the service decodes an upload of it (EXIF orientation applied, 16-bit grey
+    scaled to 8 bits, not clipped to white), so training and evaluation see what serving restores."""
+    try:
+        return read_image(path).rgb
+    except (ImageError, OSError) as error:
+        raise SystemExit(f"{path}: cannot be read as a photo: {error}") from None
+
+
 def load_images(paths: list[Path]) -> list[np.ndarray]:
     """Decode once; cropping decoded arrays is far cheaper than decoding a JPEG per patch."""
-    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    return [read_photo(p) for p in paths]
 
 
 class PatchSampler:
@@ -330,6 +341,25 @@ def save_checkpoint(path: Path, model: MPRNet, config: MPRNetConfig, optimizer, 
     os.replace(tmp, path)
 
 
+RUN_KEYS = frozenset({"model", "config", "schedule", "iteration"})
+
+
+def read_run(path: str | os.PathLike) -> dict:
+    """A training checkpoint (a run's ``last.pt``), or one line saying why it cannot be used."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such training checkpoint") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as error:
+        # torch's explanations run to several sentences; the first says what broke.
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
+        raise SystemExit(f"{path}: not a readable training checkpoint, torn or not a last.pt "
+                         f"({type(error).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not RUN_KEYS <= state.keys():
+        raise SystemExit(f"{path}: not a training run's last.pt (weights alone have no schedule to continue)")
+    return state
+
+
 def total_training(state: dict) -> tuple[int, float]:
     """(iterations, seconds) behind a training checkpoint's weights, earlier runs included."""
     meta = state.get("meta", {})
@@ -346,7 +376,7 @@ def export(checkpoint: str | os.PathLike, path: str | os.PathLike, half: bool = 
     with the one it started from trades what the fine-tuning gained against what it lost
     (Wortsman et al., "Robust fine-tuning of zero-shot models", 2022, call it WiSE-FT).
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = read_run(checkpoint)
     config = MPRNetConfig(**state["config"])
     model = config.build()
     model.load_state_dict(state["model"])
@@ -394,7 +424,10 @@ class _StopFlag:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is available here; train with --device cpu")
+    return device
 
 
 def _log(handle, message: str) -> None:
@@ -410,9 +443,31 @@ def _lineage(args, resume_state: dict | None) -> dict:
     recorded = (resume_state or {}).get("meta", {})
     if "prior_iterations" in recorded:
         return {"prior_iterations": recorded["prior_iterations"], "prior_seconds": recorded["prior_seconds"]}
-    metadata = read_notes(args.init) if args.init and str(args.init).endswith(".safetensors") else {}
-    return {"prior_iterations": int(metadata.get("iteration", 0)),
-            "prior_seconds": float(metadata.get("trained_seconds", 0))}
+    iterations, seconds = 0, 0.0
+    if args.init and str(args.init).endswith(".safetensors"):
+        metadata = read_notes(args.init)
+        iterations, seconds = int(metadata.get("iteration", 0)), float(metadata.get("trained_seconds", 0))
+    elif args.init:
+        # A run's last.pt keeps its training in its schedule and meta, where no notes are.
+        state = torch.load(args.init, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and RUN_KEYS <= state.keys():
+            iterations, seconds = total_training(state)
+    return {"prior_iterations": iterations, "prior_seconds": seconds}
+
+
+# How a run's last.pt describes what it trains on. Resuming it with other values would continue
+# its weights on other patches and write the new values into its meta, as if they had held all
+# along (runs from before issue 16 recorded no mixture and trained on the classic one).
+RECORDED_TRAINING = {"task": ("trains {}", None), "mixture": ("trains on the {} mixture", "classic"),
+                     "patch": ("trains on {} px patches", None)}
+
+
+def _refuse_relabelling(args, last: Path, meta: dict) -> None:
+    for name, (description, absent) in RECORDED_TRAINING.items():
+        recorded, given = meta.get(name, absent), getattr(args, name)
+        if recorded is not None and recorded != given:
+            raise SystemExit(f"{last} {description.format(recorded)}; --{name} {given} would relabel it "
+                             f"(resume with --{name} {recorded}, or start a new run from it with --init {last})")
 
 
 ARCHITECTURE_FLAGS = ("n_feat", "scale_unetfeats", "scale_orsnetfeats", "num_cab", "reduction")
@@ -424,8 +479,11 @@ def build_model(args) -> tuple[MPRNet, MPRNetConfig]:
     if not args.init:
         config = replace(DEFAULT_ARCHITECTURE, **requested)
         return config.build(), config
-    state = load_state_dict(args.init)
-    config = infer_config(state)
+    try:
+        state = load_state_dict(args.init)
+        config = infer_config(state)
+    except CheckpointError as error:
+        raise SystemExit(f"--init {args.init}: {error}") from None
     target = replace(config, **requested)
     if target != config:
         try:
@@ -451,7 +509,11 @@ def chosen_attention_patch(args, resume_state: dict | None) -> int | None:
 def train(args) -> Path:
     """Run (or continue) one training run; returns the path of ``last.pt``."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "a file is in the way" if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror
+        raise SystemExit(f"--out {out}: cannot make the run folder there ({reason})") from None
     last = out / "last.pt"
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -464,6 +526,9 @@ def train(args) -> Path:
                          "--allow-emulated-precision to run it anyway")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    resume_state = read_run(last) if args.resume and last.exists() else None
+    if resume_state is not None:
+        _refuse_relabelling(args, last, resume_state.get("meta", {}))
 
     paths = list_images(args.data)
     if args.val:
@@ -474,11 +539,14 @@ def train(args) -> Path:
         held_out = min(VAL_HOLDOUT, max(1, len(paths) // 4))
         val_paths, paths = paths[:held_out], paths[held_out:]
     sampler = PatchSampler(load_images(paths), args.task, args.patch, rng, args.mixture)
-    val_pairs = validation_set(load_images(val_paths), args.task, args.mixture)
+    val_images = load_images(val_paths)
+    for path, image in zip(val_paths, val_images):
+        if min(image.shape[:2]) < 8:
+            raise SystemExit(f"{path} is {image.shape[1]}x{image.shape[0]}: validation crops need photos of at "
+                             "least 8x8 (MPRNet runs on multiples of 8)")
+    val_pairs = validation_set(val_images, args.task, args.mixture)
 
-    resume_state = None
-    if args.resume and last.exists():
-        resume_state = torch.load(last, map_location="cpu", weights_only=True)
+    if resume_state is not None:
         config = MPRNetConfig(**resume_state["config"])
         model = config.build()
         model.load_state_dict(resume_state["model"])
@@ -523,11 +591,15 @@ def train(args) -> Path:
         _log(log, f"{'resume' if resume_state else 'start'} task={args.task} mixture={args.mixture} "
                   f"config={config.as_kwargs()} "
                   f"params={params} train_images={len(sampler.images)} val_images={len(val_pairs)} "
-                  f"patch={args.patch} attention_patch={patch} batch={args.batch} lr={args.lr} "
+                  f"patch={args.patch} attention_patch={patch} batch={args.batch} lr={schedule.peak_lr} "
+                  f"warmup={schedule.warmup} "
                   f"spectral_weight={spectral_weight} "
                   f"device={device} bf16={args.bf16} "
                   f"threads={torch.get_num_threads()} iteration={schedule.iteration} "
                   f"elapsed={schedule.elapsed:.0f}s")
+        if (schedule.peak_lr, schedule.warmup) != (args.lr, args.warmup):
+            _log(log, f"resumed with the run's own schedule (peak lr {schedule.peak_lr}, warm-up {schedule.warmup}): "
+                      f"--lr {args.lr} and --warmup {args.warmup} apply to new runs only")
         last_save = last_val = time.monotonic()
         running, grad_norm, count = 0.0, 0.0, 0
         tick = time.monotonic()
@@ -595,11 +667,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "half with its whole input (MPRNet.pool_attention_locally; below --patch); 0: the "
                              "whole input, as the paper; default: what the --init weights say, else 0")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--warmup", type=int, default=100, help="warm-up iterations")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="peak learning rate; a resumed run keeps its own")
+    parser.add_argument("--warmup", type=int, default=100, help="warm-up iterations; a resumed run keeps its own")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (cuda:N)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast (fp32 weights): 1.4x faster steps on CPUs with AVX512-BF16, 2.1x "
@@ -623,10 +696,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ARCHITECTURE_FLAGS:
         arch.add_argument("--" + name.replace("_", "-"), type=int)
     args = parser.parse_args(argv)
-    if not args.export and not (args.task and args.data):
+    if args.export:
+        if not (Path(args.out) / "last.pt").is_file():
+            parser.error(f"--export: no run to export, {Path(args.out) / 'last.pt'} does not exist")
+        return args
+    if not (args.task and args.data):
         parser.error("--task and --data are required to train")
-    if args.patch % 8:
-        parser.error("--patch must be a multiple of 8 (MPRNet's stage 1 splits the patch in four)")
+    for flag, folder in (("--data", args.data), ("--val", args.val)):
+        if folder and not Path(folder).is_dir():
+            parser.error(f"{flag} {folder}: {'not a folder' if Path(folder).exists() else 'no such folder'}")
+    if args.init and not Path(args.init).is_file():
+        parser.error(f"--init {args.init}: no such file")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device}: not a device (auto, cpu, cuda or cuda:N)")
+    # A negative budget never ends (progress only falls), and a zero one is no budget.
+    for flag, value, least in (("--iters", args.iters, 1), ("--batch", args.batch, 1),
+                               ("--log-every", args.log_every, 1), ("--warmup", args.warmup, 0),
+                               ("--threads", args.threads, 0), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    for flag, value in (("--minutes", args.minutes), ("--lr", args.lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} must be a positive number, got {value}")
+    if not args.clip > 0:  # inf leaves gradients unclipped; 0 would zero them, a negative one reverse them
+        parser.error(f"--clip must be positive, got {args.clip}")
+    if args.patch < 8 or args.patch % 8:
+        parser.error("--patch must be a positive multiple of 8 (MPRNet's stage 1 splits the patch in four)")
     if args.attention_patch and (args.attention_patch < 0 or args.attention_patch % 8):
         parser.error("--attention-patch must be a multiple of 8 (a crop MPRNet could run on), or 0")
     return args
