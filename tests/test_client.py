@@ -405,33 +405,24 @@ def test_the_async_client_takes_a_plain_function_as_progress_not_a_coroutine_fun
         asyncio.run(scenario())
 
 
-def test_the_client_library_runs_without_the_cli_torch_or_fastapi(server, tmp_path):
-    # In a fresh interpreter, since this one has imported everything; restoring a folder runs
-    # the paths where a lazy import would hide.
+def test_the_client_library_and_the_cli_remote_mode_run_without_torch(server, tmp_path):
+    # Each in a fresh interpreter (this one has imported everything), restoring for real, which
+    # runs the paths where a lazy import would hide. Importing PyTorch takes seconds, which a
+    # command that only sends files to a service should not pay (nor should --help).
     Image.fromarray(random_image(12, 12, 13)).save(tmp_path / "x.png")
-    script = ("import sys; from service.client import Client\n"
-              f"with Client({server.url!r}) as client:\n"
-              f"    assert client.restore_folder([{str(tmp_path)!r}], {str(tmp_path / 'out')!r}, 'denoising')[0].ok\n"
-              "print(sorted({'service.cli', 'torch', 'fastapi'} & set(sys.modules)))")
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[]"
+    library = (f"from service.client import Client\nwith Client({server.url!r}) as client:\n"
+               f"    assert client.restore_folder([{str(tmp_path)!r}], {str(tmp_path / 'out')!r}, 'denoising')[0].ok")
+    command = (f"from service.cli import main\nassert main(['restore', {str(tmp_path / 'x.png')!r}, '-o', "
+               f"{str(tmp_path / 'cli')!r}, '--task', 'denoising', '--url', {server.url!r}, '-q']) == 0")
+    for script, never in ((library, {"service.cli", "torch", "fastapi"}), (command, {"torch"})):
+        checked = f"import sys\n{script}\nprint(sorted({never!r} & set(sys.modules)))"
+        run = subprocess.run([sys.executable, "-c", checked], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and run.stdout.strip() == "[]", (run.stdout, run.stderr)
+    assert (tmp_path / "out" / "x.png").is_file() and (tmp_path / "cli" / "x.png").is_file()
 
 
 # -- the CLI's remote mode ----------------------------------------------------------------------
 
-
-def test_the_cli_remote_mode_runs_without_torch(server, tmp_path):
-    # Importing PyTorch takes seconds; a command that only sends files to a service should not pay
-    # them (nor should --help).
-    Image.fromarray(random_image(12, 12, 19)).save(tmp_path / "x.png")
-    script = ("import sys; from service.cli import main\n"
-              f"code = main(['restore', {str(tmp_path / 'x.png')!r}, '-o', {str(tmp_path / 'out')!r}, "
-              f"'--task', 'denoising', '--url', {server.url!r}, '-q'])\n"
-              "print(code, 'torch' in sys.modules)")
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "0 False", (run.stdout, run.stderr)
-    assert (tmp_path / "out" / "x.png").is_file()
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "service", "restore", *map(str, args)], cwd=ROOT,
