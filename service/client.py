@@ -392,6 +392,3 @@ def _files_to_restore(inputs: str | os.PathLike | Iterable[str | os.PathLike], o
         # error of reading it instead of the input silently dropping out of the results.
         files.extend(find_images(entry, leave_out=out_dir)[0] if entry.is_dir() else [entry])
     return files
-
-
-
