@@ -48,7 +48,8 @@ def default_queued_tiles(max_pixels: int, tile_size: int, tile_overlap: int) -> 
 class Settings(BaseSettings):
     """What to serve and how; see each field's description (also shown by ``serve --help``)."""
 
-    model_config = SettingsConfigDict(env_prefix="MPRNET_", extra="ignore")
+    # No setting means "forever": an infinite timeout broke every restore or readiness, silently.
+    model_config = SettingsConfigDict(env_prefix="MPRNET_", extra="ignore", allow_inf_nan=False)
 
     tasks: Annotated[tuple[str, ...], NoDecode] = Field(
         default_factory=lambda: _known_tasks(),
@@ -99,8 +100,9 @@ class Settings(BaseSettings):
         default=None, ge=1, description="decoder processes (default: the CPUs this process may use, from its "
                                         "cgroup quota, at most 4)")
     decode_timeout_s: float = Field(
-        default=10.0, gt=0, description="longest one image may take to decode; past it the decode is stopped and "
-                                        "the request gets 422 image_too_complex")
+        # The wait on the decoder's pipe takes at most about 24 days; no decode needs an hour.
+        default=10.0, gt=0, le=3600, description="longest one image may take to decode; past it the decode is "
+                                                 "stopped and the request gets 422 image_too_complex")
     graceful_shutdown_s: float = Field(
         default=30.0, ge=0, description="after SIGTERM, how long in-flight requests get to finish; an upload "
                                         "still arriving a second before the end is answered 503 not_ready")

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ServiceError, error_response
 from .memory import ArrivingBody, MemoryBudget, OverBudget
 from .metrics import UNKNOWN_TASK, ServiceMetrics
+from .security import route_path
 
 __all__ = ["RequestAccounting", "AdmissionControl", "REQUEST_ID_HEADER", "RESTORE_PREFIX"]
 
@@ -55,14 +56,16 @@ class RequestAccounting:
         started = time.monotonic()
         client_id = _headers(scope).get(REQUEST_ID_HEADER.lower(), "")
         request_id = client_id if _CLIENT_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
-        path = scope["path"]
-        entry: dict[str, Any] = {"request_id": request_id, "method": scope["method"], "path": path}
+        entry: dict[str, Any] = {"request_id": request_id, "method": scope["method"], "path": scope["path"]}
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, started=started, log_entry=entry)
 
+        path = route_path(scope)
         is_restore = path.startswith(RESTORE_PREFIX)
         task = path[len(RESTORE_PREFIX):]
-        task_label = task if task in self.tasks else UNKNOWN_TASK
+        # Only a POST restores: other methods are counted apart, as are requests without a valid
+        # key below, so that nobody without a key can dilute a task's error rate or latency.
+        task_label = task if task in self.tasks and scope["method"] == "POST" else UNKNOWN_TASK
         status = 500  # what the client sees if the app raises before answering
 
         async def send_with_request_id(message: Message) -> None:
@@ -82,9 +85,10 @@ class RequestAccounting:
             entry.update(status=status, duration_ms=round(seconds * 1000, 2))
             if is_restore:
                 self.metrics.in_flight.labels(task_label).dec()
+                counted_as = UNKNOWN_TASK if status == 401 else task_label
                 # An event stream starts as 200 and says how it ended in its last event.
-                self.metrics.requests.labels(task_label, str(entry.get("outcome", status))).inc()
-                self.metrics.request_duration.labels(task_label).observe(seconds)
+                self.metrics.requests.labels(counted_as, str(entry.get("outcome", status))).inc()
+                self.metrics.request_duration.labels(counted_as).observe(seconds)
             level = logging.DEBUG if path in _PROBE_PATHS and status < 400 else logging.INFO
             request_log.log(level, json.dumps(entry, separators=(",", ":")))
 
@@ -137,13 +141,14 @@ class AdmissionControl:
         self.queue_refusal = queue_refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(RESTORE_PREFIX):
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if not path.startswith(RESTORE_PREFIX):
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
         declared = headers.get("content-length", "")
         body_bytes = int(declared) if _is_count(declared) else self.max_upload_bytes
-        refusal = self._refusal(scope["path"][len(RESTORE_PREFIX):], headers)
+        refusal = self._refusal(path[len(RESTORE_PREFIX):], headers)
         if refusal is None:
             try:
                 with self.budget.receiving(body_bytes) as body:

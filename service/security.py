@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["hash_key", "requires_key", "document_api_keys", "ApiKeyGuard", "SecurityHeaders", "PROTECTED_PREFIX",
-           "PAGE_POLICY", "API_POLICY"]
+__all__ = ["hash_key", "requires_key", "route_path", "document_api_keys", "ApiKeyGuard", "SecurityHeaders",
+           "PROTECTED_PREFIX", "PAGE_POLICY", "API_POLICY"]
 
 PROTECTED_PREFIX = "/v1/"
 _HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
@@ -65,6 +65,16 @@ def document_api_keys(schema: dict, *, protect_health: bool = False, protect_met
                 operation["security"] = [{"apiKey": []}, {"bearer": []}]
                 operation.setdefault("responses", {})["401"] = unauthorized
     return schema
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes match: behind a ``root_path`` (``uvicorn --root-path /api``) the server
+    puts it in front of ``scope["path"]``, and the router strips it again; every layer that decides
+    by path must strip it as well, or ``/api/v1/...`` would pass checks written for ``/v1/...``."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):]
+    return path
 
 
 def _presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -112,10 +122,10 @@ class ApiKeyGuard:
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (not self._digests or scope["type"] != "http" or scope["method"] == "OPTIONS"
-                or not self._protects(scope["path"])):
-            # OPTIONS: a browser's CORS preflight never carries credentials; it must get through
-            # to the CORS layer, and it runs nothing.
+        # No exception for OPTIONS: a browser's CORS preflight (which carries no key) is answered
+        # by the CORS layer outside this one, and any other OPTIONS would reach the refusals of
+        # admission, which tell the task list and the upload limit.
+        if not self._digests or scope["type"] != "http" or not self._protects(route_path(scope)):
             await self.app(scope, receive, send)
             return
         key = _presented_key(scope["headers"])
@@ -164,7 +174,7 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
         added = [
-            (b"content-security-policy", self._policy(scope["path"]).encode()),
+            (b"content-security-policy", self._policy(route_path(scope)).encode()),
             # frame-ancestors is the modern form; X-Frame-Options covers browsers that predate it.
             (b"x-frame-options", b"DENY"),
             (b"x-content-type-options", b"nosniff"),
@@ -186,6 +196,12 @@ def main() -> int:
     if sys.stdin.isatty():
         print("API key (leave empty for a new random one): ", end="", file=sys.stderr, flush=True)
     key = sys.stdin.readline().strip()
+    if not (key.isascii() and key.isprintable()):
+        # Header values are ASCII by every client's rules (the project's own client refuses anything
+        # else); a key of other characters would be sent differently by each, or not at all.
+        print("error: an API key must be printable ASCII (letters, digits, punctuation); the key is not shown",
+              file=sys.stderr)
+        return 2
     if not key:
         key = secrets.token_urlsafe(32)
         print(f"new key, give it to the client and keep it nowhere else: {key}", file=sys.stderr)

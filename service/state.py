@@ -175,18 +175,17 @@ class ServiceState:
             self.decoders = await asyncio.to_thread(DecoderPool, settings.decode_workers, settings.max_pixels,
                                                     settings.decode_timeout_s)
             await self._load_engines()
-        except Exception as exc:  # reported through readiness and the log instead
+            batcher = Batcher(workers={name: {task: engine.forward for task, engine in engines.items()}
+                                       for name, engines in self.workers.items()},
+                              max_batch_size=settings.max_batch_size, max_wait_s=settings.max_batch_wait_ms / 1000,
+                              max_queued_tiles=settings.max_queued_tiles, observer=self.metrics,
+                              stall_after_s=self.stall_limit_s)
+        except Exception as exc:  # reported through readiness and the log instead, and the process exits
             self.load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.error("cannot serve: %s", self.load_error)
             if self.on_load_failure is not None:
                 self.on_load_failure()
             return
-        settings = self.settings
-        batcher = Batcher(workers={name: {task: engine.forward for task, engine in engines.items()}
-                                   for name, engines in self.workers.items()},
-                          max_batch_size=settings.max_batch_size, max_wait_s=settings.max_batch_wait_ms / 1000,
-                          max_queued_tiles=settings.max_queued_tiles, observer=self.metrics,
-                          stall_after_s=self.stall_limit_s)
         batcher.start()
         self.metrics.watch_queue(batcher.depth_by_task)
         self.metrics.watch_workers(tuple(self.workers), batcher.stalled_workers)
@@ -221,9 +220,10 @@ class ServiceState:
             description = {**engine.describe(), "tile_overlap": settings.tile_overlap}
             self.cards[task] = ModelCard(weights_file=path.name, weights_sha256=checkpoint.sha256,
                                          devices=device_list, **description)
+            # Without the weights' digest, which /v1/models gives behind the API key: /metrics is
+            # often left open to the scraper.
             self.metrics.add_model(task, {**description.pop("architecture"), **description,
-                                          "device": ",".join(dict.fromkeys(device_list)),
-                                          "weights_sha256": checkpoint.sha256})
+                                          "device": ",".join(dict.fromkeys(device_list))})
             log.info("loaded %s from %s (sha256 %s, %d parameters) on %s in %.1f s", task, path,
                      checkpoint.sha256[:12], engine.parameter_count, ", ".join(names), time.monotonic() - started)
 

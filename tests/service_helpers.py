@@ -175,8 +175,11 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(settings: Settings, wait_ready: bool = True, side_door: bool = False) -> Iterator[RunningServer]:
+def running_server(settings: Settings, wait_ready: bool = True, side_door: bool = False,
+                   root_path: str = "") -> Iterator[RunningServer]:
     """The app under a real uvicorn server on a free loopback port, in a background thread.
+
+    ``root_path``: served as ``uvicorn --root-path`` serves it, behind a proxy that strips a prefix.
 
     ``side_door``: a second uvicorn server on the same app and event loop, on its own port
     (``side_url``), without a lifespan of its own, which stays open when the main one shuts down.
@@ -187,7 +190,9 @@ def running_server(settings: Settings, wait_ready: bool = True, side_door: bool 
     listeners = [_listener()]
     # Configured as `serve` configures it (the slow-client cut included), with a shorter drain.
     served_as = settings.model_copy(update={"graceful_shutdown_s": min(settings.graceful_shutdown_s, 5)})
-    servers = [uvicorn.Server(uvicorn_config(served_as, app))]
+    config = uvicorn_config(served_as, app)
+    config.root_path = root_path
+    servers = [uvicorn.Server(config)]
     if side_door:
         listeners.append(_listener())
         servers.append(uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",

@@ -178,6 +178,68 @@ def test_the_key_is_checked_before_admission_says_anything(keyed_server, monkeyp
         time.sleep(0.05)
 
 
+def test_no_method_gets_past_the_key_check_to_admission(keyed_server):
+    # OPTIONS once went through unchecked (for CORS preflights, which the CORS layer outside
+    # answers itself), and admission then named the tasks and the upload limit.
+    _without_key(_raw_request(keyed_server.url, "OPTIONS /v1/restore/colorizing HTTP/1.1\r\nHost: x\r\n\r\n"))
+    _without_key(_raw_request(keyed_server.url, "OPTIONS /v1/restore/denoising HTTP/1.1\r\nHost: x\r\n"
+                                                f"Content-Length: {MAX_UPLOAD_BYTES * 4}\r\n\r\n"))
+
+
+def test_requests_without_a_key_or_of_another_method_are_not_counted_as_a_tasks_restores(keyed_server):
+    # Else anyone without a key could dilute a task's share of 5xx below the alert's threshold.
+    url, key = keyed_server.url, {"X-API-Key": KEYS[0]}
+    before = keyed_server.metrics()
+    _without_key(httpx.post(f"{url}/v1/restore/denoising", files=upload()))
+    assert httpx.get(f"{url}/v1/restore/denoising", headers=key).status_code == 405
+    after = keyed_server.metrics()
+    for code in ("401", "405"):
+        assert metric_value(after, "mprnet_requests_total", task="denoising", code=code) == \
+            metric_value(before, "mprnet_requests_total", task="denoising", code=code)
+        assert metric_value(after, "mprnet_requests_total", task="unknown", code=code) == \
+            metric_value(before, "mprnet_requests_total", task="unknown", code=code) + 1
+
+
+def test_open_metrics_do_not_publish_the_weights_digest_the_key_guards(keyed_server, weights):
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    served = httpx.get(f"{keyed_server.url}/v1/models", headers={"X-API-Key": KEYS[0]}).json()
+    assert served["models"]["denoising"]["weights_sha256"] == digest
+    assert digest not in keyed_server.metrics()
+
+
+def test_behind_a_root_path_the_key_admission_counting_and_policies_still_apply(weights):
+    # Behind a proxy that strips /api, uvicorn --root-path /api puts the prefix back in front of
+    # every path it hands on, and the router strips it again: checks that compared that path with
+    # /v1/... once let every request through.
+    settings = settings_for(weights, api_key_hashes=hash_key(KEYS[0]), require_api_keys=True)
+    with running_server(settings, root_path="/api") as server:
+        url, key = server.url, {"X-API-Key": KEYS[0]}
+        _without_key(httpx.get(f"{url}/v1/models"))
+        _without_key(httpx.post(f"{url}/v1/restore/denoising", files=upload()))
+        assert httpx.post(f"{url}/v1/restore/colorizing", files=upload(), headers=key).status_code == 404
+        assert httpx.post(f"{url}/v1/restore/denoising", files=upload(), headers=key).status_code == 200
+        assert metric_value(server.metrics(), "mprnet_requests_total", task="denoising", code="200") == 1
+        assert httpx.get(f"{url}/").headers["content-security-policy"] == PAGE_POLICY
+
+
+@pytest.mark.parametrize("setting", ["request_timeout_s", "decode_timeout_s", "worker_stall_timeout_s",
+                                     "graceful_shutdown_s"])
+def test_a_timeout_of_forever_is_refused_at_start_up(weights, setting):
+    # Accepted once, an infinite decode timeout failed every restore with 500, and an infinite
+    # request or stall timeout left the service loading forever, with nothing in the log.
+    with pytest.raises(ValidationError, match=setting):
+        settings_for(weights, **{setting: float("inf")})
+    with pytest.raises(ValidationError, match="decode_timeout_s"):
+        settings_for(weights, decode_timeout_s=1e9)  # past what the wait on a decoder's pipe takes
+
+
+def test_a_key_the_clients_could_not_send_gets_no_digest():
+    made = subprocess.run([sys.executable, "-m", "service.security"], input="clé-ключ\n", cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 2 and made.stdout == ""
+    assert "printable ASCII" in made.stderr and "clé" not in made.stderr
+
+
 # -- security headers and /docs -------------------------------------------------------------------
 
 def _headers_of(response: httpx.Response) -> dict[str, str]:
