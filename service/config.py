@@ -24,6 +24,7 @@ from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, check_tiling, plan_
 __all__ = ["Settings", "add_serve_arguments", "default_model_cache_dir", "default_queued_tiles", "settings_from_args"]
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+_ORIGIN = re.compile(r"https?://([^/\s:?#\[\]]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -191,6 +192,17 @@ class Settings(BaseSettings):
                         "python -m service.security (the value given is not shown: it may be a key)"),
                     loc=(), input="<not shown>")])
         return tuple(digest.lower() for digest in hashes)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        # A browser's Origin is scheme://host[:port], nothing after it: "https://app.example/" or a
+        # bare host would never match one, and CORS would fail with no word as to why.
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"cors_origins takes origins as browsers send them, scheme://host[:port] with "
+                                 f"no path or trailing slash (or *), got {origin!r}")
+        return origins
 
     @field_validator("require_api_keys")
     @classmethod

@@ -578,6 +578,16 @@ def test_the_digest_to_configure_is_printed_for_a_key_on_stdin():
     Settings(api_key_hashes=made.stdout.strip())  # accepted as configuration as printed
 
 
+@pytest.mark.parametrize("origin", ["https://app.example/", "app.example", "https://app.example/page", "null"])
+def test_an_origin_no_browser_sends_is_refused_at_start_up(origin):
+    # A browser's Origin has no path and no trailing slash: configured so, CORS never matched
+    # and the page failed with nothing said on the server.
+    with pytest.raises(ValidationError, match="scheme://host"):
+        Settings(cors_origins=f"https://ok.example,{origin}")
+    assert Settings(cors_origins="https://app.example:8443,http://[::1]:3000,*").cors_origins == (
+        "https://app.example:8443", "http://[::1]:3000", "*")
+
+
 def _preflight(url: str, origin: str) -> httpx.Response:
     return httpx.options(f"{url}/v1/restore/denoising", headers={
         "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"})
