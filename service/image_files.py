@@ -33,9 +33,8 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike],
         if entry.is_dir():
             folder = entry.resolve()
             inside = outputs is not None and outputs != folder and outputs.is_relative_to(folder)
-            below = outputs if inside else None
             found = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not (below is not None and p.resolve().is_relative_to(below)))
+                           and not (inside and p.resolve().is_relative_to(outputs)))
             if not found:
                 problems.append(f"{entry}: no images in this folder")
             files.extend(found)

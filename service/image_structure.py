@@ -13,7 +13,7 @@ import warnings
 
 from PIL import TiffImagePlugin
 
-__all__ = ["jpeg_scans_past", "png_chunks_past", "kind_pillow_cannot_read", "tiff_tag"]
+__all__ = ["jpeg_scans_past", "png_chunks_past", "png_header", "kind_pillow_cannot_read", "tiff_tag"]
 
 _JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any fill bytes; FF00 is stuffing
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI, EOI: no length field
@@ -53,6 +53,12 @@ def png_chunks_past(data: bytes, limit: int) -> bool:
             return False
         position += 12 + int.from_bytes(data[position:position + 4], "big")
     return False
+
+
+def png_header(data: bytes) -> tuple[int, int] | None:
+    """A PNG's (bit depth, colour type), from the IHDR chunk that must come first."""
+    # Signature (8), IHDR's length and type (8), width and height (8), bit depth, colour type.
+    return (data[24], data[25]) if len(data) > 25 and data[12:16] == b"IHDR" else None
 
 
 # An upload in one of these is a real image the service does not take (415), not bytes that are

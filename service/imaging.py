@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .image_structure import jpeg_scans_past, kind_pillow_cannot_read, png_chunks_past, tiff_tag
+from .image_structure import jpeg_scans_past, kind_pillow_cannot_read, png_chunks_past, png_header, tiff_tag
 
 __all__ = ["ImageError", "InvalidImage", "UnsupportedImageFormat", "ImageTooLarge", "DecodedImage",
            "SUPPORTED_FORMATS", "decode", "read_image", "encode_png", "save_png"]
@@ -180,13 +180,12 @@ def _grey_is_inverted(image: Image.Image) -> bool:
     return image.format == "TIFF" and image.mode in _SIXTEEN_BIT_GREY and image.tag_v2.get(262) == 0
 
 
-def _colour_key(image: Image.Image, data: bytes) -> int | tuple[int, ...] | None:
+def _colour_key(image: Image.Image, bit_depth: int) -> int | tuple[int, ...] | None:
     """A PNG's tRNS colour key of a grey or RGB image, in the units its pixels are read in: the one
     colour that stands for "transparent" (palettes are Pillow's to expand)."""
     key = image.info.get("transparency")
     if image.format != "PNG" or image.mode not in ("1", "L", "RGB", *_SIXTEEN_BIT_GREY):
         return None
-    bit_depth = data[24] if len(data) > 24 else 8
     if image.mode == "L" and isinstance(key, int) and bit_depth < 8:
         return key * 255 // (2 ** bit_depth - 1)  # Pillow scales 1-, 2- and 4-bit samples to 8 bits, not the key
     if image.mode == "RGB" and isinstance(key, tuple) and bit_depth == 16:
@@ -235,11 +234,6 @@ def _pixels(image: Image.Image, *, colour_key: int | tuple[int, ...] | None = No
 _PNG_GREY_ALPHA = 4  # IHDR colour type
 
 
-def _png_colour_type(data: bytes) -> int | None:
-    # Signature (8), IHDR's length and type (8), width and height (8), bit depth (1), colour type.
-    return data[25] if len(data) > 25 and data[12:16] == b"IHDR" else None
-
-
 def _profile_for(profile: bytes | None, grayscale: bool) -> bytes | None:
     """``profile`` if it describes the colour space of the result (grey or RGB), else None."""
     if not profile or len(profile) < 128:
@@ -270,11 +264,12 @@ def decode(data: bytes, max_pixels: int | None = None) -> DecodedImage:
             warnings.simplefilter("ignore")
             image.load()
             _refuse_samples_without_an_8_bit_scale(image)
+            png = png_header(data) if image_format == "PNG" else None  # (bit depth, colour type)
             # Read before turning upright, which gives a new image without the TIFF's tags.
-            colour_key, grey_is_inverted = _colour_key(image, data), _grey_is_inverted(image)
+            colour_key, grey_is_inverted = _colour_key(image, png[0] if png else 8), _grey_is_inverted(image)
             image = ImageOps.exif_transpose(image)
         rgb, alpha, grayscale = _pixels(image, colour_key=colour_key, grey_is_inverted=grey_is_inverted)
-        grayscale = grayscale or (image_format == "PNG" and _png_colour_type(data) == _PNG_GREY_ALPHA)
+        grayscale = grayscale or (png is not None and png[1] == _PNG_GREY_ALPHA)
         icc_profile = _profile_for(image.info.get("icc_profile"), grayscale)
         # With a profile kept, these would only contradict it (and sRGB may not stand beside one).
         colour_chunks = _png_colour_chunks(image.info) if image_format == "PNG" and icc_profile is None else ()
