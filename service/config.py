@@ -19,7 +19,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .decoding import available_cpus
-from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, check_tiling, plan_tiles
+from .imaging import LARGEST_DECODABLE_PIXELS
+from .tiling import DEFAULT_TILE_OVERLAP, DEFAULT_TILE_SIZE, check_tiling, count_tiles
 
 __all__ = ["Settings", "add_serve_arguments", "default_model_cache_dir", "default_queued_tiles", "settings_from_args"]
 
@@ -43,7 +44,7 @@ def default_queued_tiles(max_pixels: int, tile_size: int, tile_overlap: int) -> 
     """Room for two images at the pixel limit: the largest upload the service accepts must fit,
     and one such image should not shut out every other request."""
     side = math.isqrt(max_pixels)
-    return max(64, 2 * len(plan_tiles(side, side, tile_size, tile_overlap)))
+    return max(64, 2 * count_tiles(side, side, tile_size, tile_overlap))
 
 
 class Settings(BaseSettings):
@@ -83,7 +84,9 @@ class Settings(BaseSettings):
         default=None, ge=1, description="queue bound, in tiles; past it requests get 503 with Retry-After "
                                         "(default: room for two images of max_pixels)")
     max_upload_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="largest accepted request body")
-    max_pixels: int = Field(default=4096 * 4096, ge=1, description="largest accepted image, width times height")
+    max_pixels: int = Field(default=4096 * 4096, ge=1, le=LARGEST_DECODABLE_PIXELS,
+                            description="largest accepted image, width times height (at most Pillow's "
+                                        "ceiling, past which it refuses any image as a decompression bomb)")
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="a request not answered by then gets 504 and its queued tiles are dropped")
     stream_keepalive_s: float = Field(
@@ -214,6 +217,17 @@ class Settings(BaseSettings):
                              "MPRNET_API_KEY_HASHES (or --api-key-hashes) to the sha256 digests of the keys; "
                              "the service will not start without them")
         return required
+
+    @field_validator("protect_health", "protect_metrics")
+    @classmethod
+    def _check_protection_has_keys(cls, protect: bool, info: ValidationInfo) -> bool:
+        # Without keys nothing is guarded: an operator who asked for private metrics would be
+        # serving them to anyone, believing otherwise.
+        if protect and "api_key_hashes" in info.data and not info.data["api_key_hashes"]:
+            raise ValueError(f"{info.field_name} is set but no API key hashes are configured, so the endpoint "
+                             "would stay open to anyone: set MPRNET_API_KEY_HASHES (or --api-key-hashes), "
+                             f"or leave {info.field_name} off")
+        return protect
 
     @field_validator("tasks")
     @classmethod

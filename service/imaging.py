@@ -46,12 +46,14 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from .image_structure import jpeg_scans_past, kind_pillow_cannot_read, png_chunks_past, png_header, tiff_tag
 
 __all__ = ["ImageError", "InvalidImage", "UnsupportedImageFormat", "ImageTooLarge", "DecodedImage",
-           "SUPPORTED_FORMATS", "decode", "read_image", "encode_png", "save_png"]
+           "SUPPORTED_FORMATS", "LARGEST_DECODABLE_PIXELS", "decode", "read_image", "encode_png", "save_png"]
 
 # PIL names; MPO is how PIL reports JPEGs from cameras that embed a second picture.
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF"})
 _SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _PNG_COMPRESS_LEVEL = 1  # level 6 costs seconds on a 12-megapixel image for a few % of size
+# Pillow refuses to open anything larger as a decompression bomb, whatever max_pixels says.
+LARGEST_DECODABLE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 # Progressive JPEGs as encoders write them have up to a few dozen scans (libjpeg's default script
 # has 10); each scan is a pass over every coefficient, so a file repeating a tiny scan thousands

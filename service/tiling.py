@@ -19,7 +19,7 @@ from functools import cached_property
 import numpy as np
 
 __all__ = ["MULTIPLE", "DEFAULT_TILE_SIZE", "DEFAULT_TILE_OVERLAP", "Tiling", "TilePlan", "check_tiling",
-           "plan_tiles", "pad_to_multiple", "cut", "merge", "forward_in_batches"]
+           "count_tiles", "plan_tiles", "pad_to_multiple", "cut", "merge", "forward_in_batches"]
 
 # MPRNet splits the image into quadrants and down-samples those twice: sides must divide by 8.
 MULTIPLE = 8
@@ -99,6 +99,17 @@ class TilePlan:
     @cached_property
     def _axis_starts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (tuple(sorted({y for y, _ in self.origins})), tuple(sorted({x for _, x in self.origins})))
+
+
+def count_tiles(height: int, width: int, tile_size: int, overlap: int) -> int:
+    """``len(plan_tiles(...))`` without listing the tiles, which for a bound on huge images could
+    take gigabytes."""
+    check_tiling(tile_size, overlap)
+    if tile_size == 0:
+        return 1
+    rows, columns = (len(_starts(side + _pad_amount(side), min(tile_size, side + _pad_amount(side)), overlap))
+                     for side in (height, width))
+    return rows * columns
 
 
 def plan_tiles(height: int, width: int, tile_size: int, overlap: int) -> TilePlan:

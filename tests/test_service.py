@@ -124,7 +124,7 @@ def test_settings_come_from_the_environment_and_flags_override_them(monkeypatch,
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     settings = settings_from_args(parser.parse_args(["--max-batch-size", "3", "--port", "9001", "--protect-metrics",
-                                                     "--compile", "false"]))
+                                                     "--api-key-hashes", "0" * 64, "--compile", "false"]))
     assert settings.protect_metrics is True and settings.compile is False  # a switch alone turns it on
     assert settings.tasks == ("denoising", "deraining")
     assert settings.weights_path("denoising") == tmp_path / "dn.pth"
@@ -142,6 +142,11 @@ def test_settings_come_from_the_environment_and_flags_override_them(monkeypatch,
     (["--tile-overlap", "16", "--tile-size", "32"], None, "under half"),
     (["--max-batch-size", "0"], "max_batch_size", "greater than or equal to 1"),
     (["--max-queued-tiles", "0"], "max_queued_tiles", "greater than or equal to 1"),
+    # Past Pillow's ceiling no image opens, whatever the limit says; the tile bound built from a
+    # limit of 10**14 listed 4e8 tiles and exhausted memory before the service could start.
+    (["--max-pixels", str(10 ** 14)], "max_pixels", "less than or equal to 178956970"),
+    (["--protect-metrics"], "protect_metrics", "no API key hashes are configured"),
+    (["--protect-health", "true"], "protect_health", "no API key hashes are configured"),
 ])
 def test_invalid_settings_are_refused_naming_the_setting(flags, field, complaint):
     import argparse
@@ -152,6 +157,20 @@ def test_invalid_settings_are_refused_naming_the_setting(flags, field, complaint
     (error,) = refused.value.errors()
     assert error["loc"][:1] == ((field,) if field else ())
     assert complaint in error["msg"]
+
+
+def test_the_largest_pixel_limit_builds_its_queue_bound_without_listing_tiles():
+    import tracemalloc
+    from service.imaging import LARGEST_DECODABLE_PIXELS
+    tracemalloc.start()
+    try:
+        # 8 px tiles at Pillow's ceiling: 1,673 x 1,673 of them, 2.8 million tile origins if listed.
+        settings = Settings(max_pixels=LARGEST_DECODABLE_PIXELS, tile_size=8, tile_overlap=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert settings.max_queued_tiles == 2 * 1673 * 1673
+    assert peak < 16 * 2 ** 20
 
 
 # -- results ------------------------------------------------------------------------------------
