@@ -161,6 +161,7 @@ def test_invalid_settings_are_refused_naming_the_setting(flags, field, complaint
 
 def test_the_largest_pixel_limit_builds_its_queue_bound_without_listing_tiles():
     import tracemalloc
+
     from service.imaging import LARGEST_DECODABLE_PIXELS
     tracemalloc.start()
     try:
