@@ -59,6 +59,10 @@ def test_table_lists_every_setting_of_the_task_and_writes_the_card(photos, tiny_
     assert evaluate.main(["--data", str(photos), "--tasks", "deblurring", "--threads", "1", "--no-cache",
                           "--weights", f"deblurring={tiny_weights}", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
+    # The heading names the folder measured, not Kodak24 whatever it was.
+    assert f"{photos.name} (2 photos, 48x40), mean over photos" in printed and "Kodak24" not in printed
+    mixed = [("a", np.zeros((40, 48, 3))), ("b", np.zeros((500, 300, 3)))]
+    assert evaluate.describe_photos(photos, mixed) == f"{photos.name} (2 photos, 48x40 to 300x500)"
     rows = [line for line in printed.splitlines() if line.startswith("| deblurring |")]
     # The main table's rows, then the generalisation summary's one row for the task.
     assert len(rows) == len(DEBLURRING_ROWS) + 1

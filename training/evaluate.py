@@ -532,8 +532,15 @@ def _seen(setting: Setting, mixture: str = "broad") -> str:
     return {"classic": "yes", "broad": "yes (broad mixture)", "-": "-"}.get(setting.seen, setting.seen)
 
 
+def describe_photos(folder: Path, images: list[tuple[str, np.ndarray]]) -> str:
+    """The table's heading names what was measured: the folder, how many photos, their size."""
+    sizes = sorted({(image.shape[1], image.shape[0]) for _, image in images}, key=lambda size: size[0] * size[1])
+    shown = [f"{width}x{height}" for width, height in (sizes[0], sizes[-1])]
+    return f"{folder.name} ({len(images)} photos, {shown[0] if len(sizes) == 1 else ' to '.join(shown)})"
+
+
 def table(results: dict, cbm3d: dict, n_images: int, threads: int, previous: dict | None = None,
-          cbm3d_rows: list[dict] | None = None) -> str:
+          cbm3d_rows: list[dict] | None = None, photos: str | None = None) -> str:
     """The card's evaluation section: the main table (with a column saying whether training
     sampled each row's family and parameters), classic filters, the residual-noise table, the
     generalisation summary per task and the CBM3D baseline. ``previous`` holds the results of
@@ -543,7 +550,7 @@ def table(results: dict, cbm3d: dict, n_images: int, threads: int, previous: dic
     timed = all(result["seconds_per_512"] is not None for result in results.values())
     timing = (f"CPU time: one 512x512 photo through the engine, fp32, channels-last, {threads} threads, median of 3."
               if timed else "Not timed (`--no-timing`): see the architecture table for the network's CPU time.")
-    lines = [f"Kodak24 ({n_images} photos, 500x500), mean over photos; PSNR in dB on 8-bit RGB; SSIM on RGB "
+    lines = [f"{photos or f'Kodak24 ({n_images} photos, 500x500)'}, mean over photos; PSNR in dB on 8-bit RGB; SSIM on RGB "
              f"(11x11 Gaussian window). {timing} \"Training saw it\": whether the bundled weights' training "
              f"mixture samples that family with those parameters; \"held out\" rows say what is new to it.",
              "",
@@ -872,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         # CBM3D's recorded mean is over every photo: ours at sigma 25 is measured on all of them too.
         cbm3d_rows = evaluate_task("denoising", Path(results["denoising"]["weights"]), load_kodak(args.data), log,
                                    cache, save, {"noise25"}, timed=False)["settings"]["noise25"]
-    text = table(results, cbm3d, len(images), args.threads, previous, cbm3d_rows)
+    text = table(results, cbm3d, len(images), args.threads, previous, cbm3d_rows, describe_photos(args.data, images))
     print(text)
     for passed, description in shipping_checks(results, previous, cbm3d_rows):
         log(f"{'ok  ' if passed else 'FAIL'} {description}")

@@ -686,8 +686,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--export", metavar="FILE", help="write OUT/last.pt's weights to FILE (safetensors) and exit")
     parser.add_argument("--half", action="store_true", help="with --export: store fp16")
     parser.add_argument("--log-every", type=int, default=20)
-    parser.add_argument("--val-minutes", type=float, default=5.0)
-    parser.add_argument("--save-minutes", type=float, default=3.0)
+    parser.add_argument("--val-minutes", type=float, default=5.0, help="minutes between validations")
+    parser.add_argument("--save-minutes", type=float, default=3.0, help="minutes between saves of OUT/last.pt")
     arch = parser.add_argument_group(
         "architecture", f"default {DEFAULT_ARCHITECTURE.n_feat}/{DEFAULT_ARCHITECTURE.scale_unetfeats}/"
                         f"{DEFAULT_ARCHITECTURE.scale_orsnetfeats}/{DEFAULT_ARCHITECTURE.num_cab}, reduction "
@@ -721,6 +721,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, value in (("--minutes", args.minutes), ("--lr", args.lr)):
         if value is not None and not (math.isfinite(value) and value > 0):
             parser.error(f"{flag} must be a positive number, got {value}")
+    for flag, value in (("--val-minutes", args.val_minutes), ("--save-minutes", args.save_minutes)):
+        if not (math.isfinite(value) and value >= 0):  # 0: every step; inf: never, and a lost run on a crash
+            parser.error(f"{flag} must be a number of minutes, 0 or more, got {value}")
     if not args.clip > 0:  # inf leaves gradients unclipped; 0 would zero them, a negative one reverse them
         parser.error(f"--clip must be positive, got {args.clip}")
     if args.patch < 8 or args.patch % 8:
