@@ -550,7 +550,8 @@ def table(results: dict, cbm3d: dict, n_images: int, threads: int, previous: dic
     timed = all(result["seconds_per_512"] is not None for result in results.values())
     timing = (f"CPU time: one 512x512 photo through the engine, fp32, channels-last, {threads} threads, median of 3."
               if timed else "Not timed (`--no-timing`): see the architecture table for the network's CPU time.")
-    lines = [f"{photos or f'Kodak24 ({n_images} photos, 500x500)'}, mean over photos; PSNR in dB on 8-bit RGB; SSIM on RGB "
+    photos = photos or f"Kodak24 ({n_images} photos, 500x500)"
+    lines = [f"{photos}, mean over photos; PSNR in dB on 8-bit RGB; SSIM on RGB "
              f"(11x11 Gaussian window). {timing} \"Training saw it\": whether the bundled weights' training "
              f"mixture samples that family with those parameters; \"held out\" rows say what is new to it.",
              "",
