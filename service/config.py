@@ -109,7 +109,8 @@ class Settings(BaseSettings):
                                                  "stopped and the request gets 422 image_too_complex")
     graceful_shutdown_s: float = Field(
         default=30.0, ge=0, description="after SIGTERM, how long in-flight requests get to finish; an upload "
-                                        "still arriving a second before the end is answered 503 not_ready")
+                                        "still arriving or a restore still running a second before the end "
+                                        "is answered 503 not_ready")
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(

@@ -174,8 +174,10 @@ class EventStreamResponse(Response):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             client_gone.cancel()
-            await self._events.aclose()
-            self._on_close()
+            try:
+                await self._events.aclose()
+            finally:
+                self._on_close()
 
 
 async def until_disconnected(receive: Receive) -> None:
@@ -190,10 +192,15 @@ async def _next_unless(events: AsyncIterator[bytes], client_gone: asyncio.Future
     if client_gone.done():
         return None
     upcoming = asyncio.ensure_future(anext(events))
-    await asyncio.wait({upcoming, client_gone}, return_when=asyncio.FIRST_COMPLETED)
-    if not upcoming.done():
-        upcoming.cancel()
-        await asyncio.wait({upcoming})
+    try:
+        await asyncio.wait({upcoming, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Also when this task is cancelled (the server's grace period over): the generator must
+        # have stopped running before anyone can close it.
+        if not upcoming.done():
+            upcoming.cancel()
+            await asyncio.wait({upcoming})
+    if upcoming.cancelled():
         return None
     try:
         return upcoming.result()

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp
 
 from .app import create_app
 from .config import Settings
-from .slow_clients import SlowClientLimits, SlowClientProtocol
+from .slow_clients import SHUTDOWN_CUT_MARGIN_S, SlowClientLimits, SlowClientProtocol
 
 __all__ = ["serve", "uvicorn_config"]
 
@@ -105,7 +105,9 @@ def serve(settings: Settings) -> None:
         if not service.draining:
             log.info("shutting down: readiness off, draining requests in flight (up to %g s)",
                      settings.graceful_shutdown_s)
-        service.draining = True
+        # Restores still running then are answered 503 before uvicorn cancels what is left, as
+        # uploads still arriving are (service.slow_clients).
+        service.begin_draining(settings.graceful_shutdown_s - SHUTDOWN_CUT_MARGIN_S)
 
     server = _DrainingServer(config, on_exit_signal=begin_draining)
     service.on_load_failure = lambda: setattr(server, "should_exit", True)

@@ -38,7 +38,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-__all__ = ["SlowClientLimits", "SlowClientProtocol"]
+__all__ = ["SHUTDOWN_CUT_MARGIN_S", "SlowClientLimits", "SlowClientProtocol"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class SlowClientLimits:
 
 
 # How long before the end of the graceful period an upload still arriving is cut.
-_SHUTDOWN_CUT_MARGIN_S = 1.0
+SHUTDOWN_CUT_MARGIN_S = 1.0
 
 
 def _error_response(status: str, code: str, message: str, headers: str = "") -> bytes:
@@ -108,7 +108,7 @@ class SlowClientProtocol(H11Protocol):
         super().shutdown()
         grace = self.config.timeout_graceful_shutdown
         if grace is not None and not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
-            self._shutdown_cut = self.loop.call_later(max(grace - _SHUTDOWN_CUT_MARGIN_S, 0.0),
+            self._shutdown_cut = self.loop.call_later(max(grace - SHUTDOWN_CUT_MARGIN_S, 0.0),
                                                       self._upload_outlived_shutdown)
 
     def _upload_outlived_shutdown(self) -> None:

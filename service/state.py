@@ -23,7 +23,7 @@ import torch
 from models import load_checkpoint
 
 from .backends import build_engine, resolve_backend
-from .batching import Batcher
+from .batching import Batcher, QueueClosed
 from .config import Settings, default_queued_tiles
 from .decoding import DecoderPool, available_cpus
 from .engine import Engine, resolve_devices
@@ -78,6 +78,10 @@ class ServiceState:
         self._said_why_torch = False
         self.batcher: Batcher | None = None
         self.draining = False
+        # Restores running now, and whether shutdown has stopped them (see begin_draining).
+        self._in_flight: set[asyncio.Task] = set()
+        self._stopped_in_flight = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.load_error: str | None = None
         # Called when the models cannot be loaded; `serve` uses it to exit instead of idling unready.
         self.on_load_failure: Callable[[], None] | None = None
@@ -128,15 +132,49 @@ class ServiceState:
     async def run_in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.imaging_pool, function, *args)
 
+    def begin_draining(self, stop_in_flight_after_s: float) -> None:
+        """Readiness off; restores still running ``stop_in_flight_after_s`` from now fail with
+        ``QueueClosed`` (503 ``not_ready``). Safe to call from a signal handler.
+
+        The server cancels what is left when its grace period ends, and a handler cancelled there
+        answers a bare text 500 and cuts an event stream without its last event; stopped a moment
+        before, each gets the API's 503 and a client knows to send the image again.
+        """
+        self.draining = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.call_later, max(0.0, stop_in_flight_after_s),
+                                            self._stop_in_flight)
+
+    def _stop_in_flight(self) -> None:
+        self._stopped_in_flight = True
+        for running in list(self._in_flight):
+            running.cancel()
+
     async def restore(self, task: str, upload: Upload, deadline: float, entry: dict,
                       progress: RestoreProgress | None = None) -> Restored:
         """The upload's bytes -> restored PNG; ``entry`` (the request's log line) gains the image's facts,
         ``progress`` the tiles as they finish.
 
-        Raises the domain errors of each stage (:mod:`service.errors` maps them to HTTP). Every
-        array of the request is released when this returns or raises, with no reference cycle
-        left to wait for the garbage collector.
+        Raises the domain errors of each stage (:mod:`service.errors` maps them to HTTP), and
+        ``QueueClosed`` once shutdown stops the restores in flight. Every array of the request is
+        released when this returns or raises, with no reference cycle left to wait for the
+        garbage collector.
         """
+        running = asyncio.current_task()
+        self._in_flight.add(running)
+        try:
+            if self._stopped_in_flight:
+                raise QueueClosed("the service is shutting down; send the image again")
+            return await self._restore(task, upload, deadline, entry, progress)
+        except asyncio.CancelledError:
+            if not self._stopped_in_flight:
+                raise  # its client left, or its deadline passed
+            raise QueueClosed("the service shut down before the image was restored; send it again") from None
+        finally:
+            self._in_flight.discard(running)
+
+    async def _restore(self, task: str, upload: Upload, deadline: float, entry: dict,
+                       progress: RestoreProgress | None) -> Restored:
         metrics = self.metrics
         timings: dict[str, float] = {}
         mark = time.monotonic()
@@ -170,6 +208,7 @@ class ServiceState:
 
     async def load(self) -> None:
         """Load and warm every task's engine on every device, then open the queue; readiness follows."""
+        self._loop = asyncio.get_running_loop()
         try:
             settings = self.settings
             self.decoders = await asyncio.to_thread(DecoderPool, settings.decode_workers, settings.max_pixels,

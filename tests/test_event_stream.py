@@ -4,6 +4,7 @@ that closes the stream, and what stays an ordinary HTTP error."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -18,7 +19,7 @@ import pytest
 from PIL import Image
 
 from service.config import Settings
-from service.event_stream import wants_event_stream
+from service.event_stream import EventStreamResponse, wants_event_stream
 
 from attacks import smooth_image
 from service_helpers import (
@@ -322,3 +323,40 @@ def test_streams_cut_at_random_points_all_at_once_leave_nothing_behind(weights):
         assert (server.service.budget.bytes, server.service.budget.pixels) == (0, 0)
         gate.release.set()
         assert_progress_then_result(post_stream(server.url, "denoising", encode(smooth_image(64, 64))))
+
+
+def test_a_stream_cancelled_by_the_server_stops_its_events_and_still_closes():
+    # What uvicorn does to a response still running when its shutdown grace period ends. The
+    # cancellation used to leave the events' generator running in a task of its own, so closing
+    # it raised "aclose(): asynchronous generator is already running" and on_close never ran
+    # (the open-streams gauge stayed up).
+    async def scenario() -> tuple[list[str], list[dict]]:
+        closed: list[str] = []
+
+        async def events():
+            try:
+                yield b": restoring\n\n"
+                await asyncio.Event().wait()  # a restore still waiting for the device
+            finally:
+                closed.append("events")
+
+        async def receive() -> dict:
+            await asyncio.Event().wait()  # the client stays
+            return {}
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        response = EventStreamResponse(events(), on_close=lambda: closed.append("on_close"))
+        running = asyncio.create_task(response({"type": "http"}, receive, send))
+        await asyncio.sleep(0.1)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        return closed, sent
+
+    closed, sent = asyncio.run(scenario())
+    assert closed == ["events", "on_close"]
+    assert [message.get("body") for message in sent[1:]] == [b": restoring\n\n"]

@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -568,6 +569,48 @@ def test_sigterm_finishes_requests_in_flight_then_exits_zero(checkpoints):
     assert in_flight_at_signal, "the request finished before SIGTERM was sent"
     assert as_array(outcome["response"]).shape == (16, 16, 3)
     assert "shutting down" in log and "Traceback" not in log
+
+
+def test_restores_still_running_when_the_grace_period_ends_get_the_apis_503(checkpoints):
+    # Batches that wait 10 s to fill outlast a 2 s grace period. uvicorn cancels what is left at
+    # its end: before, a plain restore got a bare text/plain 500 and an event stream was cut
+    # with no last event (and its close raised "aclose(): asynchronous generator is already running").
+    settings = {"MPRNET_TASKS": "denoising", "MPRNET_WEIGHTS_DENOISING": str(checkpoints["denoising"]),
+                "MPRNET_DEVICE": "cpu", "MPRNET_TILE_SIZE": "32", "MPRNET_TILE_OVERLAP": "8",
+                "MPRNET_MAX_BATCH_SIZE": "8", "MPRNET_MAX_BATCH_WAIT_MS": "10000", "MPRNET_MAX_PIXELS": str(MAX_PIXELS),
+                "MPRNET_GRACEFUL_SHUTDOWN_S": "2"}
+    upload = {"image": ("a.png", encode(random_image(16, 16, seed=41)), "image/png")}
+    outcome: dict[str, object] = {}
+
+    def stream(url: str) -> None:
+        with httpx.stream("POST", f"{url}/v1/restore/denoising", files=upload, timeout=60,
+                          headers={"Accept": "text/event-stream"}) as response:
+            outcome["stream"] = response.read().decode()
+
+    with serving_process(settings) as served:
+        senders = [threading.Thread(target=lambda: outcome.update(plain=restore(served.url, "denoising",
+                                                                                upload["image"][1]))),
+                   threading.Thread(target=stream, args=(served.url,))]
+        for sender in senders:
+            sender.start()
+        wait_until(lambda: metric_value(httpx.get(f"{served.url}/metrics").text, "mprnet_queue_depth_tiles") == 2,
+                   "both requests to be queued")
+        served.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        for sender in senders:
+            sender.join(timeout=60)
+        answered_after_s = time.monotonic() - signalled
+        assert served.process.wait(timeout=60) == 0, served.log()
+        log = served.finished_log()
+    body = assert_error(outcome["plain"], 503, "not_ready")
+    assert "send it again" in body["error"]["message"] and outcome["plain"].headers["retry-after"]
+    assert outcome["plain"].headers["x-request-id"]
+    last_event = outcome["stream"].rstrip().split("\n\n")[-1].splitlines()
+    assert last_event[0] == "event: error", outcome["stream"]
+    error = json.loads(last_event[1].removeprefix("data: "))["error"]
+    assert (error["status"], error["code"]) == (503, "not_ready") and error["retry_after_s"] > 0
+    assert answered_after_s < 5  # not when the batch would have run
+    assert "Traceback" not in log and "aclose()" not in log
 
 
 def test_serve_exits_nonzero_when_the_weights_do_not_load(tmp_path):
