@@ -25,7 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from .config import Settings
 from .errors import error_response, install_error_handlers
-from .middleware import REQUEST_ID_HEADER, AdmissionControl, RequestAccounting
+from .middleware import REQUEST_ID_HEADER, AdmissionControl, HeadAsGet, RequestAccounting
 from .routes import operations_router, restore_router
 from .security import ApiKeyGuard, SecurityHeaders, document_api_keys
 from .state import ServiceState
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added innermost first. Outermost, CORS answers preflights; SecurityHeaders marks every other
     # answer; RequestAccounting then logs and counts everything inside it, the 401s of the key
     # guard and the refusals of AdmissionControl.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(AdmissionControl, tasks=settings.tasks, max_upload_bytes=settings.max_upload_bytes,
                        budget=service.budget, queue_refusal=service.queue_refusal)
     # Outside admission: its refusals tell the task list, the upload limit and the queue state,

@@ -100,7 +100,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         # Starlette's streaming body limit, hit by a body without Content-Length.
         limit = request.app.state.service.settings.max_upload_bytes
         message = f"the request body is larger than the limit of {limit} bytes"
-    return error_response(exc.status_code, code, message, exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405 and headers and "GET" in headers.get("Allow", "").split(", "):
+        headers = {**headers, "Allow": headers["Allow"] + ", HEAD"}  # middleware.HeadAsGet answers it
+    return error_response(exc.status_code, code, message, headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""ASGI middleware, one job each: accounting for every request, and admission of restores.
+"""ASGI middleware, one job each: accounting for every request, admission of restores, and HEAD
+answered wherever GET is.
 
 Pure ASGI rather than route dependencies because some answers never reach a route: the 413 for
 a declared oversize body (sent before a byte of it is read), 404s for unknown paths, and 422s
@@ -22,7 +23,7 @@ from .memory import ArrivingBody, MemoryBudget, OverBudget
 from .metrics import UNKNOWN_TASK, ServiceMetrics
 from .security import route_path
 
-__all__ = ["RequestAccounting", "AdmissionControl", "REQUEST_ID_HEADER", "RESTORE_PREFIX"]
+__all__ = ["RequestAccounting", "AdmissionControl", "HeadAsGet", "REQUEST_ID_HEADER", "RESTORE_PREFIX"]
 
 request_log = logging.getLogger("service.requests")
 
@@ -172,3 +173,24 @@ class AdmissionControl:
         # Refusing now, before the upload is read and decoded, is what keeps the cost of a
         # refusal small while clients far outnumber what the device can take.
         return self.queue_refusal()
+
+
+class HeadAsGet:
+    """HEAD runs as GET, and the answer goes out without its body (its headers, Content-Length
+    included, unchanged): HTTP requires HEAD wherever GET is served, uptime checkers and load
+    balancers use it, and FastAPI's GET routes would refuse it with 405."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)

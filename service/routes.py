@@ -184,14 +184,11 @@ def restore_router(settings: Settings) -> APIRouter:
 def operations_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
-    # HEAD too, as some load balancers and uptime checkers probe; kept out of the schema, which
-    # would otherwise list each probe twice under one operation id.
-    @router.head("/healthz", include_in_schema=False)
+    # HEAD is answered by middleware.HeadAsGet, here as on every GET route.
     @router.get("/healthz", summary="Liveness: the process answers HTTP")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.head("/readyz", include_in_schema=False)
     @router.get("/readyz", summary="Readiness: every model loaded and warmed up, not shutting down",
                 responses={503: {"model": ErrorBody, "description": "loading, failed to load, or draining"}})
     async def readyz(service: Service) -> dict[str, str]:

@@ -415,6 +415,27 @@ def test_metrics_parse_and_carry_the_documented_names(server):
     assert {"0.005", "60.0", "300.0"} <= bucket_bounds
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/v1/models", "/", "/docs", "/openapi.json",
+                                  "/static/app.js"])
+def test_head_is_answered_wherever_get_is_with_the_same_headers_and_no_body(server, path):
+    got, headed = httpx.get(server.url + path), httpx.head(server.url + path)
+    assert (got.status_code, headed.status_code) == (200, 200)
+    assert headed.content == b"" and headed.headers["content-type"] == got.headers["content-type"]
+    if path != "/metrics":  # its counters move between the two requests
+        assert headed.headers["content-length"] == got.headers["content-length"]
+    assert headed.headers["x-request-id"]
+
+
+def test_a_method_not_allowed_names_head_beside_get(server):
+    for path in ("/healthz", "/metrics", "/v1/models"):
+        refused = httpx.post(server.url + path)
+        assert_error(refused, 405, "method_not_allowed")
+        assert refused.headers["allow"] == "GET, HEAD"
+    refused = httpx.head(f"{server.url}/v1/restore/denoising")
+    assert (refused.status_code, refused.headers["allow"], refused.content) == (405, "POST", b"")
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
 def test_models_endpoint_describes_each_task(server, checkpoints):
     body = httpx.get(f"{server.url}/v1/models").json()
     assert body["ready"] is True and set(body["models"]) == {"denoising", "deraining"}
