@@ -266,6 +266,23 @@ class Settings(BaseSettings):
                              f"got {', '.join(map(repr, bad))}")
         return devices
 
+    @field_validator("weights_deblurring", "weights_denoising", "weights_deraining", "model_cache_dir",
+                     mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: Any) -> Any:
+        # An empty value (a template's unset variable) would become Path("."), the working
+        # folder: for weights "unset" (the default file), for the model cache "nowhere", as documented.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, host: str) -> str:
+        # uvicorn binds an empty host to every interface: an unset variable must not publish the service.
+        if not host.strip():
+            raise ValueError("host is empty; give an address to listen on (127.0.0.1 for this machine only, "
+                             "0.0.0.0 for every interface)")
+        return host
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_log_level(cls, value: Any) -> Any:
@@ -323,7 +340,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         # environment's, so both paths give the same errors.
         default = field.get_default(call_default_factory=True)
         # A switch given alone turns it on (--compile), as README's tables show it; a value still works.
-        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
+        switch = {"nargs": "?", "const": "true"} if field.annotation in (bool, bool | None) else {}
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(),
                            help=f"{field.description} [env MPRNET_{name.upper()}, default {default!r}]", **switch)
 

@@ -110,6 +110,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device {str(device)!r} is not one this service runs on: auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for, but this machine has no usable CUDA device")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        # Checked here, as PyTorch's own check is an assertion deep inside whichever call comes first.
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {device!r} was asked for, but this machine has {count} CUDA device"
+                         f"{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})")
     return resolved
 
 

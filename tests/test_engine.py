@@ -130,6 +130,17 @@ def test_invalid_settings_are_refused(tiny_model):
             Engine(tiny_model, device="cuda")
 
 
+def test_a_cuda_device_number_past_the_machines_gpus_is_refused_in_one_line(monkeypatch):
+    from service.devices import resolve_device
+    if not torch.cuda.is_available():  # a one-GPU machine, as far as these checks can tell
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    count = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=rf"has {count} CUDA device.*cuda:0 to cuda:{count - 1}"):
+        resolve_device(f"cuda:{count}")
+    assert resolve_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)
+
+
 def test_auto_device_is_cuda_only_when_present(tiny_model):
     engine = Engine(tiny_model, device="auto", tile_size=0)
     assert engine.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -148,6 +148,8 @@ def test_settings_come_from_the_environment_and_flags_override_them(monkeypatch,
     (["--max-pixels", str(10 ** 14)], "max_pixels", "less than or equal to 178956970"),
     (["--protect-metrics"], "protect_metrics", "no API key hashes are configured"),
     (["--protect-health", "true"], "protect_health", "no API key hashes are configured"),
+    # uvicorn would listen on every interface.
+    (["--host", ""], "host", "host is empty"),
 ])
 def test_invalid_settings_are_refused_naming_the_setting(flags, field, complaint):
     import argparse
@@ -158,6 +160,25 @@ def test_invalid_settings_are_refused_naming_the_setting(flags, field, complaint
     (error,) = refused.value.errors()
     assert error["loc"][:1] == ((field,) if field else ())
     assert complaint in error["msg"]
+
+
+def test_empty_values_from_the_environment_mean_unset_and_switches_stand_alone(monkeypatch, tmp_path):
+    import argparse
+
+    from models.weights import resolve
+    # What a template or an env file gives for a variable it leaves empty.
+    for name in ("MPRNET_WEIGHTS_DENOISING", "MPRNET_MODEL_CACHE_DIR", "MPRNET_DEVICES"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert settings.weights_path("denoising") == resolve("denoising")  # not Path("."), the working folder
+    assert settings.model_cache_dir is None  # "empty: nowhere", not the working folder
+    monkeypatch.setenv("MPRNET_HOST", " ")
+    with pytest.raises(ValidationError, match="host is empty"):
+        Settings()
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--host", "::1", "--cuda-graphs"])).cuda_graphs is True
+    assert settings_from_args(parser.parse_args(["--host", "::1", "--cuda-graphs", "false"])).cuda_graphs is False
 
 
 def test_the_largest_pixel_limit_builds_its_queue_bound_without_listing_tiles():
