@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import stat
 import threading
+from pathlib import Path
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -50,9 +52,24 @@ def _check_weights(settings: Settings) -> None:
         except LookupError as exc:
             log.error("cannot serve %s: %s", task, exc)
             raise SystemExit(2) from None
-        if not path.is_file():
-            log.error("cannot serve %s: weights file %s does not exist", task, path)
+        problem = _not_a_readable_file(path)
+        if problem:
+            log.error("cannot serve %s: weights file %s %s", task, path, problem)
             raise SystemExit(2)
+
+
+def _not_a_readable_file(path: Path) -> str | None:
+    """What keeps ``path`` from being read as a file (missing, a folder, a FIFO that would block
+    the start, a symlink loop), or None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        return "does not exist" if isinstance(error, FileNotFoundError) else f"cannot be read ({error.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a checkpoint file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a pipe, socket or device)"
+    return None
 
 
 def _check_precision(settings: Settings) -> None:

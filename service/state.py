@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -214,6 +215,7 @@ class ServiceState:
             self.decoders = await asyncio.to_thread(DecoderPool, settings.decode_workers, settings.max_pixels,
                                                     settings.decode_timeout_s)
             await self._load_engines()
+            settings = self.settings  # automatic sizing may have replaced the tile shape, batch and queue bound
             batcher = Batcher(workers={name: {task: engine.forward for task, engine in engines.items()}
                                        for name, engines in self.workers.items()},
                               max_batch_size=settings.max_batch_size, max_wait_s=settings.max_batch_wait_ms / 1000,
@@ -234,37 +236,50 @@ class ServiceState:
     async def _load_engines(self) -> None:
         devices = resolve_devices(self.settings.devices or (self.settings.device,))
         names = _worker_names(devices)
-        device_list = [str(device) for device in devices]
         sized = not (self.settings.auto_size and devices[0].type == "cuda")
         for task in self.settings.tasks:
             path = self.settings.weights_path(task)
-            started = time.monotonic()
-            checkpoint = await asyncio.to_thread(load_checkpoint, path)
-            # A copy per worker, made before any is moved: Engine moves its model onto its device in place.
-            models = [checkpoint.model, *(copy.deepcopy(checkpoint.model) for _ in devices[1:])]
-            if not sized:
-                await asyncio.to_thread(self._choose_sizes, models[0], devices[0])
-                sized = True
-            settings = self.settings
-            for name, device, model in zip(names, devices, models):
-                engine = await asyncio.to_thread(functools.partial(
-                    build_engine, checkpoint, model, self._backend_for(device), device=device,
-                    precision=settings.precision, tile_size=settings.tile_size, max_batch_size=settings.max_batch_size,
-                    channels_last=settings.channels_last, compile=settings.compile, cuda_graphs=settings.cuda_graphs,
-                    allow_emulated_precision=settings.allow_emulated_precision, cache_dir=settings.model_cache_dir))
-                # A full batch, so that the largest allocation happens now, not under load.
-                await asyncio.to_thread(engine.warmup, settings.max_batch_size)
-                self.workers.setdefault(name, {})[task] = engine
-            engine = self.workers[names[0]][task]
-            description = {**engine.describe(), "tile_overlap": settings.tile_overlap}
-            self.cards[task] = ModelCard(weights_file=path.name, weights_sha256=checkpoint.sha256,
-                                         devices=device_list, **description)
-            # Without the weights' digest, which /v1/models gives behind the API key: /metrics is
-            # often left open to the scraper.
-            self.metrics.add_model(task, {**description.pop("architecture"), **description,
-                                          "device": ",".join(dict.fromkeys(device_list))})
-            log.info("loaded %s from %s (sha256 %s, %d parameters) on %s in %.1f s", task, path,
-                     checkpoint.sha256[:12], engine.parameter_count, ", ".join(names), time.monotonic() - started)
+            try:
+                await self._load_task(task, path, devices, names, sized)
+            except Exception as error:
+                if str(path) in str(error):
+                    raise
+                # Errors past the checkpoint's own checks (a forward pass at warm-up, a backend's
+                # conversion) name neither; the operator needs both.
+                raise RuntimeError(f"{task} from {path}: {error}") from error
+            sized = True
+
+    async def _load_task(self, task: str, path: Path, devices: list[torch.device], names: list[str],
+                         sized: bool) -> None:
+        """One task's engine on every device, warmed up; the first one loaded sizes the tiles
+        when automatic sizing is on (``sized`` False)."""
+        started = time.monotonic()
+        device_list = [str(device) for device in devices]
+        checkpoint = await asyncio.to_thread(load_checkpoint, path)
+        # A copy per worker, made before any is moved: Engine moves its model onto its device in place.
+        models = [checkpoint.model, *(copy.deepcopy(checkpoint.model) for _ in devices[1:])]
+        if not sized:
+            await asyncio.to_thread(self._choose_sizes, models[0], devices[0])
+        settings = self.settings
+        for name, device, model in zip(names, devices, models):
+            engine = await asyncio.to_thread(functools.partial(
+                build_engine, checkpoint, model, self._backend_for(device), device=device,
+                precision=settings.precision, tile_size=settings.tile_size, max_batch_size=settings.max_batch_size,
+                channels_last=settings.channels_last, compile=settings.compile, cuda_graphs=settings.cuda_graphs,
+                allow_emulated_precision=settings.allow_emulated_precision, cache_dir=settings.model_cache_dir))
+            # A full batch, so that the largest allocation happens now, not under load.
+            await asyncio.to_thread(engine.warmup, settings.max_batch_size)
+            self.workers.setdefault(name, {})[task] = engine
+        engine = self.workers[names[0]][task]
+        description = {**engine.describe(), "tile_overlap": settings.tile_overlap}
+        self.cards[task] = ModelCard(weights_file=path.name, weights_sha256=checkpoint.sha256,
+                                     devices=device_list, **description)
+        # Without the weights' digest, which /v1/models gives behind the API key: /metrics is
+        # often left open to the scraper.
+        self.metrics.add_model(task, {**description.pop("architecture"), **description,
+                                      "device": ",".join(dict.fromkeys(device_list))})
+        log.info("loaded %s from %s (sha256 %s, %d parameters) on %s in %.1f s", task, path,
+                 checkpoint.sha256[:12], engine.parameter_count, ", ".join(names), time.monotonic() - started)
 
     def _backend_for(self, device: torch.device) -> str:
         backend, why_not_openvino = resolve_backend(self.settings.backend, device, self.settings.precision)

@@ -4,6 +4,7 @@ channels-last, torch.compile, CUDA graphs, automatic sizing, out-of-memory split
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -365,6 +366,35 @@ def test_batch_size_defaults_to_one_on_the_cpu_and_sixteen_on_cuda(tiny_model):
     assert Settings(_env_file=None, device="cpu", max_batch_size=3).max_batch_size == 3
     engine = Engine(tiny_model, device="cpu", tile_size=32)
     assert engine.max_batch_size == default_batch_size("cpu") == 1 and default_batch_size("cuda") == 16
+
+
+def test_the_queue_is_built_with_the_sizes_automatic_sizing_chose(tiny_weights, monkeypatch):
+    # Automatic sizing runs on CUDA only; here the settings are replaced as it replaces them, once
+    # the engines are loaded. The queue used to keep the bound and batch limit from before.
+    from service.batching import TooManyTiles
+    from service.state import ServiceState
+    settings = Settings(tasks="denoising", weights_denoising=tiny_weights(7), device="cpu", tile_size=32,
+                        tile_overlap=8, max_batch_size=4, max_queued_tiles=64, backend="torch", decode_workers=1)
+    loading = ServiceState._load_engines
+
+    async def load_and_size(self: ServiceState) -> None:
+        await loading(self)
+        self.settings = self.settings.model_copy(update={"max_queued_tiles": 200, "max_batch_size": 2})
+
+    monkeypatch.setattr(ServiceState, "_load_engines", load_and_size)
+
+    async def scenario() -> str:
+        state = ServiceState(settings)
+        await state.load()
+        try:
+            assert state.batcher is not None, state.load_error
+            with pytest.raises(TooManyTiles) as refused:
+                await state.batcher.submit("denoising", np.zeros((201, 3, 32, 32), np.float32))
+            return str(refused.value)
+        finally:
+            await state.close()
+
+    assert "more than the queue holds (200)" in asyncio.run(scenario())
 
 
 def test_service_serves_with_channels_last_and_auto_size_on_the_cpu(tiny_weights, start_server):

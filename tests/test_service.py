@@ -538,6 +538,39 @@ def test_models_that_fail_to_load_leave_the_service_alive_but_unready(checkpoint
         assert httpx.get(f"{running.url}/healthz").status_code == 200
 
 
+
+def test_a_model_that_fails_past_its_checkpoint_checks_is_named_with_its_file(checkpoints, monkeypatch):
+    # A warm-up forward pass or a backend's conversion fails with PyTorch's own words, which name
+    # neither the task nor the file ("cannot serve: The size of tensor a (19) must match ...").
+    import service.state as state_module
+
+    def failing_build(*args, **kwargs):
+        raise RuntimeError("The size of tensor a (19) must match the size of tensor b (17)")
+
+    monkeypatch.setattr(state_module, "build_engine", failing_build)
+    state = state_module.ServiceState(service_settings(checkpoints, tasks="denoising", decode_workers=1))
+    asyncio.run(state.load())
+    asyncio.run(state.close())
+    assert state.load_error == f"denoising from {checkpoints['denoising']}: The size of tensor a (19) must match " \
+                               "the size of tensor b (17)"
+
+
+def test_weights_that_are_no_regular_file_are_named_as_what_they_are(checkpoints, tmp_path, caplog):
+    from service.server import _check_weights
+    folder, fifo, loop = tmp_path / "folder", tmp_path / "fifo", tmp_path / "loop"
+    folder.mkdir()
+    os.mkfifo(fifo)  # opening it would block the start until a writer came
+    loop.symlink_to(loop)
+    for path, said in ((folder, "is a folder"), (fifo, "is not a regular file"),
+                       (loop, "cannot be read (Too many levels of symbolic links)"),
+                       (tmp_path / "missing", "does not exist")):
+        caplog.clear()
+        with pytest.raises(SystemExit) as refused:
+            _check_weights(service_settings(checkpoints, tasks="denoising", weights_denoising=path))
+        assert refused.value.code == 2
+        assert f"cannot serve denoising: weights file {path} {said}" in caplog.text
+
+
 # -- shutting down -------------------------------------------------------------------------------
 
 def test_while_draining_readiness_is_off_and_new_requests_are_refused_but_queued_work_is_finished(checkpoints):
