@@ -71,8 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = service
     install_error_handlers(app)
-    # Added innermost first. Outermost, CORS answers preflights; SecurityHeaders marks every other
-    # answer; RequestAccounting then logs and counts everything inside it, the 401s of the key
+    # Added innermost first. Outermost, SecurityHeaders marks every answer; inside it CORS answers
+    # preflights; RequestAccounting then logs and counts everything inside it, the 401s of the key
     # guard and the refusals of AdmissionControl.
     app.add_middleware(HeadAsGet)
     app.add_middleware(AdmissionControl, tasks=settings.tasks, max_upload_bytes=settings.max_upload_bytes,
@@ -82,12 +82,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ApiKeyGuard, key_hashes=settings.api_key_hashes, protect_health=settings.protect_health,
                        protect_metrics=settings.protect_metrics, error_response=error_response)
     app.add_middleware(RequestAccounting, metrics=service.metrics, tasks=settings.tasks)
-    page_policies, prefix_policies = content_policies(app)
-    app.add_middleware(SecurityHeaders, policies=page_policies, prefixes=prefix_policies)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", REQUEST_ID_HEADER],
                            expose_headers=[REQUEST_ID_HEADER, "Server-Timing", "Retry-After"])
+    page_policies, prefix_policies = content_policies(app)
+    app.add_middleware(SecurityHeaders, policies=page_policies, prefixes=prefix_policies)
     app.include_router(restore_router(settings))
     app.include_router(operations_router())
     mount_web(app)

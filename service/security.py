@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["hash_key", "requires_key", "route_path", "document_api_keys", "ApiKeyGuard", "SecurityHeaders",
-           "PROTECTED_PREFIX", "PAGE_POLICY", "API_POLICY"]
+           "security_headers", "PROTECTED_PREFIX", "PAGE_POLICY", "API_POLICY"]
 
 PROTECTED_PREFIX = "/v1/"
 _HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
@@ -150,6 +150,18 @@ PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src
 API_POLICY = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
 
+def security_headers(policy: str = API_POLICY) -> list[tuple[bytes, bytes]]:
+    """The headers every answer carries, with ``policy`` as its Content-Security-Policy."""
+    return [
+        (b"content-security-policy", policy.encode()),
+        # frame-ancestors is the modern form; X-Frame-Options covers browsers that predate it.
+        (b"x-frame-options", b"DENY"),
+        (b"x-content-type-options", b"nosniff"),
+        # The page's and API's URLs carry nothing a third party should see, not even the origin.
+        (b"referrer-policy", b"no-referrer"),
+    ]
+
+
 class SecurityHeaders:
     """Adds the security headers to every HTTP response that does not already carry them.
 
@@ -173,14 +185,7 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        added = [
-            (b"content-security-policy", self._policy(route_path(scope)).encode()),
-            # frame-ancestors is the modern form; X-Frame-Options covers browsers that predate it.
-            (b"x-frame-options", b"DENY"),
-            (b"x-content-type-options", b"nosniff"),
-            # The page's and API's URLs carry nothing a third party should see, not even the origin.
-            (b"referrer-policy", b"no-referrer"),
-        ]
+        added = security_headers(self._policy(route_path(scope)))
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -38,6 +38,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from .security import security_headers
+
 __all__ = ["SHUTDOWN_CUT_MARGIN_S", "SlowClientLimits", "SlowClientProtocol"]
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ def _error_response(status: str, code: str, message: str, headers: str = "") -> 
     # Written straight to the socket just before it closes, so h11's bookkeeping for this
     # connection does not matter any more. Same body shape as the service's other errors.
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    head = (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n{headers}"
+    marks = "".join(f"{name.decode()}: {value.decode()}\r\n" for name, value in security_headers())
+    head = (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n{headers}{marks}"
             f"content-length: {len(body)}\r\n\r\n")
     return head.encode("ascii") + body
 

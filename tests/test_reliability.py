@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from service.config import Settings
 from service.engine import Engine
-from service.security import hash_key
+from service.security import API_POLICY, hash_key
 
 from service_helpers import (
     ROOT,
@@ -600,6 +600,9 @@ def test_cors_answers_only_the_configured_origins(keyed_server, server):
     assert "x-api-key" in allowed.headers["access-control-allow-headers"].lower()
     refused = _preflight(keyed_server.url, "https://evil.example")
     assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    for answer in (allowed, refused):  # answered by the CORS layer, and marked all the same
+        assert answer.headers["x-content-type-options"] == "nosniff" and answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["content-security-policy"] == API_POLICY
     # The browser can read a refusal too, so the page can tell its user the key is wrong.
     denied = restore(keyed_server.url, encode(random_image(8, 8, 1)), headers={"Origin": "https://app.example"})
     assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "https://app.example"

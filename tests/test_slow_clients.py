@@ -21,6 +21,7 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
+from service.security import security_headers
 from service.server import uvicorn_config
 
 from service_helpers import (
@@ -140,6 +141,10 @@ def test_a_half_sent_head_is_cut_with_408_within_the_limit(server):
         elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert b'"request_timeout"' in answer
+    # Written to the socket by hand, below the app's middleware, and marked all the same.
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    for name, value in security_headers():
+        assert b"\r\n" + name + b": " + value.lower() + b"\r\n" in head + b"\r\n", name
     assert HEAD_TIMEOUT_S - 0.05 <= elapsed <= HEAD_TIMEOUT_S + SLACK_S, elapsed
     assert_still_serving(server)
 
