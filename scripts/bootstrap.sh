@@ -8,6 +8,9 @@ PYTHON="${PYTHON:-python3}"
 # wheel of it is the CUDA build, on these CPU-only machines pip finds the CPU build on disk.
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 if [ ! -x .venv/bin/python ]; then
+    # Made anew, stamp and all: a .venv whose Python has gone (removed or upgraded) would
+    # otherwise keep a stamp saying its packages are installed.
+    rm -rf .venv
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.mprnet-installed

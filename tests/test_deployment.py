@@ -143,6 +143,29 @@ def as_instant_query(expr: str) -> str:
     return expr.replace("$__rate_interval", "5s").replace("$instance", ".*")
 
 
+# -- set-up scripts -------------------------------------------------------------------------------
+
+def test_bootstrap_reinstalls_when_the_venvs_python_is_gone(tmp_path):
+    # A .venv whose interpreter was removed or upgraded away, with the stamp of a finished install.
+    (tmp_path / "scripts").mkdir()
+    for name in ("pyproject.toml", "scripts/bootstrap.sh"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    stamp_text = subprocess.run("cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1", shell=True,
+                                cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to("/nonexistent/python3")
+    (tmp_path / ".venv" / ".mprnet-installed").write_text(stamp_text)
+    # Offline, so the reinstall it must attempt fails at once instead of fetching anything.
+    offline = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "no-wheels"),
+               "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=tmp_path, env=offline, capture_output=True,
+                            text=True, timeout=300)
+    # Before, the old stamp survived the new venv: exit 0, nothing installed.
+    assert result.returncode != 0, "bootstrap reported success with nothing installed"
+    assert not (tmp_path / ".venv" / ".mprnet-installed").exists()
+    assert os.access(tmp_path / ".venv" / "bin" / "python", os.X_OK)
+
+
 # -- Dockerfile -----------------------------------------------------------------------------------
 
 def test_hadolint_passes_on_the_dockerfile():

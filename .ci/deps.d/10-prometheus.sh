@@ -8,9 +8,14 @@ if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
 fi
 # Another apt run (a developer's, another installer's) holds dpkg's lock for a while: wait for
 # it instead of failing.
-apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
+sudo=""
+if [ "$(id -u)" != 0 ]; then
+    sudo="sudo"
+fi
+# env inside sudo, which would otherwise drop the variables that keep apt from asking questions.
+apt_get() { $sudo env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 apt_get update -qq
 # The package's postinst starts a daemon where an init system runs; in CI there is none, and
 # the tests start their own server on a free loopback port either way.
-DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes apt_get install -y -qq --no-install-recommends prometheus >/dev/null
+apt_get install -y -qq --no-install-recommends prometheus >/dev/null
 prometheus --version 2>&1 | head -n 1
