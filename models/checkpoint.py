@@ -30,6 +30,14 @@ __all__ = ["ATTENTION_PATCH_NOTE", "attention_patch", "read_notes",
 # The note (safetensors metadata key, training-checkpoint meta key) naming the crop size whose
 # regions the channel attention pools over: MPRNet.pool_attention_locally.
 ATTENTION_PATCH_NOTE = "attention_patch"
+# Training crops are 64-192 px and the pooling region must be smaller than the crop; far larger
+# values come from a damaged or hostile file, not from a run.
+MAX_ATTENTION_PATCH = 1024
+
+# What load_state_dict copies into the fp32 network without changing the values' meaning (the
+# bundled files are fp32, `--half` exports fp16, bf16 training casts); an integer, bool or complex
+# tensor would be cast silently into different weights.
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class CheckpointError(ValueError):
@@ -104,18 +112,50 @@ def _read_file(path: Path) -> tuple[Mapping, str, dict[str, str]]:
             # Otherwise torch.load's complaint about a photo or a text file reads as if it held code.
             raise CheckpointError(f"{path}: not a checkpoint: neither safetensors (by its name) nor a file "
                                   f"torch.save writes (a zip archive or a pickle)")
+        if data.startswith(_TORCH_SAVE_STARTS[0]):
+            _check_stored_zip(path, data)
         content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as exc:
         # weights_only refuses any pickle that names code; say so rather than show the traceback.
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path}: refused: the file is not a plain tensor checkpoint (it would need to run code "
-            f"to load: {first_line})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+            f"to load: {_first_line(exc)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError) as exc:
+        # The last four come from damaged pickles: torch's unpickler looks up memo entries and stack
+        # items that were never made, or uses an object of the wrong kind where it expects another.
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                              f"{_first_line(exc)})") from None
     meta = content.get("meta") if isinstance(content, Mapping) else None
     notes = {str(k): str(v) for k, v in meta.items() if v is not None} if isinstance(meta, Mapping) else {}
     return content, hashlib.sha256(data).hexdigest(), notes
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line: a damaged pickle can make torch name a storage by a whole
+    printed tensor."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _check_stored_zip(path: Path, data: bytes) -> None:
+    """torch.save stores its zip entries uncompressed, so what torch.load allocates is bounded by
+    the file's size; a compressed entry would be inflated to whatever it declares (a 2 MB file can
+    ask for 2 GB), past any limit put on the download. The directory is read without inflating."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        entries = archive.infolist()
+    compressed = [entry for entry in entries if entry.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(f"{path}: refused: {len(compressed)} of its {len(entries)} zip entries are compressed "
+                              f"(to be inflated to {sum(entry.file_size for entry in compressed)} bytes), which "
+                              f"torch.save never does")
+    declared = sum(entry.file_size for entry in entries)
+    if declared > len(data):
+        raise CheckpointError(f"{path}: refused: its zip entries declare {declared} bytes, more than the "
+                              f"{len(data)} bytes of the file")
 
 
 def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -134,6 +174,8 @@ def _tensors(path: Path, content) -> dict[str, torch.Tensor]:
     for key, value in content.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.dtype not in _WEIGHT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} is {value.dtype}, not floating-point weights")
         name = str(key)
         stripped = True
         while stripped:
@@ -183,11 +225,17 @@ def attention_patch(notes: Mapping[str, str]) -> int | None:
     """The crop size whose regions the weights' channel attention pools over
     (:meth:`MPRNet.pool_attention_locally`); None: the whole input, as the paper's."""
     value = notes.get(ATTENTION_PATCH_NOTE)
-    if value in (None, "", "None"):
+    if value in (None, "", "None", "0"):
         return None
-    if not str(value).isdigit() or int(value) <= 0 or int(value) % 8:
-        raise CheckpointError(f"{ATTENTION_PATCH_NOTE} must be a positive multiple of 8, got {value!r}")
-    return int(value)
+    text = str(value)
+    # str.isdigit takes "²" and other digits int() rejects; the length keeps int() off digit strings
+    # long enough to cost time (or to exceed its own limit).
+    patch = int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else -1
+    if patch <= 0 or patch % 8 or patch > MAX_ATTENTION_PATCH:
+        shown = text if len(text) <= 20 else text[:20] + "..."
+        raise CheckpointError(f"{ATTENTION_PATCH_NOTE} must be a positive multiple of 8 of at most "
+                              f"{MAX_ATTENTION_PATCH}, or 0, got {shown!r}")
+    return patch
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -195,34 +243,37 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _read_state(Path(path))[0]
 
 
-def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+def _conv_shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, int, int, int]:
+    """The shape of the convolution weight ``key``; the widths are read off its dimensions."""
     if key not in state:
         raise CheckpointError(f"not an MPRNet checkpoint: missing key {key!r}")
-    return tuple(state[key].shape)
+    shape = tuple(state[key].shape)
+    if len(shape) != 4:
+        raise CheckpointError(f"not an MPRNet checkpoint: {key!r} has shape {list(shape)}, not a convolution "
+                              f"weight's 4 dimensions")
+    return shape
 
 
 def infer_config(state: Mapping[str, torch.Tensor]) -> MPRNetConfig:
     """Constructor keywords of the MPRNet that produced ``state``, from tensor shapes alone."""
-    first = _shape(state, "shallow_feat1.0.weight")
-    if len(first) != 4:
-        raise CheckpointError(f"not an MPRNet checkpoint: 'shallow_feat1.0.weight' has shape {list(first)}")
-    n_feat, in_c, kernel_size, _ = first
-    out_c = _shape(state, "tail.weight")[0]
-    scale_unetfeats = _shape(state, "stage1_encoder.down12.down.1.weight")[0] - n_feat
-    scale_orsnetfeats = _shape(state, "concat23.weight")[0] - n_feat
+    n_feat, in_c, kernel_size, _ = _conv_shape(state, "shallow_feat1.0.weight")
+    out_c = _conv_shape(state, "tail.weight")[0]
+    scale_unetfeats = _conv_shape(state, "stage1_encoder.down12.down.1.weight")[0] - n_feat
+    scale_orsnetfeats = _conv_shape(state, "concat23.weight")[0] - n_feat
     num_cab = 0
     while f"stage3_orsnet.orb1.body.{num_cab}.CA.conv_du.0.weight" in state:
         num_cab += 1
-    squeezed = _shape(state, "shallow_feat1.1.CA.conv_du.0.weight")[0]
+    squeezed = _conv_shape(state, "shallow_feat1.1.CA.conv_du.0.weight")[0]
     bias = "shallow_feat1.0.bias" in state
     if min(n_feat, scale_unetfeats + 1, scale_orsnetfeats + 1, num_cab, squeezed) <= 0:
         raise CheckpointError("not an MPRNet checkpoint: the tensor shapes give no valid widths")
     # Several reductions can give the same bottleneck width at level 1; take the one that also
     # fits the wider levels, which the full shape check below confirms.
-    wider = state.get("stage1_encoder.encoder_level3.0.CA.conv_du.0.weight")
+    wider_key = "stage1_encoder.encoder_level3.0.CA.conv_du.0.weight"
     candidates = [r for r in range(1, n_feat + 1) if n_feat // r == squeezed]
-    if wider is not None:
-        fitting = [r for r in candidates if (n_feat + 2 * scale_unetfeats) // r == wider.shape[0]]
+    if wider_key in state:
+        wider = _conv_shape(state, wider_key)[0]
+        fitting = [r for r in candidates if (n_feat + 2 * scale_unetfeats) // r == wider]
         candidates = fitting or candidates
     if not candidates:
         raise CheckpointError(f"not an MPRNet checkpoint: no channel-attention reduction maps {n_feat} "
@@ -232,10 +283,29 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> MPRNetConfig:
                         reduction=candidates[0], bias=bias)
 
 
+def _check_runnable(config: MPRNetConfig) -> None:
+    """An MPRNet the service can run: it restores RGB images, and 'same' padding (half the kernel)
+    keeps the feature maps' size only for odd kernels, so an even one fails at the first join."""
+    if (config.in_c, config.out_c) != (3, 3):
+        raise CheckpointError(f"the weights take {config.in_c} and give {config.out_c} colour channels; the service "
+                              f"restores RGB images (3 and 3)")
+    if config.kernel_size % 2 == 0:
+        raise CheckpointError(f"the convolutions' kernel size is {config.kernel_size}; MPRNet needs an odd one")
+
+
+def _check_finite(state: Mapping[str, torch.Tensor]) -> None:
+    """A NaN or an infinity in any weight spreads through the network: every restore would come back
+    black, while the service reports itself ready."""
+    for key, value in state.items():
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"tensor {key!r} holds NaN or infinite values")
+
+
 def _check_fits(model: MPRNet, state: Mapping[str, torch.Tensor], config: MPRNetConfig) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    # Names from the file, shown quoted when they hold a line break or other control character.
+    unexpected = [k if k.isprintable() else repr(k) for k in state if k not in expected]
     wrong = [f"{k}: {list(state[k].shape)} (expected {list(v.shape)})"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     problems = []
@@ -270,9 +340,12 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         state = _tensors(path, content)
         patch = attention_patch(notes)
         config = infer_config(state)
+        _check_runnable(config)
         with torch.device("meta"):
             skeleton = config.build()
         _check_fits(skeleton, state, config)
+        # After the shape check, so that only tensors of the network's own sizes are scanned.
+        _check_finite(state)
     except CheckpointError as exc:
         message = str(exc)
         raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None

@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urljoin, urlparse
 
 __all__ = ["TASKS", "RELEASED_DRIVE_IDS", "DEFAULT_MAX_BYTES", "WeightsNotFound", "WeightsInstallError",
            "bundled_path", "installed_dir", "resolve", "install", "describe", "manifest", "installed_manifest",
-           "check_redirect"]
+           "changed_since_install", "check_redirect"]
 
 TASKS = ("deblurring", "denoising", "deraining")
 
@@ -130,7 +130,12 @@ def describe() -> list[dict]:
     from .checkpoint import CheckpointError, infer_config, load_state_dict, sha256_file
 
     rows = []
-    listed, recorded = manifest(), installed_manifest()
+    listed = manifest()
+    try:
+        recorded, damaged_record = installed_manifest(), None
+    except WeightsInstallError as exc:
+        # Listed under every task: none of them can be checked against it or installed until it is fixed.
+        recorded, damaged_record = {}, str(exc)
     for task in TASKS:
         row = {"task": task, "path": None, "source": "missing", "sha256": None, "config": None, "error": None}
         installed = _installed(task)
@@ -152,6 +157,8 @@ def describe() -> list[dict]:
                 row["error"] = f"sha256 differs from the manifest ({entry['sha256']})"
         else:
             row["error"] = f"not installed; run: {_install_hint(task)}"
+        if damaged_record is not None:
+            row["error"] = "; ".join(filter(None, [row["error"], damaged_record]))
         rows.append(row)
     return rows
 
@@ -362,9 +369,41 @@ def _matching_task(config) -> str | None:
 
 
 def installed_manifest() -> dict:
-    """What :func:`install` recorded: per task its file, sha256, bytes, source and install time."""
+    """What :func:`install` recorded: per task its file, sha256, bytes, source and install time.
+    Raises :class:`WeightsInstallError` naming the file when it is unreadable or not such a record."""
     path = installed_dir() / INSTALLED_MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsInstallError(f"{path}: the record of installed weights is unreadable ({reason}); "
+                                  f"repair or delete it, then install again") from None
+    if not isinstance(entries, dict):
+        damage = f"it holds a {type(entries).__name__}, not a JSON object"
+    else:
+        damage = next((f"its entry {task!r} is not a JSON object" for task, entry in entries.items()
+                       if not isinstance(entry, dict)), None)
+    if damage is not None:
+        raise WeightsInstallError(f"{path}: the record of installed weights is damaged ({damage}); "
+                                  f"repair or delete it, then install again")
+    return entries
+
+
+def changed_since_install(path: Path, sha256: str) -> str | None:
+    """Why ``path``, holding bytes of digest ``sha256``, is not what :func:`install` wrote there:
+    damaged on disk or replaced by hand; None when it is, or when it is not an installed file."""
+    task = path.stem
+    if task not in TASKS or path.resolve().parent != installed_dir().resolve():
+        return None
+    try:
+        recorded = installed_manifest().get(task, {}).get("sha256")
+    except WeightsInstallError as exc:
+        return str(exc)
+    if recorded not in (None, sha256):
+        return f"{path}: sha256 {sha256[:12]} differs from what was installed ({recorded[:12]})"
+    return None
 
 
 def _recorded_source(source: str) -> str:
@@ -378,15 +417,20 @@ def _recorded_source(source: str) -> str:
     return parsed._replace(netloc=netloc, query="", fragment="").geturl()
 
 
-def _record_install(task: str, final: Path, digest: str, source: str) -> None:
+def _write_record(task: str, staged: Path, final: Path, digest: str, source: str) -> Path:
+    """The manifest with ``task``'s new entry, written beside it (to be renamed over it once the
+    weights are in place): reading or writing it can fail, so it is done before any weights file
+    is replaced."""
     entries = installed_manifest()
-    entries[task] = {"file": final.name, "sha256": digest, "bytes": final.stat().st_size,
+    entries[task] = {"file": final.name, "sha256": digest, "bytes": staged.stat().st_size,
                      "source": _recorded_source(source),
                      "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path = installed_dir() / INSTALLED_MANIFEST
-    partial = path.with_name(f".{INSTALLED_MANIFEST}.partial")
-    partial.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    partial = installed_dir() / f".{INSTALLED_MANIFEST}.partial"
+    try:
+        partial.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise WeightsInstallError(f"cannot write {partial}: {exc}") from None
+    return partial
 
 
 def install(task: str, source: str, sha256: str | None = None, progress: bool = True, *,
@@ -412,10 +456,12 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
         target_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise WeightsInstallError(f"cannot create {target_dir}: {exc}") from None
+    # A damaged record is refused before the download, not found after it.
+    installed_manifest()
     # The temporary file sits in the target folder so the final rename is atomic.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{task}-", suffix=".partial", dir=target_dir)
     tmp = Path(tmp_name)
-    staged = None
+    staged = record = None
     try:
         with os.fdopen(fd, "wb") as handle:
             digest = _fetch(source, handle, progress, f"{task} weights", allow_http, max_bytes)
@@ -427,8 +473,8 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
         try:
             config = load_checkpoint(staged).config
         except CheckpointError as exc:
-            raise WeightsInstallError(f"{source}: not an MPRNet checkpoint: "
-                                      f"{str(exc).removeprefix(str(staged) + ': ')}") from None
+            reason = str(exc).removeprefix(str(staged) + ": ").removeprefix("not an MPRNet checkpoint: ")
+            raise WeightsInstallError(f"{source}: not an MPRNet checkpoint: {reason}") from None
         released = RELEASED_CONFIGS[task]
         if config != released:
             other = _matching_task(config)
@@ -437,6 +483,7 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
                 f"{source}: wrong configuration for {task}: the file is an MPRNet with "
                 f"{config.as_kwargs()}{hint}, but the released {task} model has {released.as_kwargs()}")
         final = target_dir / f"{task}{staged.suffix}"
+        record = _write_record(task, staged, final, digest, source)
         os.replace(staged, final)
         staged = None
         for suffix in SUFFIXES:
@@ -444,9 +491,10 @@ def install(task: str, source: str, sha256: str | None = None, progress: bool = 
             stale = target_dir / f"{task}{suffix}"
             if stale != final and stale.exists():
                 stale.unlink()
-        _record_install(task, final, digest, source)
+        os.replace(record, target_dir / INSTALLED_MANIFEST)
+        record = None
         return final
     finally:
-        for leftover in (tmp, staged):
+        for leftover in (tmp, staged, record):
             if leftover is not None and leftover.exists():
                 leftover.unlink()

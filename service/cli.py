@@ -219,8 +219,8 @@ def _weights_list_command(args: argparse.Namespace) -> int:
         sha = (row.get("sha256") or "")[:16]
         print(f"{row['task']:<11} {row['source']:<9} {sha:<16} {row.get('path') or '-'}")
         if row["error"]:
-            # Restoring and serving would stop on this file: installed weights are preferred to
-            # the bundled ones, never silently replaced by them.
+            # Installed weights are preferred to the bundled ones, never silently replaced by them:
+            # restoring and serving stop on an unreadable file, and serve warns of a changed one.
             print(f"{'':<11} error: {row['error']}")
             unusable += 1
     return EXIT_SOME_FAILED if unusable else EXIT_OK

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from models import load_checkpoint
+from models.weights import changed_since_install
 
 from .backends import build_engine, resolve_backend
 from .batching import Batcher, QueueClosed
@@ -256,6 +257,10 @@ class ServiceState:
         started = time.monotonic()
         device_list = [str(device) for device in devices]
         checkpoint = await asyncio.to_thread(load_checkpoint, path)
+        changed = changed_since_install(path, checkpoint.sha256)
+        if changed:
+            # Served all the same, as it was configured, but `weights list` marks it unusable.
+            log.warning("serving %s from weights changed since they were installed: %s", task, changed)
         # A copy per worker, made before any is moved: Engine moves its model onto its device in place.
         models = [checkpoint.model, *(copy.deepcopy(checkpoint.model) for _ in devices[1:])]
         if not sized:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -259,6 +260,29 @@ def test_weights_list_names_an_installed_file_damaged_since_and_exits_1(install_
     assert "error: " in listed.stdout and "sha256 differs" in listed.stdout
 
 
+def test_serving_warns_of_installed_weights_changed_since_install(install_dir, released_deraining, caplog):
+    import asyncio
+
+    from service.config import Settings
+    from service.state import ServiceState
+    installed = weights.install("deraining", str(released_deraining), progress=False)
+    assert weights.changed_since_install(installed, sha256_file(installed)) is None
+    torch.manual_seed(1)  # replaced by hand: still loads, but is not what was installed
+    other = MPRNet(**RELEASED_CONFIGS["deraining"].as_kwargs())
+    torch.save({"state_dict": {f"module.{k}": v for k, v in other.state_dict().items()}}, installed)
+    state = ServiceState(Settings(tasks="deraining", device="cpu", backend="torch", tile_size=32, tile_overlap=8,
+                                  decode_workers=1, model_cache_dir=""))
+
+    async def load() -> None:
+        await state.load()
+        await state.close()
+
+    asyncio.run(load())
+    assert state.load_error is None and state.cards["deraining"].weights_sha256 == sha256_file(installed)
+    assert "serving deraining from weights changed since they were installed" in caplog.text
+    assert f"{installed}: sha256 {sha256_file(installed)[:12]} differs from what was installed" in caplog.text
+
+
 def test_install_sniffs_safetensors_and_replaces_previous(install_dir, released_deraining, tmp_path):
     as_safetensors = tmp_path / "download"  # no suffix, as Drive gives none
     save_safetensors(load_model(released_deraining), as_safetensors)
@@ -310,3 +334,183 @@ def test_download_errors_are_clear(drive, install_dir, tmp_path):
     with pytest.raises(WeightsInstallError, match="unknown task"):
         weights.install("colorizing", f"{drive}/files/deraining.pth", progress=False, allow_http=True)
     assert _leftovers(install_dir) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile and damaged files: refused at load with one line naming the file
+# --------------------------------------------------------------------------------------------
+
+TINY = {"n_feat": 8, "scale_unetfeats": 4, "scale_orsnetfeats": 4, "num_cab": 1}
+
+
+def _tiny_state(**architecture) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = MPRNet(**{**TINY, **architecture})
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def _write_safetensors(path: Path, state: dict[str, torch.Tensor], notes: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save
+    path.write_bytes(save(state, metadata=notes))
+    return path
+
+
+def _refusal(path: Path) -> str:
+    from models import CheckpointError
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_weights_holding_nan_or_infinity_are_refused(tmp_path, value):
+    """Such weights made every restore come back black while the service said it was ready."""
+    state = _tiny_state()
+    state["tail.weight"][0, 0, 1, 1] = value
+    message = _refusal(_write_safetensors(tmp_path / "w.safetensors", state))
+    assert "'tail.weight' holds NaN or infinite values" in message
+
+
+def test_restore_with_nan_weights_stops_with_one_line_and_exit_2(tmp_path):
+    from PIL import Image
+    state = _tiny_state()
+    state["concat23.weight"][:] = float("nan")
+    path = _write_safetensors(tmp_path / "nan.safetensors", state)
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(tmp_path / "in.png")
+    done = subprocess.run([sys.executable, "-m", "service", "restore", str(tmp_path / "in.png"), "-o",
+                           str(tmp_path / "out"), "--task", "denoising", "--weights", str(path), "--backend", "torch",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"error: {path}: tensor 'concat23.weight' holds NaN or infinite values"
+    assert not (tmp_path / "out" / "in.png").exists()
+
+
+@pytest.mark.parametrize("key", ["tail.weight", "shallow_feat1.1.CA.conv_du.0.weight",
+                                 "stage1_encoder.encoder_level3.0.CA.conv_du.0.weight", "concat23.weight"])
+def test_a_zero_dimensional_tensor_where_the_loader_reads_a_width_is_refused(tmp_path, key):
+    state = _tiny_state()
+    state[key] = torch.tensor(1.0)
+    message = _refusal(_write_safetensors(tmp_path / "w.safetensors", state))
+    assert f"{key!r} has shape []" in message
+
+
+@pytest.mark.parametrize("note", ["\u00b2", "\u0668", "8" * 30, "8" * 5000, "1048576", "16384", "1032", "-8", " 64"])
+def test_an_attention_patch_note_out_of_range_or_not_ascii_digits_is_refused(tmp_path, note):
+    """A note of 1048576 made loading ask for 13 TB; "²" passed isdigit() and failed in int()."""
+    path = _write_safetensors(tmp_path / "w.safetensors", _tiny_state(), {"attention_patch": note})
+    message = _refusal(path)
+    assert "attention_patch must be a positive multiple of 8 of at most 1024" in message
+    assert len(message) < 300
+
+
+@pytest.mark.parametrize("note, expected", [("1024", 1024), ("0", None), ("8", 8)])
+def test_attention_patch_notes_up_to_the_bound_load(tmp_path, note, expected):
+    path = _write_safetensors(tmp_path / "w.safetensors", _tiny_state(), {"attention_patch": note})
+    assert load_checkpoint(path).model.attention_patch == expected
+
+
+def _torch_zip(path: Path, state: dict[str, torch.Tensor], compression: int | None = None) -> Path:
+    """``state`` as torch.save writes it, its zip entries recompressed when ``compression`` is given."""
+    import io
+    import zipfile
+
+    written = io.BytesIO()
+    torch.save({"state_dict": state}, written)
+    if compression is None:
+        path.write_bytes(written.getvalue())
+        return path
+    with zipfile.ZipFile(written) as source, zipfile.ZipFile(path, "w", compression) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    return path
+
+
+def test_a_torch_zip_with_compressed_entries_is_refused_before_it_is_inflated(tmp_path, install_dir):
+    """torch.load inflates such entries to whatever they declare: a 1.9 MB file took 2.1 GB."""
+    import zipfile
+
+    plain = _torch_zip(tmp_path / "plain.pth", _tiny_state())
+    assert load_checkpoint(plain).config.n_feat == 8  # torch.save's own entries are stored
+    bomb = _torch_zip(tmp_path / "bomb.pth", {"shallow_feat1.0.weight": torch.zeros(4_000_000)}, zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 100_000
+    assert re.search(r"refused: \d+ of its \d+ zip entries are compressed \(to be inflated to 160\d{5} bytes\)",
+                     _refusal(bomb))
+    with pytest.raises(WeightsInstallError) as caught:
+        weights.install("deraining", str(bomb), progress=False, max_bytes=1 << 20)
+    message = str(caught.value)
+    assert message.startswith(f"{bomb}: not an MPRNet checkpoint: refused: ") and "\n" not in message
+    assert _leftovers(install_dir) == []
+
+
+def test_a_torch_zip_declaring_more_than_the_file_holds_is_refused(tmp_path):
+    path = _torch_zip(tmp_path / "w.pth", _tiny_state())
+    data = bytearray(path.read_bytes())
+    # The central directory's entries (PK\1\2) give each member's uncompressed size at offset 24.
+    central = data.index(b"PK\x01\x02")
+    data[central + 24:central + 28] = (1 << 31).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    assert "its zip entries declare" in _refusal(path)
+
+
+def test_install_names_what_is_wrong_once(drive, install_dir):
+    with pytest.raises(WeightsInstallError) as caught:
+        weights.install("deraining", f"{drive}/files/other.pth", progress=False, allow_http=True)
+    assert str(caught.value).count("not an MPRNet checkpoint") == 1, caught.value
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8, torch.complex64])
+def test_tensors_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    """They were cast silently: bool weights restored every image to black."""
+    state = {k: v.to(dtype) for k, v in _tiny_state().items()}
+    assert f"is {dtype}, not floating-point weights" in _refusal(_write_safetensors(tmp_path / "w.safetensors", state))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_load(tmp_path, dtype):
+    state = {k: v.to(dtype) for k, v in _tiny_state().items()}
+    assert load_checkpoint(_write_safetensors(tmp_path / "w.safetensors", state)).config.n_feat == 8
+
+
+@pytest.mark.parametrize("architecture, reason", [
+    ({"in_c": 1, "out_c": 1}, "the weights take 1 and give 1 colour channels"),
+    ({"in_c": 4, "out_c": 4}, "the weights take 4 and give 4 colour channels"),
+    ({"kernel_size": 4}, "kernel size is 4; MPRNet needs an odd one"),
+    ({"out_c": 1}, "the weights take 3 and give 1 colour channels"),
+])
+def test_an_mprnet_the_service_cannot_run_is_refused(tmp_path, architecture, reason):
+    if architecture.get("out_c") == 1 and "in_c" not in architecture:
+        # MPRNet cannot be built so (it adds its input back); the file is cut to that shape.
+        state = _tiny_state()
+        state["tail.weight"] = state["tail.weight"][:1].clone()
+    else:
+        state = _tiny_state(**architecture)
+    assert reason in _refusal(_write_safetensors(tmp_path / "w.safetensors", state))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ('{"deraining": {"sha256": "ab', "is unreadable (Unterminated string"),
+    ("[]", "is damaged (it holds a list, not a JSON object)"),
+    ('{"deraining": "x"}', "is damaged (its entry 'deraining' is not a JSON object)"),
+    (b"\xff\xfe{}", "is unreadable ("),
+])
+def test_a_damaged_install_record_is_reported_and_replaces_nothing(install_dir, tiny_mprnet, released_deraining,
+                                                                    damage, reason):
+    good = weights.install("deraining", str(released_deraining), progress=False)
+    before = good.read_bytes()
+    record = install_dir / "manifest.json"
+    record.write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+    as_safetensors = install_dir.parent / "derain.safetensors"
+    save_safetensors(load_model(released_deraining), as_safetensors)
+    with pytest.raises(WeightsInstallError) as caught:
+        weights.install("deraining", str(as_safetensors), progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"{record}: the record of installed weights {reason}") and "\n" not in message
+    assert _leftovers(install_dir) == ["deraining.pth"] and good.read_bytes() == before
+    for row in weights.describe():
+        assert message in row["error"]
+    listed = subprocess.run([sys.executable, "-m", "service", "weights", "list"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "MPRNET_WEIGHTS_DIR": str(install_dir)})
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
+    assert f"error: {message}" in listed.stdout
