@@ -22,7 +22,7 @@ import torch
 
 from .mprnet import MPRNet
 
-__all__ = ["ATTENTION_PATCH_NOTE", "attention_patch", "read_notes",
+__all__ = ["ATTENTION_PATCH_NOTE", "MAX_ATTENTION_PATCH", "attention_patch", "read_notes",
            "CheckpointError", "LoadedCheckpoint", "MPRNetConfig", "infer_config", "load_checkpoint", "load_model",
            "load_state_dict", "save_safetensors", "sha256_file", "RELEASED_CONFIGS"]
 
@@ -123,9 +123,10 @@ def _read_file(path: Path) -> tuple[Mapping, str, dict[str, str]]:
             f"{path}: refused: the file is not a plain tensor checkpoint (it would need to run code "
             f"to load: {_first_line(exc)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError) as exc:
-        # The last four come from damaged pickles: torch's unpickler looks up memo entries and stack
-        # items that were never made, or uses an object of the wrong kind where it expects another.
+            AttributeError, AssertionError) as exc:
+        # The last five come from damaged pickles: torch's unpickler looks up memo entries, stack
+        # items and storages that were never made, or uses an object of the wrong kind where it
+        # expects another.
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
                               f"{_first_line(exc)})") from None
     meta = content.get("meta") if isinstance(content, Mapping) else None

@@ -401,6 +401,8 @@ def changed_since_install(path: Path, sha256: str) -> str | None:
         recorded = installed_manifest().get(task, {}).get("sha256")
     except WeightsInstallError as exc:
         return str(exc)
+    if recorded is not None and not isinstance(recorded, str):
+        return f"{installed_dir() / INSTALLED_MANIFEST}: the record of {task} is damaged (its sha256 is no text)"
     if recorded not in (None, sha256):
         return f"{path}: sha256 {sha256[:12]} differs from what was installed ({recorded[:12]})"
     return None

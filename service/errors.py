@@ -101,7 +101,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         limit = request.app.state.service.settings.max_upload_bytes
         message = f"the request body is larger than the limit of {limit} bytes"
     headers = exc.headers
-    if exc.status_code == 405 and headers and "GET" in headers.get("Allow", "").split(", "):
+    allowed = headers.get("Allow", "").split(", ") if headers else []
+    if exc.status_code == 405 and "GET" in allowed and "HEAD" not in allowed:
         headers = {**headers, "Allow": headers["Allow"] + ", HEAD"}  # middleware.HeadAsGet answers it
     return error_response(exc.status_code, code, message, headers)
 

@@ -162,8 +162,9 @@ class ServiceState:
         released when this returns or raises, with no reference cycle left to wait for the
         garbage collector.
         """
-        running = asyncio.current_task()
-        self._in_flight.add(running)
+        # Never a local: an error's traceback holds this frame, and the task holds the error; a
+        # reference from the frame back to the task would keep the request's arrays in a cycle.
+        self._in_flight.add(asyncio.current_task())
         try:
             if self._stopped_in_flight:
                 raise QueueClosed("the service is shutting down; send the image again")
@@ -173,7 +174,7 @@ class ServiceState:
                 raise  # its client left, or its deadline passed
             raise QueueClosed("the service shut down before the image was restored; send it again") from None
         finally:
-            self._in_flight.discard(running)
+            self._in_flight.discard(asyncio.current_task())
 
     async def _restore(self, task: str, upload: Upload, deadline: float, entry: dict,
                        progress: RestoreProgress | None) -> Restored:

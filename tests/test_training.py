@@ -398,7 +398,7 @@ def test_a_photo_that_cannot_be_decoded_is_named_in_one_line(photos, tmp_path):
                                  ["--threads", "-1"], ["--warmup", "-1"], ["--workers", "-1"], ["--clip", "0"],
                                  ["--device", "gpu"], ["--data", "/nonexistent/photos"], ["--data", __file__],
                                  ["--init", "/nonexistent.pt"], ["--val-minutes", "-1"], ["--save-minutes", "-0.5"],
-                                 ["--save-minutes", "inf"]])
+                                 ["--save-minutes", "inf"], ["--attention-patch", "1032", "--patch", "1040"]])
 def test_impossible_training_arguments_are_usage_errors(bad, photos, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as refused:

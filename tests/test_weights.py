@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import os
+import random
 import re
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from models import RELEASED_CONFIGS, MPRNet, load_checkpoint, load_model, save_safetensors, sha256_file, weights
+from models.checkpoint import CheckpointError
 from models.weights import TASKS, WeightsInstallError, WeightsNotFound
 
 PAGE_ID = "1AbCdEfGhIjKlMnOpQrStUvWxYz012345"     # served behind a confirmation page
@@ -281,6 +284,9 @@ def test_serving_warns_of_installed_weights_changed_since_install(install_dir, r
     assert state.load_error is None and state.cards["deraining"].weights_sha256 == sha256_file(installed)
     assert "serving deraining from weights changed since they were installed" in caplog.text
     assert f"{installed}: sha256 {sha256_file(installed)[:12]} differs from what was installed" in caplog.text
+    record = install_dir / "manifest.json"
+    record.write_text(record.read_text().replace(f'"{weights.installed_manifest()["deraining"]["sha256"]}"', "12345"))
+    assert "the record of deraining is damaged" in weights.changed_since_install(installed, sha256_file(installed))
 
 
 def test_install_sniffs_safetensors_and_replaces_previous(install_dir, released_deraining, tmp_path):
@@ -514,3 +520,30 @@ def test_a_damaged_install_record_is_reported_and_replaces_nothing(install_dir, 
                             timeout=120, env={**os.environ, "MPRNET_WEIGHTS_DIR": str(install_dir)})
     assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
     assert f"error: {message}" in listed.stdout
+
+
+@pytest.mark.parametrize("zipped", [False, True], ids=["legacy pickle", "zip"])
+def test_damaged_torch_checkpoints_end_in_one_line_naming_the_file(zipped, tmp_path):
+    # Bytes flipped in the pickle's first 3,000 bytes, as a bad disk or a torn download might:
+    # torch's unpickler then fails with whatever it trips over (an AssertionError about a
+    # storage key, a TypeError, a KeyError, ...), which must not reach the user as a traceback.
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save(MPRNet(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1, reduction=2).state_dict(),
+               buffer, _use_new_zipfile_serialization=zipped)
+    original = buffer.getvalue()
+    path = tmp_path / "denoising.pth"
+    rng = random.Random(0)
+    refused = 0
+    for _ in range(400):
+        damaged = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(0, 3000)] = rng.randrange(256)
+        path.write_bytes(bytes(damaged))
+        try:
+            load_checkpoint(path)
+        except CheckpointError as refusal:
+            message = str(refusal)
+            assert message.startswith(str(path)) and "\n" not in message, message
+            refused += 1
+    assert refused > 100

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from models import MPRNet, MPRNetConfig, infer_config, load_state_dict, save_safetensors, sha256_file
-from models.checkpoint import ATTENTION_PATCH_NOTE, CheckpointError, attention_patch, read_notes
+from models.checkpoint import ATTENTION_PATCH_NOTE, MAX_ATTENTION_PATCH, CheckpointError, attention_patch, read_notes
 from service.devices import emulated_precision_problem
 from service.image_files import IMAGE_SUFFIXES
 from service.imaging import ImageError, read_image
@@ -728,8 +728,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--clip must be positive, got {args.clip}")
     if args.patch < 8 or args.patch % 8:
         parser.error("--patch must be a positive multiple of 8 (MPRNet's stage 1 splits the patch in four)")
-    if args.attention_patch and (args.attention_patch < 0 or args.attention_patch % 8):
-        parser.error("--attention-patch must be a multiple of 8 (a crop MPRNet could run on), or 0")
+    if args.attention_patch and not (0 < args.attention_patch <= MAX_ATTENTION_PATCH and args.attention_patch % 8 == 0):
+        # Past the bound the loader would refuse the run's own weights.
+        parser.error(f"--attention-patch must be a multiple of 8 (a crop MPRNet could run on) up to "
+                     f"{MAX_ATTENTION_PATCH}, or 0")
     return args
 
 
