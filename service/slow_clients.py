@@ -99,6 +99,11 @@ class SlowClientProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            # The next request's head has begun, pipelined behind this one: the head deadline
+            # governs it (a 408 if it never ends), not the keep-alive timer uvicorn just set,
+            # which would close the connection without a word after 5 s.
+            self._unset_keepalive_if_required()
         self._follow_client()
 
     def connection_lost(self, exc: Exception | None) -> None:

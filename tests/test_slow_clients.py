@@ -149,6 +149,27 @@ def test_a_half_sent_head_is_cut_with_408_within_the_limit(server):
     assert_still_serving(server)
 
 
+def test_a_half_head_pipelined_behind_a_request_gets_its_408_at_the_head_deadline(weights):
+    # A head deadline longer than uvicorn's 5 s keep-alive, as the default 20 s is: the keep-alive
+    # timer used to close the connection at 5 s with no answer to the request begun.
+    head_timeout_s = 6.0
+    settings = Settings(tasks="denoising", weights_denoising=weights, device="cpu", tile_size=32, tile_overlap=8,
+                        max_batch_size=4, max_pixels=96 * 96, log_level="warning",
+                        request_head_timeout_s=head_timeout_s)
+    with serving(settings) as running:
+        sock = connect(running)
+        with sock:
+            sock.settimeout(30)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                         b"POST /v1/restore/denoising HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+            started = time.monotonic()
+            answer = read_until_closed(sock)
+            elapsed = time.monotonic() - started
+    first, _, rest = answer.partition(b"HTTP/1.1 408 ")
+    assert first.startswith(b"HTTP/1.1 200 ") and b'"request_timeout"' in rest, answer
+    assert head_timeout_s - 0.05 <= elapsed <= head_timeout_s + SLACK_S, elapsed
+
+
 def test_a_head_dripped_byte_by_byte_is_cut_at_the_deadline_not_kept_alive_by_each_byte(server):
     sock = connect(server)
     with sock:
