@@ -101,15 +101,18 @@ class TilePlan:
         return (tuple(sorted({y for y, _ in self.origins})), tuple(sorted({x for _, x in self.origins})))
 
 
+def _axis(length: int, tile_size: int, overlap: int) -> tuple[int, int, tuple[int, ...]]:
+    """Along one side: its padded length, the tile's length and where each tile starts."""
+    padded = length + _pad_amount(length)
+    tile = padded if tile_size == 0 else min(tile_size, padded)
+    return padded, tile, _starts(padded, tile, overlap)
+
+
 def count_tiles(height: int, width: int, tile_size: int, overlap: int) -> int:
     """``len(plan_tiles(...))`` without listing the tiles, which for a bound on huge images could
     take gigabytes."""
     check_tiling(tile_size, overlap)
-    if tile_size == 0:
-        return 1
-    rows, columns = (len(_starts(side + _pad_amount(side), min(tile_size, side + _pad_amount(side)), overlap))
-                     for side in (height, width))
-    return rows * columns
+    return len(_axis(height, tile_size, overlap)[2]) * len(_axis(width, tile_size, overlap)[2])
 
 
 def plan_tiles(height: int, width: int, tile_size: int, overlap: int) -> TilePlan:
@@ -117,14 +120,8 @@ def plan_tiles(height: int, width: int, tile_size: int, overlap: int) -> TilePla
     check_tiling(tile_size, overlap)
     if height < 1 or width < 1:
         raise ValueError(f"image must be at least 1x1, got {width}x{height}")
-    padded_h = height + _pad_amount(height)
-    padded_w = width + _pad_amount(width)
-    if tile_size == 0:
-        tile_h, tile_w = padded_h, padded_w
-    else:
-        tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
-    ys = _starts(padded_h, tile_h, overlap)
-    xs = _starts(padded_w, tile_w, overlap)
+    padded_h, tile_h, ys = _axis(height, tile_size, overlap)
+    padded_w, tile_w, xs = _axis(width, tile_size, overlap)
     return TilePlan(height, width, padded_h, padded_w, tile_h, tile_w, overlap,
                     tuple((y, x) for y in ys for x in xs))
 
